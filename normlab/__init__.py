@@ -1,10 +1,29 @@
 """normlab: batch normalization that works at any batch size and under any batch construction.
 
-The public API is what this module and its subpackages re-export.
+The public API is what this module and its subpackages re-export:
+
+- :mod:`normlab.functional`: pure math (moments, BN forward/backward);
+- :mod:`normlab.nn`: layers (``BatchNorm1d/2d``, ``BatchRenorm1d/2d``, ...) and model surgery;
+- :mod:`normlab.optim`: ``BNPreconditioner`` (BNP: preconditioned gradients, no BN layer);
+- :mod:`normlab.methods`: the method registry; :func:`convert` swaps a model's normalization;
+- :mod:`normlab.models`, :mod:`normlab.data`, :mod:`normlab.train`: the training platform;
+- :mod:`normlab.experiments`: registered experiments (``normlab run <name>``).
 """
 
-from normlab import functional, nn
+from normlab import functional, nn, optim
+from normlab.methods import METHODS, Method, convert, get_method, list_methods, register_method
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "functional", "nn"]
+__all__ = [
+    "METHODS",
+    "Method",
+    "__version__",
+    "convert",
+    "functional",
+    "get_method",
+    "list_methods",
+    "nn",
+    "optim",
+    "register_method",
+]

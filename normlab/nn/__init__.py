@@ -1,5 +1,16 @@
 """Thin normalization modules over :mod:`normlab.functional`, and model surgery."""
 
 from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d
+from normlab.nn.convert import NoNorm, find_norm_slots, norm_slot_info, register_norm_layer
+from normlab.nn.renorm import BatchRenorm1d, BatchRenorm2d
 
-__all__ = ["BatchNorm1d", "BatchNorm2d"]
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "NoNorm",
+    "find_norm_slots",
+    "norm_slot_info",
+    "register_norm_layer",
+]

@@ -1,0 +1,30 @@
+"""Experiments: registered, runnable, plotted reproductions of claims from the literature."""
+
+# Importing an experiment module registers it.
+from normlab.experiments import (  # noqa: F401
+    batch_dependence,
+    compare,
+    ioffe,
+    lr_speedup,
+)
+from normlab.experiments.core import (
+    EXPERIMENTS,
+    Experiment,
+    RunContext,
+    get_experiment,
+    list_experiments,
+    register_experiment,
+    run_cells,
+    run_experiment,
+)
+
+__all__ = [
+    "EXPERIMENTS",
+    "Experiment",
+    "RunContext",
+    "get_experiment",
+    "list_experiments",
+    "register_experiment",
+    "run_cells",
+    "run_experiment",
+]

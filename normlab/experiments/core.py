@@ -1,0 +1,240 @@
+"""Experiment registry and the shared machinery every experiment uses.
+
+An experiment is a frozen config dataclass (defaults reproduce the claim at CPU scale), a
+``run(cfg, out_dir, ctx)`` that trains through :func:`normlab.train.train` and writes
+``results.json``, a ``plot(run_dir)`` that rebuilds figures from saved files only, and a
+``report(results)`` that renders a text table. Runs resume: each training run lives in
+``out_dir/runs/<cell>`` and finished cells are not trained again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from normlab._io import atomic_write_json
+from normlab.train import RunResult, TrainConfig, train
+
+__all__ = [
+    "EXPERIMENTS",
+    "Experiment",
+    "RunContext",
+    "get_experiment",
+    "list_experiments",
+    "register_experiment",
+    "run_cells",
+    "run_experiment",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """How to run: progress bars on or off; cached dataset objects shared across cells."""
+
+    progress: bool = False
+    datasets: dict[Any, Any] = field(default_factory=dict, compare=False)
+
+    def dataset(self, name: str, root: str | None, seed: int) -> Any:
+        """``load_dataset(name, root=root, seed=seed)``, loaded once per context."""
+        key = (name, root, seed)
+        if key not in self.datasets:
+            from normlab.data import load_dataset
+
+            self.datasets[key] = load_dataset(name, root=root, seed=seed)
+        return self.datasets[key]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    description: str
+    config_cls: type
+    run: Callable[[Any, Path, RunContext], dict[str, Any]]
+    plot: Callable[[Path], list[Path]]
+    report: Callable[[dict[str, Any]], str]
+    smoke: Mapping[str, Any] = field(default_factory=dict)
+
+
+EXPERIMENTS: dict[str, Experiment] = {}
+
+
+def register_experiment(experiment: Experiment) -> Experiment:
+    if experiment.name in EXPERIMENTS:
+        raise ValueError(f"experiment {experiment.name!r} is already registered")
+    EXPERIMENTS[experiment.name] = experiment
+    return experiment
+
+
+def list_experiments() -> list[str]:
+    return list(EXPERIMENTS)
+
+
+def get_experiment(name: str) -> Experiment:
+    try:
+        return EXPERIMENTS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown experiment {name!r}; valid experiments: {', '.join(EXPERIMENTS)}"
+        ) from None
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=list))
+
+
+def run_experiment(
+    name: str,
+    cfg: Any,
+    out_dir: str | Path,
+    ctx: RunContext | None = None,
+    *,
+    fresh: bool = False,
+) -> dict[str, Any]:
+    """Run experiment ``name`` with config ``cfg`` into ``out_dir`` and write its figures.
+
+    Re-running into the same directory resumes (finished cells are reused). A directory made
+    with a different config is refused unless ``fresh=True``, which clears it first.
+    """
+    exp = get_experiment(name)
+    if not isinstance(cfg, exp.config_cls):
+        raise TypeError(f"{name} expects a {exp.config_cls.__name__}, got {type(cfg).__name__}")
+    out = Path(out_dir)
+    meta_path = out / "experiment.json"
+    meta = {"experiment": name, "config": config_to_dict(cfg)}
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        if old != meta and not fresh:
+            raise ValueError(
+                f"{out} holds a run of {old.get('experiment')!r} with a different config; "
+                "choose another --out or pass --fresh to start over"
+            )
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(meta_path, meta)
+    results = exp.run(cfg, out, ctx or RunContext())
+    results = {"experiment": name, **results}
+    atomic_write_json(out / "results.json", results)
+    results["figures"] = [str(p) for p in exp.plot(out)]
+    atomic_write_json(out / "results.json", results)
+    return results
+
+
+def _cell_summary(result: RunResult) -> dict[str, Any]:
+    return {
+        "ok": True,
+        "final": result.final,
+        "evaluations": result.evaluations,
+        "steps": result.steps,
+        "seconds": result.seconds,
+    }
+
+
+def run_cells(
+    cells: Mapping[str, TrainConfig],
+    out: Path,
+    ctx: RunContext,
+    *,
+    on_eval: Callable[[str], Callable[..., dict[str, Any] | None] | None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Train every named config in ``out/runs/<name>``; a failing cell records its reason.
+
+    Returns ``{name: summary}``; a summary is ``{"ok": True, "final", "evaluations", "steps",
+    "seconds"}``, or ``{"ok": False, "error": "<one line>"}`` when the method cannot train in that
+    setting (for example BatchNorm at batch size 1). Finished cells are read back, not retrained.
+    """
+    summaries: dict[str, dict[str, Any]] = {}
+    for name, cfg in cells.items():
+        cell_dir = out / "runs" / name.replace("/", "_")
+        done_path = cell_dir / "summary.json"
+        if done_path.exists():
+            summaries[name] = json.loads(done_path.read_text())
+            continue
+        dataset = ctx.dataset(cfg.dataset, cfg.data_root, cfg.seed)
+        try:
+            result = train(
+                cfg,
+                cell_dir,
+                dataset=dataset,
+                progress=ctx.progress,
+                on_eval=on_eval(name) if on_eval is not None else None,
+            )
+            summary = _cell_summary(result)
+        except (ValueError, RuntimeError, FloatingPointError) as exc:
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            log.info("cell %s cannot train: %s", name, reason)
+            log.debug("%s", traceback.format_exc())
+            summary = {"ok": False, "error": reason}
+        atomic_write_json(done_path, summary)
+        summaries[name] = summary
+    return summaries
+
+
+def format_table(rows: list[list[str]], header: list[str]) -> str:
+    """A plain-text table with aligned columns."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True))  # noqa: E731
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), sep, *[line(r) for r in rows]])
+
+
+def savefig(fig: Any, path: Path) -> Path:
+    """Save a matplotlib figure atomically-enough (temp name, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    tmp.replace(path)
+    plt.close(fig)
+    return path
+
+
+def pyplot():
+    """matplotlib.pyplot with the non-interactive Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(
+    ax: Any,
+    cells: Mapping[str, Mapping[str, Any]],
+    key: str = "test_acc",
+    labels: Mapping[str, str] | None = None,
+    x: str = "step",
+) -> None:
+    """Plot ``key`` over ``x`` from the evaluation records of every successful cell."""
+    for name, cell in cells.items():
+        if not cell.get("ok"):
+            continue
+        ev = [e for e in cell["evaluations"] if key in e]
+        ax.plot([e[x] for e in ev], [e[key] for e in ev], label=(labels or {}).get(name, name))
+    ax.set_xlabel(x)
+    ax.set_ylabel(key.replace("_", " "))
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+
+
+def final_metric(cell: Mapping[str, Any], key: str = "test_acc") -> float | None:
+    """``key`` of a cell's last evaluation, or None if the cell failed."""
+    return cell["final"].get(key) if cell.get("ok") else None
+
+
+def cell_text(cell: Mapping[str, Any], key: str = "test_acc", fmt: str = "{:.3f}") -> str:
+    """A table cell: the final metric, or ``n/a: <reason>`` for a cell that could not train."""
+    if not cell.get("ok"):
+        return "n/a: " + cell["error"].split(": ", 1)[-1][:40]
+    value = cell["final"].get(key)
+    return "-" if value is None else fmt.format(value)

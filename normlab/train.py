@@ -1,0 +1,363 @@
+"""The one training loop. It reads top to bottom; scenarios are samplers and transforms.
+
+A run directory holds ``config.json`` (resolved config, seed, versions), ``metrics.jsonl`` (one JSON
+record per logged step and per evaluation) and ``checkpoint.pt`` (written atomically). Running
+again in the same directory resumes from the checkpoint; the resumed run's metrics equal an
+uninterrupted run's (apart from wall-clock times), because the checkpoint holds the model,
+optimizer, method hook, sampler position and RNG state, and ``metrics.jsonl`` is cut back to
+the checkpoint's offset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from normlab._io import atomic_save, atomic_write_json, environment_info, read_jsonl
+from normlab.data import Dataset, get_scenario, load_dataset
+from normlab.methods import get_method
+from normlab.models import build_model
+
+__all__ = ["RunResult", "TrainConfig", "build_optimizer", "evaluate", "train"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run. Defaults: an MLP on the bundled digits."""
+
+    dataset: str = "digits"  # a name from normlab.data.DATASETS
+    data_root: str | None = None  # directory for file-based datasets (mnist, cifar10)
+    model: str = "mlp"  # mlp | cnn | resnet
+    widths: tuple[int, ...] = (100, 100, 100)  # MLP hidden widths
+    activation: str = "relu"  # MLP nonlinearity: relu | sigmoid | tanh
+    method: str = "bn"  # a name from normlab.methods.METHODS
+    scenario: str = "shuffled"  # a name from normlab.data.SCENARIOS
+    batch_size: int | None = None  # overrides the scenario's batch size
+    k: int | None = None  # overrides k for the k-labels scenario
+    scale: tuple[float, float] | None = None  # per-sample random input scaling (lo, hi)
+    optimizer: str = "sgd"  # sgd | momentum | adam
+    lr: float = 0.1
+    momentum: float = 0.9  # used by optimizer="momentum"
+    weight_decay: float = 0.0
+    epochs: int = 10
+    max_steps: int | None = None  # stop early after this many steps (None: all epochs)
+    seed: int = 0
+    eval_every: int = 0  # also evaluate every this many steps (0: at epoch ends only)
+    log_every: int = 1  # write a step record every this many steps (0: none)
+    checkpoint_every: int = 0  # also checkpoint every this many steps (0: at epoch ends only)
+    eval_batch_size: int = 1000
+    eval_train: bool = True  # also evaluate on the training set at each evaluation
+    precise_bn: bool = False  # recompute BN population statistics before each evaluation
+    method_options: dict[str, Any] = field(default_factory=dict)  # passed to the method's hook
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class RunResult:
+    """What :func:`train` returns: evaluation records, the last one, and the run's size."""
+
+    config: TrainConfig
+    evaluations: list[dict[str, Any]]
+    steps: int
+    seconds: float
+    out_dir: Path | None
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.evaluations[-1] if self.evaluations else {}
+
+
+def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    """SGD, SGD with (heavy-ball) momentum, or Adam, from the config."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "momentum":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; valid: sgd, momentum, adam")
+
+
+def loss_fn_for(task: str) -> Callable[[Tensor, Tensor], Tensor]:
+    if task == "regression":
+        return lambda out, y: F.mse_loss(out.squeeze(-1), y)
+    return F.cross_entropy
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, x: Tensor, y: Tensor, task: str, batch_size: int = 1000
+) -> dict[str, float]:
+    """Mean loss (and accuracy for classification) of ``model`` in its current mode."""
+    loss_fn = loss_fn_for(task)
+    total_loss, correct, n = 0.0, 0, 0
+    for start in range(0, len(x), batch_size):
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        out = model(xb)
+        total_loss += float(loss_fn(out, yb)) * len(xb)
+        if task == "classification":
+            correct += int((out.argmax(-1) == yb).sum())
+        n += len(xb)
+    result = {"loss": total_loss / n}
+    if task == "classification":
+        result["acc"] = correct / n
+    return result
+
+
+def _scenario(cfg: TrainConfig):
+    overrides = {
+        key: value
+        for key, value in (("batch_size", cfg.batch_size), ("k", cfg.k), ("scale", cfg.scale))
+        if value is not None
+    }
+    return get_scenario(cfg.scenario, **overrides)
+
+
+def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=list))
+
+
+class _MetricsLog:
+    """Append-only JSON lines; ``offset`` is recorded in checkpoints to cut back on resume."""
+
+    def __init__(self, path: Path | None, offset: int | None) -> None:
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "ab") as f:
+                f.truncate(offset if offset is not None else 0)
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    @property
+    def offset(self) -> int:
+        return self.path.stat().st_size if self.path is not None and self.path.exists() else 0
+
+
+@contextlib.contextmanager
+def _progress(total: int, enabled: bool, desc: str) -> Iterator[Any]:
+    if not enabled:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def train(
+    cfg: TrainConfig,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    dataset: Dataset | None = None,
+    progress: bool = False,
+    on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    on_eval: Callable[[nn.Module, dict[str, Any]], Mapping[str, Any] | None] | None = None,
+) -> RunResult:
+    """Train ``cfg.model`` normalized by ``cfg.method`` under ``cfg.scenario``.
+
+    Args:
+        cfg: the run's configuration.
+        out_dir: run directory (config, metrics, checkpoint); ``None`` keeps everything in memory.
+            An existing checkpoint there is resumed from.
+        dataset: an already loaded dataset (skips ``load_dataset``; the scenario still applies).
+        progress: show a tqdm progress bar (the CLI turns it on for terminals).
+        on_step: called as ``on_step(step, record)`` after every step (for tests and callers).
+        on_eval: called as ``on_eval(model, record)`` at every evaluation, with the model in eval
+            mode and the method hook paused; the mapping it returns is merged into the record
+            (so extra measurements are saved in ``metrics.jsonl`` and survive a resume).
+
+    Returns:
+        :class:`RunResult` with every evaluation record.
+
+    Raises:
+        Whatever the method raises when it cannot train in the scenario (e.g. ``ValueError`` from
+        BatchNorm at batch size 1); the run directory then holds the last checkpoint.
+    """
+    out = Path(out_dir) if out_dir is not None else None
+    method = get_method(cfg.method)
+    scenario = _scenario(cfg)
+
+    # Data, model, optimizer, method hook, sampler: all seeded from cfg.seed.
+    torch.manual_seed(cfg.seed)
+    data = (
+        dataset
+        if dataset is not None
+        else load_dataset(cfg.dataset, root=cfg.data_root, seed=cfg.seed)
+    )
+    data = scenario.apply(data, cfg.seed)
+    num_outputs = data.num_classes if data.task == "classification" else 1
+    model_options: dict[str, Any] = {}
+    if cfg.model == "mlp":
+        model_options = {"widths": cfg.widths, "activation": cfg.activation}
+    model = build_model(cfg.model, data.x_train.shape[1:], num_outputs, method, **model_options)
+    optimizer = build_optimizer(cfg, model.parameters())
+    hook = method.training_hook(model, cfg.method_options) if method.training_hook else None
+    sampler = scenario.make_sampler(data.y_train, cfg.seed)
+    sampler.set_epoch(0)
+    loss_fn = loss_fn_for(data.task)
+
+    step, epoch, elapsed, evaluations, offset = 0, 0, 0.0, [], None
+    ckpt_path = out / "checkpoint.pt" if out is not None else None
+    if ckpt_path is not None and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if hook is not None:
+            hook.load_state_dict(ckpt["hook"])
+        sampler.load_state_dict(ckpt["sampler"])
+        torch.set_rng_state(ckpt["rng"])
+        step, epoch, elapsed = ckpt["step"], ckpt["epoch"], ckpt["elapsed"]
+        evaluations, offset = ckpt["evaluations"], ckpt["metrics_offset"]
+        log.info("resuming %s at epoch %d, step %d", out, epoch, step)
+    elif out is not None:
+        atomic_write_json(
+            out / "config.json",
+            {"config": _config_dict(cfg), "seed": cfg.seed, "environment": environment_info()},
+        )
+    metrics = _MetricsLog(out / "metrics.jsonl" if out is not None else None, offset)
+
+    def run_evaluation() -> dict[str, Any]:
+        if cfg.precise_bn:
+            from normlab.nn.stats import recompute_statistics
+
+            batches = [
+                data.x_train[i : i + cfg.eval_batch_size]
+                for i in range(0, len(data.x_train), cfg.eval_batch_size)
+            ]
+            with hook.paused() if hook is not None else contextlib.nullcontext():
+                recompute_statistics(model, batches)
+        model.eval()
+        with hook.paused() if hook is not None else contextlib.nullcontext():
+            record: dict[str, Any] = {"kind": "eval", "step": step, "epoch": epoch, "time": elapsed}
+            for key, value in evaluate(
+                model, data.x_test, data.y_test, data.task, cfg.eval_batch_size
+            ).items():
+                record[f"test_{key}"] = value
+            if cfg.eval_train:
+                for key, value in evaluate(
+                    model, data.x_train, data.y_train, data.task, cfg.eval_batch_size
+                ).items():
+                    record[f"train_{key}"] = value
+            if on_eval is not None:
+                record.update(on_eval(model, record) or {})
+        model.train()
+        metrics.write(record)
+        evaluations.append(record)
+        return record
+
+    def save_checkpoint() -> None:
+        if ckpt_path is None:
+            return
+        atomic_save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "hook": hook.state_dict() if hook is not None else None,
+                "sampler": sampler.state_dict(),
+                "rng": torch.get_rng_state(),
+                "step": step,
+                "epoch": epoch,
+                "elapsed": elapsed,
+                "evaluations": evaluations,
+                "metrics_offset": metrics.offset,
+            },
+            ckpt_path,
+        )
+
+    total_steps = cfg.epochs * len(sampler)
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    done = lambda: epoch >= cfg.epochs or (cfg.max_steps is not None and step >= cfg.max_steps)  # noqa: E731
+    model.train()
+    try:
+        with _progress(total_steps, progress, f"{cfg.method}/{scenario.name}") as bar:
+            if bar is not None:
+                bar.update(step)
+            while not done():
+                for idx in sampler:
+                    t0 = time.perf_counter()
+                    x, y = data.x_train[idx], data.y_train[idx]
+                    out_batch = model(x)
+                    loss = loss_fn(out_batch, y)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if hook is not None:
+                        hook.before_step()
+                    optimizer.step()
+                    elapsed += time.perf_counter() - t0
+                    step += 1
+                    record = {
+                        "kind": "step",
+                        "step": step,
+                        "epoch": epoch,
+                        "loss": loss.item(),
+                        "time": elapsed,
+                    }
+                    if data.task == "classification":
+                        record["acc"] = (out_batch.argmax(-1) == y).float().mean().item()
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"loss became {float(loss)} at step {step} "
+                            f"(method {cfg.method}, lr {cfg.lr})"
+                        )
+                    if cfg.log_every and step % cfg.log_every == 0:
+                        metrics.write(record)
+                    if cfg.eval_every and step % cfg.eval_every == 0:
+                        run_evaluation()
+                    if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                        save_checkpoint()
+                    if bar is not None:
+                        bar.update(1)
+                    if on_step is not None:
+                        on_step(step, record)
+                    if cfg.max_steps is not None and step >= cfg.max_steps:
+                        break
+                else:  # the epoch ran to its end
+                    epoch += 1
+                    sampler.set_epoch(epoch)
+                    if not (cfg.eval_every and step % cfg.eval_every == 0):
+                        run_evaluation()
+                    save_checkpoint()
+                    continue
+                break  # max_steps reached inside the epoch
+            if not evaluations or evaluations[-1]["step"] != step:
+                run_evaluation()
+                save_checkpoint()
+    finally:
+        if hook is not None:
+            hook.remove()
+    return RunResult(cfg, evaluations, step, elapsed, out)
+
+
+def load_run(run_dir: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``(config.json contents, metrics records)`` of a run directory."""
+    run = Path(run_dir)
+    config_path = run / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{run} is not a run directory: {config_path} is missing")
+    return json.loads(config_path.read_text()), read_jsonl(run / "metrics.jsonl")
