@@ -10,6 +10,17 @@ from normlab.functional.batch_norm import (
     moments,
     reduce_dims,
 )
+from normlab.functional.precondition import (
+    RunningMoments,
+    conv2d_channel_moments,
+    conv2d_patch_moments,
+    ema_moments,
+    linear_input_moments,
+    precondition_conv2d,
+    precondition_linear,
+    preconditioner_factor,
+    preconditioner_variance,
+)
 
 __all__ = [
     "BatchNormTrainFn",
@@ -20,4 +31,13 @@ __all__ = [
     "channel_shape",
     "moments",
     "reduce_dims",
+    "RunningMoments",
+    "conv2d_channel_moments",
+    "conv2d_patch_moments",
+    "ema_moments",
+    "linear_input_moments",
+    "precondition_conv2d",
+    "precondition_linear",
+    "preconditioner_factor",
+    "preconditioner_variance",
 ]

@@ -12,6 +12,14 @@ The training-mode backward is the explicit formula of the paper (with ``dL/dmu``
 *recomputes* :math:`\mu, \sigma^2` from ``x``, so differentiating it again (double backward,
 Hessian-vector products) keeps the :math:`\partial\mu/\partial x` and :math:`\partial\sigma/\partial x`
 terms. References: https://arxiv.org/abs/1502.03167
+
+Performance notes (CPU): the autograd Function's forward, and its backward when no double-backward
+graph is being built, allocate one tensor-sized buffer each, their output. The centred values
+:math:`x-\mu` are written into that buffer twice (once squared for the variance, once to
+normalize) instead of keeping a second tensor-sized temporary: a fresh large allocation costs
+page faults (glibc hands large blocks back to the kernel on ``free``), which is dearer than one
+extra pass over the data. Per-channel affine maps use ``addcmul`` only when the channel is the
+innermost memory dimension, where it is vectorized; otherwise ``mul_`` then ``add_``.
 """
 
 from __future__ import annotations
@@ -83,16 +91,28 @@ def _centred_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def _scale_shift(
     mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor]:
-    # y = (x - mean) * invstd * weight + bias  ==  x * scale + shift, one fused pass over x.
+    # y = (x - mean) * invstd * weight + bias  ==  x * scale + shift: one pass over x.
     invstd = torch.rsqrt(var + eps)
     scale = invstd if weight is None else invstd * weight
     shift = -mean * scale if bias is None else bias - mean * scale
     return scale, shift
 
 
+def _channels_innermost(x: Tensor) -> bool:
+    # True when a (1, C, 1, ...) vector broadcasts along the innermost memory dimension: (N, C),
+    # (N, C, 1, 1), channels_last. There an addcmul with two per-channel operands is vectorized;
+    # in NCHW layout it runs several times slower than a mul_ followed by an add_.
+    return x.dim() == 2 or x.stride(1) == 1
+
+
 def _affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    # x * scale + shift per channel; differentiable (add_ acts on mul's fresh output).
     shape = channel_shape(x)
-    return torch.addcmul(shift.reshape(shape).to(x.dtype), x, scale.reshape(shape).to(x.dtype))
+    scale = scale.reshape(shape).to(x.dtype)
+    shift = shift.reshape(shape).to(x.dtype)
+    if _channels_innermost(x):
+        return torch.addcmul(shift, x, scale)
+    return (x * scale).add_(shift)
 
 
 def batch_norm_eval(
@@ -148,36 +168,75 @@ def batch_norm_backward(
         itself differentiable, which is what makes the autograd Function twice differentiable.
     """
     mean, var, xc = _centred_moments(x)
-    return _backward_centred(grad_y, xc, weight, torch.rsqrt(var + eps), x.dtype)
-
-
-def _backward_centred(
-    grad_y: Tensor,
-    xc: Tensor,
-    weight: Tensor | None,
-    invstd: Tensor,
-    out_dtype: torch.dtype,
-    reuse_xc: bool = False,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    # The formula of batch_norm_backward, given the centred input xc = x - mean and invstd.
-    # reuse_xc=True overwrites xc with grad_x (only when nothing will differentiate this).
-    dims = reduce_dims(xc)
-    shape = channel_shape(xc)
-    inv_m = xc.shape[1] / xc.numel()
     gs = _stat_dtype(grad_y)
-    sum_g = gs.sum(dims)  # (C,)
-    sum_gxhat = (gs * xc).sum(dims) * invstd  # (C,), this is dL/dgamma
-    a = invstd if weight is None else weight.to(invstd.dtype) * invstd
-    # grad_x = a * g + b * (x - mean) + c  per channel (two fused passes).
+    dims = reduce_dims(x)
+    shape = channel_shape(x)
+    inv_m = x.shape[1] / x.numel()
+    invstd = torch.rsqrt(var + eps)
+    sum_g = gs.sum(dims)  # (C,), dL/dbeta
+    sum_gxhat = (gs * xc).sum(dims) * invstd  # (C,), dL/dgamma
+    a = invstd if weight is None else weight.to(invstd.dtype) * invstd  # gamma / sqrt(var + eps)
     b = a * invstd * sum_gxhat * -inv_m
     c = a * sum_g * -inv_m
-    if reuse_xc:
-        grad_x = xc.mul_(b.reshape(shape)).add_(c.reshape(shape)).addcmul_(gs, a.reshape(shape))
+    # grad_x = a * (g - mean(g) - xhat * mean(g * xhat)) = a * g + b * (x - mean) + c
+    grad_x = a.view(shape) * gs + b.view(shape) * xc + c.view(shape)
+    grad_x = grad_x.to(x.dtype)
+    if weight is None:
+        return grad_x, None, None
+    return grad_x, sum_gxhat.to(weight.dtype), sum_g.to(weight.dtype)
+
+
+def _train_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    # Training forward with a single tensor-sized allocation, y (see the module notes).
+    xs = _stat_dtype(x)
+    dims = reduce_dims(x)
+    shape = channel_shape(x)
+    mean = xs.mean(dims)  # (N, C, *) -> (C,)
+    mean_b = mean.view(shape)
+    y = xs - mean_b
+    var = y.square_().mean(dims)  # two-pass: the mean square of the centred values
+    torch.sub(xs, mean_b, out=y)  # centred values again, into the same buffer
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    if bias is not None and _channels_innermost(x):
+        torch.addcmul(bias.view(shape), y, scale.view(shape), out=y)
     else:
-        grad_x = torch.addcmul(
-            torch.addcmul(c.reshape(shape), xc, b.reshape(shape)), gs, a.reshape(shape)
-        )
-    grad_x = grad_x.to(out_dtype)
+        y.mul_(scale.view(shape))
+        if bias is not None:
+            y.add_(bias.view(shape))
+    return (y if y.dtype == x.dtype else y.to(x.dtype)), mean, var
+
+
+def _train_backward(
+    grad_y: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, var: Tensor, eps: float
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    # The formula of batch_norm_backward with the saved batch statistics, not differentiable:
+    # grad_x = a * g + b * (x - mean) + c per channel, with one tensor-sized allocation
+    # (grad_x's buffer holds g * (x - mean) for the reduction, then x - mean).
+    xs = _stat_dtype(x)
+    gs = _stat_dtype(grad_y)
+    dims = reduce_dims(x)
+    shape = channel_shape(x)
+    inv_m = x.shape[1] / x.numel()
+    mean_b = mean.view(shape)
+    invstd = torch.rsqrt(var + eps)
+    grad_x = xs - mean_b
+    sum_g = gs.sum(dims)  # (C,), dL/dbeta
+    sum_gxhat = grad_x.mul_(gs).sum(dims).mul_(invstd)  # (C,), dL/dgamma
+    torch.sub(xs, mean_b, out=grad_x)
+    a = invstd if weight is None else invstd * weight  # gamma / sqrt(var + eps)
+    b = (a * invstd).mul_(sum_gxhat).mul_(-inv_m)
+    c = (a * sum_g).mul_(-inv_m)
+    if _channels_innermost(x):
+        torch.addcmul(c.view(shape), grad_x, b.view(shape), out=grad_x)
+    else:
+        grad_x.mul_(b.view(shape)).add_(c.view(shape))
+    grad_x.addcmul_(gs, a.view(shape))
+    if grad_x.dtype != x.dtype:
+        grad_x = grad_x.to(x.dtype)
     if weight is None:
         return grad_x, None, None
     return grad_x, sum_gxhat.to(weight.dtype), sum_g.to(weight.dtype)
@@ -193,16 +252,7 @@ class BatchNormTrainFn(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):  # type: ignore[override]
-        mean, var, xc = _centred_moments(x)
-        scale = torch.rsqrt(var + eps)
-        if weight is not None:
-            scale = scale * weight
-        shape = channel_shape(x)
-        # xc is a temporary of ours (no autograd inside forward): reuse its memory for y.
-        y = xc.mul_(scale.reshape(shape))
-        if bias is not None:
-            y.add_(bias.reshape(shape))
-        return y.to(x.dtype), mean, var
+        return _train_forward(x, weight, bias, eps)
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
@@ -220,10 +270,7 @@ class BatchNormTrainFn(torch.autograd.Function):
             # must be recomputed from x (saved ones would be constants in the new graph).
             grad_x, grad_w, grad_b = batch_norm_backward(grad_y, x, weight, ctx.eps)
         else:
-            xc = _stat_dtype(x) - mean.reshape(channel_shape(x))
-            grad_x, grad_w, grad_b = _backward_centred(
-                grad_y, xc, weight, torch.rsqrt(var + ctx.eps), x.dtype, reuse_xc=True
-            )
+            grad_x, grad_w, grad_b = _train_backward(grad_y, x, weight, mean, var, ctx.eps)
         needs = ctx.needs_input_grad
         return (
             grad_x if needs[0] else None,
