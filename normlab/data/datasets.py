@@ -4,16 +4,16 @@ Every loader returns a :class:`Dataset`; :func:`load_dataset` looks loaders up b
 :data:`DATASETS`. Nothing here downloads, and nothing refers to a fixed path: file-based datasets
 (``mnist``, ``cifar10``) read only the directory passed as ``root``.
 
-========================== ============== ================================================
-name                       inputs         labels
-========================== ============== ================================================
-``digits``                 (N, 1, 8, 8)   10 classes; scikit-learn's bundled copy, no file
-``mnist``                  (N, 1, 28, 28) 10 classes; IDX files in ``root``
-``cifar10``                (N, 3, 32, 32) 10 classes; python-pickle batches in ``root``
-``logistic-large-variance`` (N, dim)      2 classes; per-sample scale log-uniform
-``ols-heterogeneous``       (N, dim)      float targets (regression)
-``gaussian-halfspace``      (N, dim)      2 classes, ``y = 1[w* . x > 0]``
-========================== ============== ================================================
+=========================== ============== ==============================================
+name                        inputs         labels
+=========================== ============== ==============================================
+``digits``                  (N, 1, 8, 8)   10 classes; scikit-learn's bundled copy
+``mnist``                   (N, 1, 28, 28) 10 classes; IDX files in ``root``
+``cifar10``                 (N, 3, 32, 32) 10 classes; python-pickle batches in ``root``
+``logistic-large-variance`` (N, dim)       2 classes; per-sample scale log-uniform
+``ols-heterogeneous``       (N, dim)       float targets (regression)
+``gaussian-halfspace``      (N, dim)       2 classes, ``y = 1[w* . x > 0]``
+=========================== ============== ==============================================
 
 Conventions: inputs are ``float32``; class labels are ``int64`` in ``[0, num_classes)``;
 regression targets are ``float32`` of shape ``(N,)``. Image pixels are scaled to ``[0, 1]``.
