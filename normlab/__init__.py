@@ -10,7 +10,7 @@ The public API is what this module and its subpackages re-export:
 - :mod:`normlab.experiments`: registered experiments (``normlab run <name>``).
 """
 
-from normlab import functional, nn, optim
+from normlab import data, functional, models, nn, optim
 from normlab.methods import METHODS, Method, convert, get_method, list_methods, register_method
 
 __version__ = "0.1.0"
@@ -20,9 +20,11 @@ __all__ = [
     "Method",
     "__version__",
     "convert",
+    "data",
     "functional",
     "get_method",
     "list_methods",
+    "models",
     "nn",
     "optim",
     "register_method",

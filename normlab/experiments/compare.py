@@ -47,6 +47,7 @@ class CompareConfig:
     online_epochs: int = 1  # online learning: passes over the data at batch size 1
     lr: float = 0.1
     online_lr: float = 0.01
+    online_eval_every: int = 200  # evaluate every this many online steps (for the curves)
     optimizer: str = "sgd"
     seed: int = 0
     max_steps: int | None = None  # cap on steps per training run (smoke runs)
@@ -77,7 +78,7 @@ def cells(cfg: CompareConfig) -> dict[str, TrainConfig]:
                 seed=cfg.seed,
                 max_steps=cfg.max_steps,
                 log_every=0 if online else 1,
-                eval_every=0,
+                eval_every=cfg.online_eval_every if online else 0,
             )
     return out
 
@@ -118,18 +119,17 @@ def plot(run_dir: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(scenarios) + 1, figsize=(4.2 * (len(scenarios) + 1), 3.6))
     width = 0.8 / len(scenarios)
     for j, s in enumerate(scenarios):
-        accs = [final_metric(results["cells"][f"{m}/{s}"]) or 0.0 for m in methods]
-        axes[0].bar(
-            [i + j * width for i in range(len(methods))],
-            accs,
-            width,
-            label=SCENARIO_LABELS.get(s, s),
-        )
+        accs = [final_metric(results["cells"][f"{m}/{s}"]) for m in methods]
+        xs = [i + j * width for i in range(len(methods))]
+        axes[0].bar(xs, [a or 0.0 for a in accs], width, label=SCENARIO_LABELS.get(s, s))
+        for x_pos, acc in zip(xs, accs, strict=True):
+            if acc is None:
+                axes[0].text(x_pos, 0.02, "n/a", rotation=90, ha="center", va="bottom", fontsize=7)
     axes[0].set_xticks([i + 0.4 - width / 2 for i in range(len(methods))], methods, rotation=45)
     axes[0].set_ylabel("test accuracy")
     axes[0].set_ylim(0, 1)
     axes[0].legend(fontsize=7)
-    axes[0].set_title("final test accuracy (0 = cannot train)")
+    axes[0].set_title("final test accuracy (n/a: cannot train)")
     for ax, s in zip(axes[1:], scenarios, strict=True):
         plot_curves(ax, {m: results["cells"][f"{m}/{s}"] for m in methods})
         ax.set_title(SCENARIO_LABELS.get(s, s))

@@ -220,7 +220,13 @@ def plot_curves(
         if not cell.get("ok"):
             continue
         ev = [e for e in cell["evaluations"] if key in e]
-        ax.plot([e[x] for e in ev], [e[key] for e in ev], label=(labels or {}).get(name, name))
+        ax.plot(
+            [e[x] for e in ev],
+            [e[key] for e in ev],
+            marker="o",
+            markersize=2.5,
+            label=(labels or {}).get(name, name),
+        )
     ax.set_xlabel(x)
     ax.set_ylabel(key.replace("_", " "))
     if ax.get_legend_handles_labels()[0]:
