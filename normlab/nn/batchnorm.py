@@ -7,6 +7,8 @@ normlab's layer and back.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -165,7 +167,7 @@ class _BatchNorm(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         name = type(self).__name__
         check_norm_input(name, input, self._ndims, self._shape_doc, self.num_features)
-        # Batch statistics in training, and in eval when there are no running buffers (torch's rule).
+        # Batch statistics in training, and in eval without running buffers (torch's rule).
         use_batch_stats = self.training or self.running_mean is None
         if not use_batch_stats:
             return bnf.batch_norm_eval(
@@ -178,7 +180,10 @@ class _BatchNorm(nn.Module):
                 f"got input size {tuple(input.shape)}"
             )
         y, mean, var = bnf.batch_norm_train(input, self.weight, self.bias, self.eps)
-        if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
+        # One float64 sum of var decides: a NaN or Inf anywhere in a channel makes its centred
+        # values, hence its variance, NaN (inf - inf), and any non-finite variance makes the sum
+        # non-finite (an overflowing variance is refused too). Cheaper than isfinite(...).all().
+        if not math.isfinite(var.sum(dtype=torch.float64)):
             raise ValueError(
                 f"{name} got a training batch with non-finite values (NaN or Inf) in input of "
                 f"shape {tuple(input.shape)}; running statistics were left unchanged"
@@ -195,14 +200,16 @@ class _BatchNorm(nn.Module):
         else:
             factor = self.momentum
         unbiased = var * (count / (count - 1))
-        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)  # type: ignore[union-attr]
-        self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)  # type: ignore[union-attr]
+        if mean.dtype != self.running_mean.dtype:  # type: ignore[union-attr]
+            mean, unbiased = mean.to(self.running_mean.dtype), unbiased.to(self.running_var.dtype)  # type: ignore[union-attr]
+        self.running_mean.lerp_(mean, factor)  # type: ignore[union-attr]
+        self.running_var.lerp_(unbiased, factor)  # type: ignore[union-attr]
 
 
 class BatchNorm1d(_BatchNorm):
     __doc__ = (
-        _BatchNorm.__doc__ or ""
-    ) + r"""
+        (_BatchNorm.__doc__ or "")
+        + r"""
     Shape:
         Input :math:`(N, C)` or :math:`(N, C, L)`; output the same shape.
 
@@ -213,14 +220,15 @@ class BatchNorm1d(_BatchNorm):
         >>> bn(torch.randn(8, 4)).shape
         torch.Size([8, 4])
     """
+    )
     _ndims = (2, 3)
     _shape_doc = "(N, C) or (N, C, L)"
 
 
 class BatchNorm2d(_BatchNorm):
     __doc__ = (
-        _BatchNorm.__doc__ or ""
-    ) + r"""
+        (_BatchNorm.__doc__ or "")
+        + r"""
     Shape:
         Input :math:`(N, C, H, W)` (any memory format, channels_last included); output the same.
 
@@ -231,5 +239,6 @@ class BatchNorm2d(_BatchNorm):
         >>> bn(torch.randn(2, 3, 5, 5)).shape
         torch.Size([2, 3, 5, 5])
     """
+    )
     _ndims = (4,)
     _shape_doc = "(N, C, H, W)"

@@ -1,0 +1,350 @@
+r"""Inference statistics of batch-normalized models: exact population statistics, and folding.
+
+:func:`recompute_statistics` replaces the running statistics of every BN layer with the exact
+mean and variance of that layer's input over a data set (the "population statistics" of
+Ioffe & Szegedy 2015, Sec. 3.1, computed exactly rather than approximated by a moving average;
+cf. fvcore's precise BN and "Rethinking Batch in BatchNorm", Wu & Johnson 2021,
+https://arxiv.org/abs/2105.07576). :func:`fold_batchnorm` folds eval-mode BN layers into the
+``Linear``/``Conv`` that precedes them.
+
+Conventions: a layer's input statistics are per channel (dimension 1) over every other dimension,
+exactly what the layer normalizes; ``running_var`` holds the *unbiased* variance
+:math:`\frac{1}{n-1}\sum (x-\mu)^2` over the :math:`n` values per channel, torch's convention
+(eval-mode BN divides by :math:`\sqrt{\mathrm{running\_var}+\epsilon}`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
+from torch.nn.parameter import UninitializedBuffer
+
+from normlab.nn.batchnorm import _BatchNorm as _NormlabBatchNorm
+
+__all__ = ["fold_batchnorm", "recompute_statistics"]
+
+logger = logging.getLogger(__name__)
+
+_BN_TYPES = (_NormlabBatchNorm, _TorchBatchNorm)
+_FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _is_tracking_bn(module: nn.Module) -> bool:
+    # BN layers (normlab's or torch's) that keep running statistics; a Lazy BN that has not run
+    # yet has no statistics of known size and is skipped.
+    return (
+        isinstance(module, _BN_TYPES)
+        and module.track_running_stats
+        and isinstance(module.running_mean, Tensor)
+        and isinstance(module.running_var, Tensor)
+        and not isinstance(module.running_mean, UninitializedBuffer)
+    )
+
+
+def _batch_input(batch: Any) -> Tensor:
+    # A batch is a tensor, or a tuple/list whose first element is the input (torch's update_bn).
+    if isinstance(batch, (tuple, list)) and batch:
+        batch = batch[0]
+    if not isinstance(batch, Tensor):
+        raise TypeError(
+            "recompute_statistics expected each batch to be a Tensor or a tuple/list whose first "
+            f"element is the input Tensor, got {type(batch).__name__}"
+        )
+    return batch
+
+
+class _StopForward(Exception):
+    """Raised by the recording hook once the layer of interest has seen its input."""
+
+
+class _ChannelMoments:
+    r"""Per-channel count, mean and :math:`M_2=\sum(x-\mu)^2` in float64, merged batch by batch.
+
+    Chan et al.'s pairwise update: with :math:`\delta = \mu_b - \mu_a` and :math:`n = n_a+n_b`,
+    :math:`\mu = \mu_a + \delta\, n_b/n` and :math:`M_2 = M_{2,a} + M_{2,b} + \delta^2 n_a n_b/n`.
+    Each batch's own moments are two-pass (centred), so the result does not depend on how the
+    data is cut into batches, beyond float64 rounding.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: Tensor | None = None
+        self.m2: Tensor | None = None
+
+    def update(self, x: Tensor) -> None:
+        xd = x.detach().to(torch.float64)
+        dims = (0, *range(2, xd.dim()))
+        n_b = xd.numel() // xd.shape[1]
+        if n_b == 0:
+            return
+        mean_b = xd.mean(dims)  # (N, C, *) -> (C,)
+        centred = xd - mean_b.reshape((1, -1) + (1,) * (xd.dim() - 2))
+        m2_b = (centred * centred).sum(dims)
+        if self.mean is None or self.m2 is None:
+            self.count, self.mean, self.m2 = n_b, mean_b, m2_b
+            return
+        n = self.count + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b / n)
+        self.m2 = self.m2 + m2_b + delta * delta * (self.count * n_b / n)
+        self.count = n
+
+
+def recompute_statistics(
+    model: nn.Module,
+    batches: Iterable[Tensor | Sequence[Any]],
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    r"""Set every BN layer's running statistics to the exact population statistics of its input.
+
+    For each BN layer (normlab's :class:`~normlab.nn.BatchNorm1d`/``2d`` and subclasses, and
+    torch's ``BatchNorm1d/2d/3d``/``SyncBatchNorm``) that tracks running statistics,
+    ``running_mean`` becomes :math:`\mu = \frac1n \sum x` and ``running_var`` the *unbiased*
+    :math:`\frac{1}{n-1}\sum (x-\mu)^2` of that layer's input over all of ``batches``, with
+    :math:`n` the number of values per channel (torch's convention for ``running_var``).
+
+    The statistics are exact and do not depend on how the data is cut into batches: layers are
+    processed one at a time in the order the forward pass reaches them, with the whole model in
+    eval mode, so layer :math:`l` sees its input as computed with layers before it already using
+    their new population statistics (the statistics eval mode will use). Per-channel count, mean
+    and centred second moment are accumulated in float64 and merged across batches with Chan's
+    update. This costs one pass over the data per BN layer; each pass stops at its layer.
+
+    ``momentum``, weights, ``num_batches_tracked`` and every module's train/eval mode are left as
+    they were; the temporary hooks are removed. If anything raises part-way (a bad batch, say),
+    the running statistics already written are restored too, so the model is left unchanged.
+
+    Args:
+        model: the model; called as ``model(inputs)`` under :func:`torch.no_grad`.
+        batches: a re-iterable collection (a list, a ``DataLoader``) of input tensors, or of
+            ``(inputs, targets, ...)`` tuples/lists whose first element is the input. It is
+            iterated once per BN layer, plus once on its first batch to find the layer order.
+        progress: optional ``progress(done, total)`` called after each layer is finished.
+
+    Raises:
+        TypeError: ``batches`` is a one-shot iterator (a generator, ``iter(...)``), which cannot
+            be replayed once per layer; or a batch is not a tensor or tuple/list of one.
+        ValueError: ``batches`` is empty; a BN layer runs more than once per forward (its
+            population statistics would be defined by its own output); a layer saw fewer than 2
+            values per channel, or non-finite values.
+
+    Note:
+        BN layers with ``track_running_stats=False`` keep using batch statistics in eval mode,
+        so the inputs of the layers after them, and hence their statistics, depend on the
+        batching. A ``LazyBatchNorm*`` that has never run is skipped: run one forward first.
+
+    Example::
+
+        >>> import torch, normlab.nn.batchnorm as nbn
+        >>> from normlab.nn.stats import recompute_statistics
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), nbn.BatchNorm1d(4))
+        >>> data = [torch.randn(8, 3) for _ in range(4)]
+        >>> recompute_statistics(model, data)
+        >>> model[1].running_mean.shape
+        torch.Size([4])
+    """
+    if isinstance(batches, Iterator):
+        raise TypeError(
+            "recompute_statistics expected a re-iterable collection of batches (a list, a "
+            "DataLoader), got a one-shot iterator of type "
+            f"{type(batches).__name__}; it is iterated once per BN layer"
+        )
+    layers = [m for m in model.modules() if _is_tracking_bn(m)]
+    if not layers:
+        logger.info("recompute_statistics: no BN layer with running statistics; nothing to do")
+        return
+
+    modes = {m: m.training for m in model.modules()}
+    saved = {m: (m.running_mean.clone(), m.running_var.clone()) for m in layers}  # type: ignore[union-attr]
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    finished = False
+    try:
+        model.eval()
+        with torch.no_grad():
+            order = _forward_order(model, layers, batches, handles)
+            for done, layer in enumerate(order, start=1):
+                mean, var, count = _layer_input_moments(model, layer, batches, handles)
+                layer.running_mean.copy_(mean)  # type: ignore[union-attr]
+                layer.running_var.copy_(var)  # type: ignore[union-attr]
+                logger.info(
+                    "recompute_statistics: layer %d/%d (%s, %d features): %d values per channel",
+                    done,
+                    len(order),
+                    type(layer).__name__,
+                    mean.numel(),
+                    count,
+                )
+                if progress is not None:
+                    progress(done, len(order))
+        finished = True
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
+        if not finished:
+            with torch.no_grad():
+                for layer, (mean, var) in saved.items():
+                    layer.running_mean.copy_(mean)  # type: ignore[union-attr]
+                    layer.running_var.copy_(var)  # type: ignore[union-attr]
+
+
+def _forward_order(
+    model: nn.Module,
+    layers: list[nn.Module],
+    batches: Iterable[Tensor | Sequence[Any]],
+    handles: list[torch.utils.hooks.RemovableHandle],
+) -> list[nn.Module]:
+    # One forward on the first batch, recording the order in which the BN layers are called.
+    calls: list[nn.Module] = []
+    own = [m.register_forward_pre_hook(lambda m, _args: calls.append(m)) for m in layers]
+    handles.extend(own)
+    first = next(iter(batches), None)
+    if first is None:
+        raise ValueError("recompute_statistics expected at least one batch, got none")
+    model(_batch_input(first))
+    for handle in own:
+        handle.remove()
+    order: list[nn.Module] = []
+    for layer in calls:
+        if layer in order:
+            raise ValueError(
+                f"recompute_statistics expected each BN layer to run once per forward, but a "
+                f"{type(layer).__name__}({layer.num_features}) ran more than once"  # type: ignore[attr-defined]
+            )
+        order.append(layer)
+    unused = len(layers) - len(order)
+    if unused:
+        logger.warning(
+            "recompute_statistics: %d BN layer(s) did not run in the forward pass; left as is",
+            unused,
+        )
+    return order
+
+
+def _layer_input_moments(
+    model: nn.Module,
+    layer: nn.Module,
+    batches: Iterable[Tensor | Sequence[Any]],
+    handles: list[torch.utils.hooks.RemovableHandle],
+) -> tuple[Tensor, Tensor, int]:
+    # One pass over the data, accumulating the moments of `layer`'s input; the forward is cut
+    # short once the layer has seen its input (nothing after it is needed).
+    acc = _ChannelMoments()
+
+    def record(_module: nn.Module, args: tuple[Any, ...]) -> None:
+        acc.update(args[0])
+        raise _StopForward
+
+    handle = layer.register_forward_pre_hook(record)
+    handles.append(handle)
+    try:
+        for batch in batches:
+            try:
+                model(_batch_input(batch))
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    name = f"{type(layer).__name__}({layer.num_features})"  # type: ignore[attr-defined]
+    if acc.mean is None or acc.m2 is None or acc.count < 2:
+        raise ValueError(
+            f"recompute_statistics expected at least 2 values per channel for {name}, "
+            f"got {acc.count}"
+        )
+    var = acc.m2 / (acc.count - 1)  # unbiased, torch's running_var convention
+    if not (torch.isfinite(acc.mean).all() and torch.isfinite(var).all()):
+        raise ValueError(
+            f"recompute_statistics expected finite inputs to {name}, got NaN or Inf statistics"
+        )
+    return acc.mean, var, acc.count
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    r"""An inference copy of ``model`` with eval-mode BN layers folded into the layer before.
+
+    Adjacency rule: a BN layer (normlab's or torch's) is folded when it sits in an
+    :class:`torch.nn.Sequential` *directly after* an ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d``/
+    ``nn.Conv3d`` whose output channels it normalizes, is in eval mode and has running
+    statistics. With :math:`s = \gamma/\sqrt{\sigma^2_{run}+\epsilon}` per output channel the
+    layer becomes
+
+    .. math::
+        W' = s\,W,\qquad b' = s\,(b - \mu_{run}) + \beta
+
+    (a bias is created when the layer had none) and the BN is replaced by ``nn.Identity``; the
+    folding is computed in float64 and cast back. ``Linear`` -> ``BatchNorm1d`` assumes 2-D
+    ``(N, features)`` activations, the usual MLP layout. Other BN layers (in training mode,
+    without running statistics, after something else, or after a layer shared elsewhere in the
+    model) are kept and logged. ``model`` itself is not modified (the copy is a deepcopy).
+
+    Example::
+
+        >>> import torch, normlab.nn.batchnorm as nbn
+        >>> from normlab.nn.stats import fold_batchnorm
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), nbn.BatchNorm1d(4)).eval()
+        >>> folded = fold_batchnorm(model)
+        >>> type(folded[1]).__name__
+        'Identity'
+    """
+    folded = copy.deepcopy(model)
+    occurrences: dict[int, int] = {}
+    for _name, module in folded.named_modules(remove_duplicate=False):
+        occurrences[id(module)] = occurrences.get(id(module), 0) + 1
+    names = {id(m): name for name, m in folded.named_modules()}
+    sequentials = [m for m in folded.modules() if isinstance(m, nn.Sequential)]
+    seen: set[int] = set()
+    for seq in sequentials:
+        for i in range(len(seq)):
+            bn = seq[i]
+            if not isinstance(bn, _BN_TYPES) or id(bn) in seen:
+                continue
+            seen.add(id(bn))
+            prev = seq[i - 1] if i > 0 else None
+            reason = _cannot_fold(bn, prev, occurrences)
+            if reason:
+                logger.info("fold_batchnorm: kept %s: %s", names.get(id(bn), str(i)), reason)
+                continue
+            _fold_into(prev, bn)  # type: ignore[arg-type]
+            seq[i] = nn.Identity()
+    return folded
+
+
+def _cannot_fold(bn: nn.Module, prev: nn.Module | None, occurrences: dict[int, int]) -> str:
+    # Why `bn` cannot be folded into `prev`, or "" when it can.
+    if bn.training:
+        return "in training mode (batch statistics)"
+    if not _is_tracking_bn(bn):
+        return "no running statistics"
+    if not isinstance(prev, _FOLDABLE):
+        kind = "nothing" if prev is None else type(prev).__name__
+        return f"preceded by {kind}, not Linear/Conv in the same Sequential"
+    out = prev.out_features if isinstance(prev, nn.Linear) else prev.out_channels
+    if out != bn.num_features:  # type: ignore[attr-defined]
+        return f"{bn.num_features} features after a layer with {out} outputs"  # type: ignore[attr-defined]
+    if occurrences.get(id(prev), 0) > 1:
+        return f"the preceding {type(prev).__name__} is shared elsewhere in the model"
+    return ""
+
+
+@torch.no_grad()
+def _fold_into(layer: nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d, bn: nn.Module) -> None:
+    weight = layer.weight
+    dtype = weight.dtype
+    mean = bn.running_mean.to(torch.float64)  # type: ignore[union-attr]
+    invstd = torch.rsqrt(bn.running_var.to(torch.float64) + bn.eps)  # type: ignore[union-attr,operator]
+    gamma = bn.weight.to(torch.float64) if bn.weight is not None else torch.ones_like(mean)  # type: ignore[union-attr]
+    beta = bn.bias.to(torch.float64) if bn.bias is not None else torch.zeros_like(mean)  # type: ignore[union-attr]
+    scale = gamma * invstd  # (C_out,)
+    bias = layer.bias.to(torch.float64) if layer.bias is not None else torch.zeros_like(mean)
+    new_weight = weight.to(torch.float64) * scale.reshape((-1,) + (1,) * (weight.dim() - 1))
+    new_bias = (bias - mean) * scale + beta
+    layer.weight = nn.Parameter(new_weight.to(dtype), requires_grad=weight.requires_grad)
+    layer.bias = nn.Parameter(new_bias.to(dtype), requires_grad=weight.requires_grad)
