@@ -1,0 +1,262 @@
+r"""``cai-ols``: BN-GD on least squares converges over a far wider learning-rate range than GD.
+
+Cai, Li & Shen, "A Quantitative Analysis of the Effect of Batch Normalization on Gradient
+Descent", ICML 2019 (https://arxiv.org/abs/1810.00122); DIAGNOSTICS.md §3. On the
+``ols-heterogeneous`` regression data (centred; full batch, deterministic), plain gradient descent
+on :math:`J_0(w) = \tfrac12\mathrm E[(y - x^\top w)^2]` converges only for
+:math:`\varepsilon < 2/\lambda_{\max}(H)`, while BN-GD, gradient descent on the batch-normalized
+model :math:`J(a, w) = \tfrac12\mathrm E[(y - a\,x^\top w/\|w\|_H)^2]` (full-batch statistics,
+:math:`\epsilon = 0`), converges for every weight learning rate :math:`\varepsilon`: the scale
+invariance makes :math:`\|w_k\|` grow until the effective step :math:`\varepsilon/\|w_k\|^2` is
+small enough. The maths is in :mod:`normlab.diagnostics.theory`
+(:func:`~normlab.diagnostics.theory.ols_gd`, :func:`~normlab.diagnostics.theory.bn_ols_gd`).
+
+For each :math:`\varepsilon` of a log grid the experiment records the iterations until the relative
+excess loss :math:`(J - J^*)/(J_0(0) - J^*)` falls to ``tol`` (both methods measured on the same
+predictor, :math:`\tilde w = a\,w/\|w\|_H` for BN-GD, and from the same :math:`w_0`, a random unit
+vector). It also checks the scaling law (runs with :math:`(\varepsilon, c\,w_0)` and
+:math:`(\varepsilon/c^2, w_0)` give the same losses) and reports :math:`\kappa(H)` and Cai et al.'s
+effective :math:`\kappa^*`. The defaults (:math:`d = 100`, feature scales 0.3..3, so
+:math:`\kappa(H) \approx 100`) follow DIAGNOSTICS.md §3.3's pilot.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from normlab.data import load_dataset
+from normlab.diagnostics.theory import OLSTrace, bn_ols_gd, ols_gd, ols_problem
+from normlab.experiments.core import (
+    Experiment,
+    RunContext,
+    format_table,
+    pyplot,
+    register_experiment,
+    savefig,
+)
+
+__all__ = ["CaiOLSConfig", "converging_range"]
+
+DEFAULT_LRS = tuple(m * 10.0**e for e in range(-4, 4) for m in (1.0, 3.0)) + (1e4,)
+
+
+@dataclass(frozen=True)
+class CaiOLSConfig:
+    dim: int = 100  # features of ols-heterogeneous
+    n: int = 2000  # training samples (the full batch)
+    scale_low: float = 0.3  # feature scales, geometric from low to high: kappa(H) ~ (high/low)^2
+    scale_high: float = 3.0
+    noise: float = 0.1  # target noise
+    lrs: tuple[float, ...] = DEFAULT_LRS  # weight learning rates, 1e-4 .. 1e4
+    scale_lr: float = 1.0  # BN-GD's learning rate for the scale a
+    scale0: float = 1.0  # BN-GD's initial scale a_0
+    tol: float = 1e-8  # relative excess loss that counts as converged
+    max_iterations: int = 10_000
+    seed: int = 0
+
+
+def converging_range(traces: list[dict[str, Any]]) -> tuple[float, float] | None:
+    """``(smallest, largest)`` learning rate whose run converged, or None if none did."""
+    lrs = [t["lr"] for t in traces if t["iterations"] is not None]
+    return (min(lrs), max(lrs)) if lrs else None
+
+
+def _trace_dict(trace: OLSTrace) -> dict[str, Any]:
+    return {
+        k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(trace).items()
+    }
+
+
+def run(cfg: CaiOLSConfig, out: Path, ctx: RunContext) -> dict[str, Any]:
+    del ctx  # nothing is trained with the loop; the data has problem-specific options
+    data = load_dataset(
+        "ols-heterogeneous",
+        seed=cfg.seed,
+        n=cfg.n,
+        dim=cfg.dim,
+        scale_low=cfg.scale_low,
+        scale_high=cfg.scale_high,
+        noise=cfg.noise,
+    )
+    problem = ols_problem(data.x_train, data.y_train)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    w0 = torch.randn(problem.dim, generator=gen, dtype=torch.float64)
+    w0 = w0 / w0.norm()
+    common = {"max_iterations": cfg.max_iterations, "tol": cfg.tol}
+    gd = ols_gd(problem, w0, list(cfg.lrs), **common)
+    bn = bn_ols_gd(problem, w0, list(cfg.lrs), scale0=cfg.scale0, scale_lr=cfg.scale_lr, **common)
+    # Scaling law: (lr, c w0) and (lr / c^2, w0) give the same losses.
+    c, lr = 10.0, 1.0
+    iters = min(cfg.max_iterations, 300)
+    law = bn_ols_gd(problem, c * w0, [lr], max_iterations=iters, tol=1e-300, scale_lr=cfg.scale_lr)
+    ref = bn_ols_gd(
+        problem, w0, [lr / c**2], max_iterations=iters, tol=1e-300, scale_lr=cfg.scale_lr
+    )
+    law_diff = max(
+        abs(a - b) / max(abs(b), 1e-300) for a, b in zip(law[0].excess, ref[0].excess, strict=True)
+    )
+    results: dict[str, Any] = {
+        "problem": {
+            "dim": problem.dim,
+            "samples": int(data.x_train.shape[0]),
+            "kappa": problem.condition_number,
+            "kappa_star": problem.effective_condition_number(),
+            "lambda_max": float(problem.eigenvalues[-1]),
+            "lambda_min": float(problem.eigenvalues[0]),
+            "gd_stable_below": 2.0 / float(problem.eigenvalues[-1]),
+        },
+        "lrs": list(cfg.lrs),
+        "tol": cfg.tol,
+        "max_iterations": cfg.max_iterations,
+        "gd": [_trace_dict(t) for t in gd],
+        "bn_gd": [_trace_dict(t) for t in bn],
+        "scaling_law": {"c": c, "lr": lr, "iterations": iters, "max_relative_difference": law_diff},
+    }
+    results["summary"] = {name: _range_summary(results[name]) for name in ("gd", "bn_gd")}
+    return results
+
+
+def _range_summary(traces: list[dict[str, Any]]) -> dict[str, Any]:
+    rng = converging_range(traces)
+    best = min(
+        (t for t in traces if t["iterations"] is not None),
+        key=lambda t: t["iterations"],
+        default=None,
+    )
+    return {
+        "converging_lrs": None if rng is None else list(rng),
+        "decades": None if rng is None else math.log10(rng[1] / rng[0]),
+        "best_lr": None if best is None else best["lr"],
+        "best_iterations": None if best is None else best["iterations"],
+        "diverged_lrs": [t["lr"] for t in traces if t["diverged"]],
+    }
+
+
+def _cell(trace: dict[str, Any], max_iterations: int) -> str:
+    if trace["iterations"] is not None:
+        return str(trace["iterations"])
+    if trace["diverged"]:
+        return "diverged"
+    return f">{max_iterations} ({trace['final_excess']:.1e})"
+
+
+def report(results: dict[str, Any]) -> str:
+    p = results["problem"]
+    rows = [
+        [
+            f"{g['lr']:g}",
+            _cell(g, results["max_iterations"]),
+            _cell(b, results["max_iterations"]),
+            f"{b['weight_norms'][-1]:.3g}" if b["weight_norms"] else "-",
+        ]
+        for g, b in zip(results["gd"], results["bn_gd"], strict=True)
+    ]
+    lines = [
+        f"OLS (ols-heterogeneous, d={p['dim']}, N={p['samples']}, full batch): kappa(H) = "
+        f"{p['kappa']:.1f}, Cai et al.'s kappa* = {p['kappa_star']:.1f}; GD is stable for "
+        f"lr < 2/lambda_max = {p['gd_stable_below']:.3g}",
+        f"iterations to relative excess loss {results['tol']:g} (from the same random unit w0)",
+        format_table(rows, ["lr", "GD", "BN-GD", "BN-GD final ||w||"]),
+    ]
+    for name, label in (("gd", "GD"), ("bn_gd", "BN-GD")):
+        s = results["summary"][name]
+        if s["converging_lrs"] is None:
+            lines.append(f"{label}: converged for no learning rate of the grid")
+        else:
+            lo, hi = s["converging_lrs"]
+            lines.append(
+                f"{label}: converges for lr in [{lo:g}, {hi:g}] ({s['decades']:.1f} decades); "
+                f"fastest {s['best_iterations']} iterations at lr {s['best_lr']:g}"
+            )
+    law = results["scaling_law"]
+    lines.append(
+        f"scaling law: BN-GD with (lr={law['lr']:g}, {law['c']:g} w0) vs "
+        f"(lr={law['lr'] / law['c'] ** 2:g}, w0) over {law['iterations']} iterations: "
+        f"max relative difference of the losses {law['max_relative_difference']:.1e}"
+    )
+    return "\n".join(lines)
+
+
+def _x(trace: dict[str, Any]) -> list[int]:
+    return [max(step, 1) for step in trace["steps"]]  # log axis: iteration 0 drawn at 1
+
+
+def plot(run_dir: Path) -> list[Path]:
+    results = json.loads((run_dir / "results.json").read_text())
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    cap = results["max_iterations"]
+    ax = axes[0]
+    for name, label, colour in (("gd", "GD", "C0"), ("bn_gd", "BN-GD", "C1")):
+        traces = results[name]
+        ok = [t for t in traces if t["iterations"] is not None]
+        ax.plot(
+            [t["lr"] for t in ok], [t["iterations"] for t in ok], "o-", color=colour, label=label
+        )
+        div = [t["lr"] for t in traces if t["diverged"]]
+        if div:
+            ax.plot(div, [cap * 1.5] * len(div), "x", color=colour, label=f"{label}: diverged")
+        slow = [t["lr"] for t in traces if t["iterations"] is None and not t["diverged"]]
+        if slow:
+            ax.plot(
+                slow, [cap * 1.2] * len(slow), "^", color=colour, mfc="none",
+                label=f"{label}: > {cap} iterations",
+            )  # fmt: skip
+    ax.axvline(results["problem"]["gd_stable_below"], color="gray", ls="--", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("weight learning rate")
+    ax.set_ylabel(f"iterations to relative excess {results['tol']:g}")
+    ax.set_title("iterations to converge (dashed: 2/lambda_max)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    gd_best = results["summary"]["gd"]["best_lr"]
+    for t in results["gd"]:
+        if t["lr"] == gd_best:
+            ax.plot(_x(t), t["excess"], color="C0", label=f"GD lr={t['lr']:g} (its fastest)")
+    bn_traces = results["bn_gd"]
+    picks = bn_traces[:: max(1, len(bn_traces) // 4)]
+    shades = [plt.cm.Oranges(0.4 + 0.6 * i / max(1, len(picks) - 1)) for i in range(len(picks))]
+    for t, shade in zip(picks, shades, strict=True):
+        ax.plot(_x(t), t["excess"], color=shade, label=f"BN-GD lr={t['lr']:g}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("relative excess loss")
+    ax.set_title("loss curves", fontsize=9)
+    ax.legend(fontsize=6)
+    ax = axes[2]
+    for t, shade in zip(picks, shades, strict=True):
+        ax.plot(_x(t), t["weight_norms"], color=shade, label=f"lr={t['lr']:g}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("||w_k|| (BN-GD)")
+    ax.set_title("BN-GD: ||w|| grows (automatic step-size decay)", fontsize=9)
+    ax.legend(fontsize=6)
+    p = results["problem"]
+    fig.suptitle(
+        f"Cai et al.: BN-GD vs GD on least squares (d={p['dim']}, kappa={p['kappa']:.0f})",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    return [savefig(fig, run_dir / "cai_ols.png")]
+
+
+register_experiment(
+    Experiment(
+        name="cai-ols",
+        description="BN-GD vs GD on least squares over a wide lr grid: iterations to converge",
+        config_cls=CaiOLSConfig,
+        run=run,
+        plot=plot,
+        report=report,
+        smoke={"dim": 8, "n": 200, "lrs": (0.01, 1.0, 100.0), "max_iterations": 200},
+    )
+)

@@ -1,0 +1,355 @@
+r"""``santurkar-landscape``: does BN train faster through a smoother landscape or less ICS?
+
+Santurkar, Tsipras, Ilyas & Madry, "How Does Batch Normalization Help Optimization?", NeurIPS 2018
+(https://arxiv.org/abs/1805.11604); DIAGNOSTICS.md §2.3-2.4 and §2.8 (b). A deep MLP (a
+VGG stand-in as in §2.8: hidden layers of 128 ReLUs on digits) is trained with and without BN by
+plain SGD through :func:`normlab.train.train`; at every evaluation, on one fixed training batch
+with BN in training mode (batch statistics), ``on_eval`` measures
+
+* the **loss landscape** along the gradient (:func:`normlab.diagnostics.loss_landscape`, step
+  sizes :math:`S = \{\tfrac12, 1, 2, 4\}\times` lr): the loss band
+  :math:`\{L(\theta - \eta g)\}_{\eta\in S}`, **gradient predictiveness**
+  :math:`\max_{\eta\in S}\|\nabla L(\theta - \eta g) - g\|_2` and the **effective**
+  :math:`\beta`-smoothness :math:`\max_\eta \|\nabla L(\theta-\eta g) - g\|/\|\eta g\|`;
+* **internal covariate shift**, Santurkar et al.'s gradient-based Definition 2.1
+  (:func:`normlab.diagnostics.gradient_covariate_shift`): for the weight of two hidden layers,
+  :math:`\|G - G'\|_2` and :math:`\cos(G, G')` between its gradient before and after the earlier
+  layers take their SGD step (lr of the run) on the same batch.
+
+Training speed is the number of steps until the full training-set loss first falls to
+``loss_target`` (and the mean training loss over the evaluations, which also ranks runs that
+never get there). The report then says, for each learning rate where both methods trained,
+whether the faster method is the one with the smoother landscape (lower median
+:math:`\beta_{\text{eff}}` over the run) and whether it is the one with less ICS (lower median
+relative shift :math:`\|G - G'\|/\|G\|`; the raw :math:`\|G - G'\|` shrinks with the gradient as
+a run converges, the artifact the paper's Fig. 3 caption warns about, so it is reported but not
+used for the verdict): Santurkar et al.'s claim is that smoothness tracks training speed and ICS
+does not. Departures from the paper: an MLP (four hidden layers of 128, where the plain network
+still trains with PyTorch's default initialization; with six it stalls) on digits instead of
+VGG on CIFAR-10, and a fixed probe batch (the paper does not say which batch it used).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+import torch.nn.functional as F
+from torch import nn
+
+from normlab.diagnostics import gradient_covariate_shift, loss_landscape
+from normlab.experiments.core import (
+    Experiment,
+    RunContext,
+    cell_text,
+    format_table,
+    pyplot,
+    register_experiment,
+    run_cells,
+    savefig,
+)
+from normlab.train import TrainConfig
+
+__all__ = ["SanturkarConfig", "steps_to_loss", "summarize"]
+
+
+@dataclass(frozen=True)
+class SanturkarConfig:
+    dataset: str = "digits"
+    data_root: str | None = None
+    widths: tuple[int, ...] = (128, 128, 128, 128)
+    activation: str = "relu"
+    methods: tuple[str, ...] = ("none", "bn")
+    lrs: tuple[float, ...] = (0.1, 0.5)
+    batch_size: int = 128
+    epochs: int = 50
+    eval_every: int = 25  # steps between landscape / ICS probes
+    step_multipliers: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)  # S = multipliers x lr
+    probe_samples: int = 128  # the fixed training batch the probes use (first samples)
+    ics_layers: tuple[int, ...] = (2, 4)  # hidden layers (2..depth) whose weight ICS is measured
+    loss_target: float = 0.1  # training loss that defines "steps to train"
+    seed: int = 0
+    max_steps: int | None = None  # cap on steps per training run (smoke runs)
+
+
+def _probe(
+    batch: tuple[Any, Any], lr: float, multipliers: tuple[float, ...], layers: list[str]
+) -> Callable[[nn.Module, dict[str, Any]], dict[str, Any]]:
+    steps = [m * lr for m in multipliers]
+
+    def measure(model: nn.Module, record: dict[str, Any]) -> dict[str, Any]:
+        del record
+        land = loss_landscape(model, F.cross_entropy, batch, mode="train", step_sizes=steps)
+        ics = gradient_covariate_shift(
+            model, F.cross_entropy, batch, mode="train", layers=layers, lr=lr
+        )
+        return {
+            "landscape": {
+                "losses": list(land.losses),
+                "gradient_changes": list(land.gradient_changes),
+                "effective_beta": land.effective_beta,
+                "gradient_norm": land.gradient_norm,
+            },
+            "ics": {
+                s.layer: {"l2": s.l2, "cosine": s.cosine, "grad_norm": s.grad_norm} for s in ics
+            },
+        }
+
+    return measure
+
+
+def _layer_names(cfg: SanturkarConfig) -> list[str]:
+    depth = len(cfg.widths)
+    if not cfg.ics_layers or any(not 2 <= i <= depth for i in cfg.ics_layers):
+        # Layer 1 has no earlier layer to move, so its ICS is 0 by definition.
+        raise ValueError(f"ics_layers must be hidden layers 2..{depth}, got {list(cfg.ics_layers)}")
+    # MLP = Flatten, blocks 1..depth of (Linear, norm, activation): "<i>.0" is layer i's Linear.
+    return [f"{i}.0" for i in cfg.ics_layers]
+
+
+def run(cfg: SanturkarConfig, out: Path, ctx: RunContext) -> dict[str, Any]:
+    data = ctx.dataset(cfg.dataset, cfg.data_root, cfg.seed)
+    batch = (data.x_train[: cfg.probe_samples], data.y_train[: cfg.probe_samples])
+    layers = _layer_names(cfg)
+    cells = {
+        f"{m}/lr={lr}": TrainConfig(
+            dataset=cfg.dataset,
+            data_root=cfg.data_root,
+            widths=cfg.widths,
+            activation=cfg.activation,
+            method=m,
+            scenario="shuffled",
+            batch_size=cfg.batch_size,
+            epochs=cfg.epochs,
+            lr=lr,
+            eval_every=cfg.eval_every,
+            log_every=0,
+            seed=cfg.seed,
+            max_steps=cfg.max_steps,
+        )
+        for lr in cfg.lrs
+        for m in cfg.methods
+    }
+    lr_of = {name: c.lr for name, c in cells.items()}
+    summaries = run_cells(
+        cells,
+        out,
+        ctx,
+        on_eval=lambda name: _probe(batch, lr_of[name], cfg.step_multipliers, layers),
+    )
+    results = {
+        "methods": list(cfg.methods),
+        "lrs": list(cfg.lrs),
+        "layers": layers,
+        "step_multipliers": list(cfg.step_multipliers),
+        "loss_target": cfg.loss_target,
+        "probe_samples": int(batch[0].shape[0]),
+        "cells": summaries,
+    }
+    results["summary"] = summarize(results)
+    return results
+
+
+def steps_to_loss(evaluations: list[dict[str, Any]], target: float) -> int | None:
+    """First evaluated step whose training loss is at most ``target`` (None: never)."""
+    return next(
+        (int(e["step"]) for e in evaluations if e.get("train_loss", math.inf) <= target), None
+    )
+
+
+def _median(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return median(values) if values else None
+
+
+def _cell_stats(cell: dict[str, Any], target: float) -> dict[str, Any]:
+    ev = [e for e in cell["evaluations"] if "landscape" in e]
+    losses = [e["train_loss"] for e in cell["evaluations"] if "train_loss" in e]
+    return {
+        "steps_to_target": steps_to_loss(cell["evaluations"], target),
+        "mean_train_loss": sum(losses) / len(losses) if losses else None,
+        "final_train_loss": losses[-1] if losses else None,
+        "beta_eff": _median([e["landscape"]["effective_beta"] for e in ev]),
+        "gradient_change": _median([max(e["landscape"]["gradient_changes"]) for e in ev]),
+        "loss_band": _median(
+            [max(e["landscape"]["losses"]) - min(e["landscape"]["losses"]) for e in ev]
+        ),
+        "ics_l2": _median([sum(v["l2"] for v in e["ics"].values()) / len(e["ics"]) for e in ev]),
+        "ics_relative": _median([_relative_ics(e["ics"]) for e in ev]),
+        "ics_cosine": _median(
+            [sum(v["cosine"] for v in e["ics"].values()) / len(e["ics"]) for e in ev]
+        ),
+    }
+
+
+def _relative_ics(ics: dict[str, dict[str, float]]) -> float:
+    # ||G - G'|| / ||G||, averaged over the probed layers: scale-free, so a run whose gradients
+    # shrink as it converges does not look "less shifted" for that reason alone.
+    values = [v["l2"] / v["grad_norm"] for v in ics.values() if v.get("grad_norm", 0) > 0]
+    return sum(values) / len(values) if values else math.nan
+
+
+def _speed_key(stats: dict[str, Any]) -> tuple[float, float]:
+    steps = stats["steps_to_target"]
+    return (math.inf if steps is None else steps, stats["mean_train_loss"] or math.inf)
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    """Per cell: speed, smoothness and ICS medians; per learning rate: which tracks speed."""
+    stats = {
+        name: _cell_stats(cell, results["loss_target"])
+        for name, cell in results["cells"].items()
+        if cell.get("ok")
+    }
+    verdicts = {}
+    for lr in results["lrs"]:
+        names = [f"{m}/lr={lr}" for m in results["methods"] if f"{m}/lr={lr}" in stats]
+        if len(names) < 2:
+            verdicts[str(lr)] = None
+            continue
+        fastest = min(names, key=lambda n: _speed_key(stats[n]))
+        smoothest = min(names, key=lambda n: stats[n]["beta_eff"] or math.inf)
+        least_ics = min(names, key=lambda n: stats[n]["ics_relative"] or math.inf)
+        best_cos = max(names, key=lambda n: stats[n]["ics_cosine"] or -math.inf)
+        verdicts[str(lr)] = {
+            "fastest": fastest,
+            "smoothest": smoothest,
+            "least_ics": least_ics,
+            "highest_ics_cosine": best_cos,
+            "smoothness_tracks_speed": smoothest == fastest,
+            "ics_tracks_speed": least_ics == fastest,
+        }
+    return {"cells": stats, "verdicts": verdicts}
+
+
+def _fmt(value: float | None, spec: str = ".3g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def report(results: dict[str, Any]) -> str:
+    s = results["summary"]
+    rows = []
+    for lr in results["lrs"]:
+        for m in results["methods"]:
+            name = f"{m}/lr={lr}"
+            cell = results["cells"][name]
+            if not cell.get("ok"):
+                rows.append([m, f"{lr:g}", cell_text(cell)] + ["-"] * 8)
+                continue
+            st = s["cells"][name]
+            rows.append(
+                [
+                    m,
+                    f"{lr:g}",
+                    cell_text(cell),
+                    str(st["steps_to_target"]) if st["steps_to_target"] is not None else "never",
+                    _fmt(st["final_train_loss"]),
+                    _fmt(st["beta_eff"]),
+                    _fmt(st["gradient_change"]),
+                    _fmt(st["loss_band"]),
+                    _fmt(st["ics_l2"]),
+                    _fmt(st["ics_relative"]),
+                    _fmt(st["ics_cosine"], ".3f"),
+                ]
+            )
+    header = [
+        "method", "lr", "test acc", f"steps to loss {results['loss_target']:g}", "train loss",
+        "beta_eff", "grad change", "loss band", "ICS l2", "ICS l2/|G|", "ICS cos",
+    ]  # fmt: skip
+    lines = [
+        f"medians over evaluations; landscape and ICS on a fixed batch of "
+        f"{results['probe_samples']} training samples (train mode), S = "
+        f"{', '.join(f'{m:g}' for m in results['step_multipliers'])} x lr; ICS of layers "
+        f"{', '.join(results['layers'])} (averaged)",
+        format_table(rows, header),
+    ]
+    for lr in results["lrs"]:
+        v = s["verdicts"][str(lr)]
+        if v is None:
+            lines.append(f"lr {lr:g}: fewer than two methods trained; no comparison")
+            continue
+        lines.append(
+            f"lr {lr:g}: fastest {v['fastest']}; smoothest (beta_eff) {v['smoothest']}; least ICS "
+            f"(relative l2) {v['least_ics']}; highest ICS cosine {v['highest_ics_cosine']} -> "
+            f"smoothness tracks training speed: {'yes' if v['smoothness_tracks_speed'] else 'no'}; "
+            f"ICS tracks training speed: {'yes' if v['ics_tracks_speed'] else 'no'}"
+        )
+    return "\n".join(lines)
+
+
+def plot(run_dir: Path) -> list[Path]:
+    results = json.loads((run_dir / "results.json").read_text())
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    ax_loss, ax_band, ax_pred, ax_beta, ax_l2, ax_cos = axes.flat
+    names = [f"{m}/lr={lr}" for lr in results["lrs"] for m in results["methods"]]
+    for i, name in enumerate(names):
+        cell = results["cells"][name]
+        if not cell.get("ok"):
+            continue
+        colour = f"C{i}"
+        ev = [e for e in cell["evaluations"] if "landscape" in e]
+        steps = [e["step"] for e in ev]
+        tr = [e for e in cell["evaluations"] if "train_loss" in e]
+        ax_loss.plot(
+            [e["step"] for e in tr], [e["train_loss"] for e in tr], color=colour, label=name
+        )
+        lo = [min(e["landscape"]["losses"]) for e in ev]
+        hi = [max(e["landscape"]["losses"]) for e in ev]
+        ax_band.fill_between(steps, lo, hi, color=colour, alpha=0.35, label=name)
+        lo = [min(e["landscape"]["gradient_changes"]) for e in ev]
+        hi = [max(e["landscape"]["gradient_changes"]) for e in ev]
+        ax_pred.fill_between(steps, lo, hi, color=colour, alpha=0.35, label=name)
+        ax_beta.plot(
+            steps, [e["landscape"]["effective_beta"] for e in ev], color=colour, label=name
+        )
+        for layer, style in zip(results["layers"], ("-", "--", ":", "-."), strict=False):
+            ax_l2.plot(steps, [e["ics"][layer]["l2"] for e in ev], style, color=colour,
+                       label=f"{name} layer {layer}")  # fmt: skip
+            ax_cos.plot(steps, [e["ics"][layer]["cosine"] for e in ev], style, color=colour,
+                        label=f"{name} layer {layer}")  # fmt: skip
+    ax_loss.axhline(results["loss_target"], color="gray", lw=0.8, ls="--")
+    for ax, title, ylabel, log in (
+        (ax_loss, "training loss (full training set)", "loss", True),
+        (ax_band, "loss along the gradient, eta in S (band)", "loss", True),
+        (ax_pred, "gradient predictiveness ||grad(theta - eta g) - g||", "l2 change", True),
+        (ax_beta, "effective beta-smoothness", "beta_eff", True),
+        (ax_l2, "ICS: ||G - G'||", "l2", True),
+        (ax_cos, "ICS: cos(G, G')", "cosine", False),
+    ):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        if log:
+            ax.set_yscale("log")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
+    fig.suptitle("Santurkar et al.: loss landscape and ICS with and without BN", fontsize=10)
+    fig.tight_layout()
+    return [savefig(fig, run_dir / "santurkar_landscape.png")]
+
+
+register_experiment(
+    Experiment(
+        name="santurkar-landscape",
+        description="BN vs none: loss landscape smoothness, gradient predictiveness and ICS",
+        config_cls=SanturkarConfig,
+        run=run,
+        plot=plot,
+        report=report,
+        smoke={
+            "max_steps": 6,
+            "epochs": 1,
+            "widths": (8, 8),
+            "ics_layers": (2,),
+            "lrs": (0.1,),
+            "eval_every": 3,
+            "probe_samples": 32,
+        },
+    )
+)
