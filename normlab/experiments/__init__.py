@@ -3,9 +3,15 @@
 # Importing an experiment module registers it.
 from normlab.experiments import (  # noqa: F401
     batch_dependence,
+    bnp,
+    cai_ols,
     compare,
+    gradient_flow_depth,
+    hessian_conditioning,
     ioffe,
+    kohler,
     lr_speedup,
+    santurkar,
 )
 from normlab.experiments.core import (
     EXPERIMENTS,

@@ -19,7 +19,7 @@ import logging
 import math
 import weakref
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -39,6 +39,8 @@ _STATE_VERSION = 1
 _SMALL_BATCH = 4
 _RHO_SMALL_BATCH = 0.999
 _RHO_LARGE_BATCH = 0.99
+# Recorded batches kept per layer before they are folded in without waiting for a step.
+_MAX_PENDING = 8
 
 
 class LoadResult(NamedTuple):
@@ -48,16 +50,20 @@ class LoadResult(NamedTuple):
     unexpected_keys: list[str]
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity
 class _Layer:
-    # One hooked layer. `running` includes every recorded batch; `before_step` is `running` as it
-    # was just before the first recorded forward of the current step (use_current_batch=False).
+    # One hooked layer. `running` includes every recorded batch once `pending` is folded in
+    # (BNPreconditioner._flush); `before_step` is `running` as it was just before the first
+    # recorded forward of the current step (use_current_batch=False).
     name: str
     module: nn.Linear | nn.Conv2d
     handle: Any = None
     running: RunningMoments | None = None
     before_step: RunningMoments | None = None
     new_step: bool = True  # no forward recorded since the last precondition_()
+    # Batch moments recorded but not yet folded into `running`, oldest first, each with whether
+    # it was the first recorded forward of its step.
+    pending: list[tuple[Moments, bool]] = field(default_factory=list)
 
 
 class _AttachHandle:
@@ -98,6 +104,102 @@ def _check_options(
         raise ValueError(f"conv_stats must be 'channel' or 'patch', got {conv_stats!r}")
     if not isinstance(use_current_batch, bool):
         raise TypeError(f"use_current_batch must be a bool, got {type(use_current_batch).__name__}")
+
+
+def _stat_input(x: Tensor) -> Tensor:
+    # Statistics of half-precision inputs are taken in float32 (as in functional.precondition).
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _linear_moments(x: Tensor) -> Moments:
+    # linear_input_moments, fast: torch.var_mean over the leading dimension of an (M, n) matrix
+    # is an order of magnitude slower on CPU than the two-pass per-channel kernel of batch norm
+    # (torch.batch_norm_update_stats with no running buffers: the batch mean and biased variance,
+    # per column). Falls back to the reference where that kernel is missing.
+    rows = _stat_input(x).reshape(-1, x.shape[-1])  # (*, n) -> (M, n)
+    if rows.device.type in ("cpu", "cuda"):
+        try:
+            mean, var = torch.batch_norm_update_stats(rows, None, None, 0.0)
+        except (RuntimeError, NotImplementedError):  # e.g. a dtype without that kernel
+            return pc.linear_input_moments(x)
+        return Moments(mean, var, rows.shape[0])
+    return pc.linear_input_moments(x)
+
+
+def _conv_channel_moments(x: Tensor) -> Moments:
+    # conv2d_channel_moments, fast: two passes (mean, then the mean of squared deviations) instead
+    # of torch.var_mean over (N, H, W), which is an order of magnitude slower on CPU.
+    xs = _stat_input(x if x.dim() == 4 else x.unsqueeze(0))  # (N, C, H, W)
+    mean = xs.mean((0, 2, 3))
+    dev = xs - mean.reshape(1, -1, 1, 1)
+    var = dev.mul_(dev).mean((0, 2, 3))
+    return Moments(mean, var, xs.numel() // xs.shape[1])
+
+
+class _Flat(NamedTuple):
+    # The running statistics of some layers stored contiguously: `running[i]` (the object held by
+    # `layers[i].running`) views `mean`/`var` at `sizes[i]` entries.
+    layers: tuple[_Layer, ...]
+    running: tuple[RunningMoments, ...]
+    mean: Tensor
+    var: Tensor
+    sizes: list[int]
+
+    def holds(self, layers: tuple[_Layer, ...], stats: list[RunningMoments | None]) -> bool:
+        return (
+            len(layers) == len(self.layers)
+            and all(a is b for a, b in zip(layers, self.layers, strict=True))
+            and all(a is b for a, b in zip(stats, self.running, strict=True))
+        )
+
+
+def _flat(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
+    # Each torch call costs microseconds, which is the whole per-step cost of BNP on small
+    # layers: skip the no-op ones.
+    parts = [t if t.dim() == 1 else t.reshape(-1) for t in tensors]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return out if out.dtype == dtype else out.to(dtype)
+
+
+def _ema_flat(
+    mean: Tensor, var: Tensor, m_b: Tensor, v_b: Tensor, rho: float
+) -> tuple[Tensor, Tensor]:
+    r"""The pooled-variance EMA of :func:`~normlab.functional.precondition.ema_moments` on
+    concatenated statistics (new tensors):
+
+    .. math::
+        \delta = m_B - \mu_{t-1}, \qquad \mu_t = \mu_{t-1} + (1-\rho)\,\delta, \qquad
+        \sigma_t^2 = \rho\,\sigma_{t-1}^2 + (1-\rho)\,v_B + \rho(1-\rho)\,\delta^2 .
+
+    Features whose batch moments are not finite keep their previous values.
+    """
+    w = 1.0 - rho
+    delta = m_b - mean
+    new_mean = torch.add(mean, delta, alpha=w)
+    new_var = torch.mul(var, rho).add_(v_b, alpha=w).addcmul_(delta, delta, value=rho * w)
+    if not math.isfinite(float(new_var.sum())):  # rare: keep the old values of bad features
+        finite = torch.isfinite(m_b) & torch.isfinite(v_b)
+        new_mean = torch.where(finite, new_mean, mean)
+        new_var = torch.where(finite, new_var, var)
+    return new_mean, new_var
+
+
+def _precondition_in_place(
+    grad_w: Tensor, grad_b: Tensor | None, mean_w: Tensor, s2_w: Tensor
+) -> None:
+    # The BNP transform of functional.precondition written into the gradients: the same
+    # operations in the same order (so the same bits), without the out-of-place copies.
+    # mean_w, s2_w broadcast against grad_w: (n,) for Linear, (C, 1|kh, 1|kw) for Conv2d.
+    if grad_b is None:
+        grad_w.div_(s2_w)
+        return
+    col = grad_b.unsqueeze(1) if grad_w.dim() == 2 else grad_b.view(-1, 1, 1, 1)
+    outer = col * mean_w  # g_b mu^T
+    grad_w.sub_(outer).div_(s2_w)
+    if grad_w.dim() == 2:
+        grad_b.sub_(torch.mul(grad_w, mean_w, out=outer).sum(1))  # g_b - G~_W mu
+    else:
+        grad_b.sub_((grad_w * mean_w).flatten(1).sum(1))
 
 
 def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
@@ -155,7 +257,11 @@ class BNPreconditioner:
     exact for any padding and padding mode). Each training forward of a layer (``module.training``
     and not :meth:`paused`) folds the batch's moments into a running estimate with the
     pooled-variance EMA of :func:`normlab.functional.precondition.ema_moments`, well defined at
-    batch size 1. A layer called twice in a forward folds in both inputs.
+    batch size 1. A layer called twice in a forward folds in both inputs. (The hooks only take the
+    batch moments; folding them in waits until the statistics are next needed, by
+    :meth:`precondition_`, :meth:`statistics` or :meth:`state_dict`, and is then done for all
+    layers at once, with the same result: the per-step cost of BNP on small layers is the number
+    of kernels launched.)
 
     **Statistics used for the step.** ``use_current_batch=True`` (BN-like): the running estimate
     after the current batch was folded in. ``False``: the running estimate as it was before the
@@ -229,6 +335,7 @@ class BNPreconditioner:
             weakref.WeakKeyDictionary()
         )
         self._layers = [_Layer(name, module) for name, module in layers]
+        self._flat: dict[tuple[Any, ...], _Flat] = {}  # see _fold_group
         for layer in self._layers:
             if layer.module.bias is None:
                 logger.warning(
@@ -319,6 +426,7 @@ class BNPreconditioner:
 
         ``for_step=True`` gives the statistics the next :meth:`precondition_` would use.
         """
+        self._flush()
         out = {}
         for layer in self._layers:
             stats = self._step_stats(layer) if for_step else layer.running
@@ -341,29 +449,88 @@ class BNPreconditioner:
 
         return hook
 
-    @torch.no_grad()
     def _record(self, layer: _Layer, x: Tensor) -> None:
+        # No torch.no_grad() needed: everything here derives from the detached input.
         batch = self._batch_moments(layer.module, x.detach())
         if batch is None:  # an input the layer itself will reject: let it raise its own error
             return
         if self._rho_resolved is None:
             n = x.shape[0] if x.dim() >= (2 if isinstance(layer.module, nn.Linear) else 4) else 1
             self._rho_resolved = _RHO_SMALL_BATCH if n <= _SMALL_BATCH else _RHO_LARGE_BATCH
-        if layer.new_step:
-            layer.before_step = layer.running
-            layer.new_step = False
-        layer.running = pc.ema_moments(layer.running, batch, self._rho_resolved)
+        # Folded into `running` by _flush, for all layers at once, before anything reads them.
+        layer.pending.append((batch, layer.new_step))
+        layer.new_step = False
+        if len(layer.pending) > _MAX_PENDING:  # training-mode forwards without steps
+            self._flush()
+
+    def _flush(self) -> None:
+        """Fold every recorded batch into the running statistics, oldest first per layer.
+
+        Layers on the same device and dtype are folded together (:func:`_ema_flat` on their
+        concatenated statistics): the per-step cost of BNP on small layers is the number of
+        kernels launched, not their size.
+        """
+        rho = self._rho_resolved
+        while any(layer.pending for layer in self._layers):
+            groups: dict[tuple[Any, ...], list[tuple[_Layer, Moments]]] = {}
+            for layer in self._layers:
+                if not layer.pending:
+                    continue
+                assert rho is not None  # resolved by the first recorded forward
+                batch, first = layer.pending.pop(0)
+                if first:
+                    layer.before_step = layer.running
+                running = layer.running
+                if running is None:
+                    layer.running = pc.ema_moments(None, batch, rho)
+                    continue
+                if running.mean.shape != batch.mean.shape:
+                    raise ValueError(
+                        f"layer {layer.name!r}: running statistics have shape "
+                        f"{tuple(running.mean.shape)}, batch moments {tuple(batch.mean.shape)}"
+                    )
+                key = (running.mean.device, running.mean.dtype)
+                groups.setdefault(key, []).append((layer, batch))
+            for key, members in groups.items():
+                self._fold_group(key, members, rho)  # type: ignore[arg-type]
+
+    def _fold_group(
+        self, key: tuple[Any, ...], members: list[tuple[_Layer, Moments]], rho: float
+    ) -> None:
+        layers = tuple(layer for layer, _ in members)
+        running = [layer.running for layer in layers]
+        flat = self._flat.get(key)
+        if flat is not None and flat.holds(layers, running):
+            mean, var, sizes = flat.mean, flat.var, flat.sizes  # no concatenation
+        else:
+            sizes = [r.mean.numel() for r in running]  # type: ignore[union-attr]
+            mean = _flat([r.mean for r in running], key[1])  # type: ignore[union-attr]
+            var = _flat([r.var for r in running], key[1])  # type: ignore[union-attr]
+        m_b = _flat([b.mean for _, b in members], key[1])
+        v_b = _flat([b.var for _, b in members], key[1])
+        new_mean, new_var = _ema_flat(mean, var, m_b, v_b, rho)
+        means = new_mean.split(sizes) if len(sizes) > 1 else (new_mean,)
+        variances = new_var.split(sizes) if len(sizes) > 1 else (new_var,)
+        new_running = []
+        for layer, old, m, v in zip(layers, running, means, variances, strict=True):
+            assert old is not None
+            if old.mean.dim() != 1:
+                m, v = m.view(old.mean.shape), v.view(old.mean.shape)
+            stats = RunningMoments(m, v, old.num_batches + 1)
+            layer.running = stats
+            new_running.append(stats)
+        self._flat[key] = _Flat(layers, tuple(new_running), new_mean, new_var, sizes)
 
     def _batch_moments(self, module: nn.Module, x: Tensor) -> Moments | None:
         if isinstance(module, nn.Linear):
             if x.dim() < 1 or x.shape[-1] != module.in_features:
                 return None
-            return pc.linear_input_moments(x)
+            return _linear_moments(x)
         assert isinstance(module, nn.Conv2d)
         if x.dim() not in (3, 4) or x.shape[-3] != module.in_channels:
             return None
         if self.conv_stats == "channel":
-            return pc.conv2d_channel_moments(x)
+            return _conv_channel_moments(x)
         kh, kw = _pair(module.kernel_size)
         dh, dw = _pair(module.dilation)
         left, right, top, bottom = _conv_pads(module)
@@ -405,44 +572,72 @@ class BNPreconditioner:
     def precondition_(self) -> list[str]:
         r"""Replace each hooked layer's ``weight.grad`` and ``bias.grad`` by the BNP transform.
 
-        In place (the ``.grad`` tensors keep their identity). All new gradients are computed
-        before any is written, so an error leaves every gradient as it was. Marks the end of a
-        step for ``use_current_batch=False``.
+        In place (the ``.grad`` tensors keep their identity), with the arithmetic of
+        :func:`~normlab.functional.precondition.precondition_linear` /
+        :func:`~normlab.functional.precondition.precondition_conv2d`. Everything that can fail
+        is checked before any gradient is written, so an error leaves every gradient as it was.
+        Marks the end of a step for ``use_current_batch=False``.
 
         Returns:
             The names of the layers whose gradients were changed (the others had no weight
             gradient or no statistics yet).
         """
         self._check_alive("precondition_")
-        updates: list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]] = []
-        done = []
+        self._flush()
+        # First every transform's inputs (nothing is written), then the in-place updates.
+        jobs: list[tuple[_Layer, Tensor, Tensor | None, RunningMoments]] = []
         for layer in self._layers:
             module = layer.module
             grad_w = module.weight.grad
             stats = self._step_stats(layer)
-            if grad_w is None or stats is None:
-                continue
-            bias = module.bias
-            grad_b = None if bias is None else bias.grad
-            mean = stats.mean.to(device=grad_w.device, dtype=grad_w.dtype)
-            var = stats.var.to(device=grad_w.device, dtype=grad_w.dtype)
-            if isinstance(module, nn.Linear):
-                new_w, new_b = pc.precondition_linear(
-                    grad_w, grad_b, mean, var, eps=self.eps, floor=self.floor
-                )
-            else:
-                new_w, new_b = pc.precondition_conv2d(
+            if grad_w is not None and stats is not None:
+                grad_b = None if module.bias is None else module.bias.grad
+                jobs.append((layer, grad_w, grad_b, stats))
+        # s^2 = max(var, floor) + eps (preconditioner_variance) is elementwise, so computing it
+        # once on a whole flat group (see _fold_group) gives the same bits in two kernels.
+        s2_of: dict[int, Tensor] = {}
+        used = {id(stats) for *_, stats in jobs}
+        for flat in self._flat.values():
+            if all(id(r) in used for r in flat.running):
+                s2 = flat.var.clamp_min(self.floor).add_(self.eps)
+                parts = s2.split(flat.sizes) if len(flat.sizes) > 1 else (s2,)
+                s2_of.update((id(r), part) for r, part in zip(flat.running, parts, strict=True))
+        updates = []
+        for layer, grad_w, grad_b, stats in jobs:
+            module = layer.module
+            mean, var, s2 = stats.mean, stats.var, s2_of.get(id(stats))
+            if mean.dtype != grad_w.dtype or mean.device != grad_w.device:
+                mean = mean.to(device=grad_w.device, dtype=grad_w.dtype)
+                var = var.to(device=grad_w.device, dtype=grad_w.dtype)
+                s2 = None
+            if s2 is None:
+                s2 = pc.preconditioner_variance(var, eps=self.eps, floor=self.floor)
+            if isinstance(module, nn.Linear) or module.groups == 1:
+                if mean.dim() == 1 and isinstance(module, nn.Conv2d):
+                    mean, s2 = mean.view(-1, 1, 1), s2.view(-1, 1, 1)  # (C,) -> (C, 1, 1)
+                updates.append((grad_w, grad_b, mean, s2, None))
+            else:  # grouped convolutions: the functional rule, out of place, copied in below
+                new = pc.precondition_conv2d(
                     grad_w, grad_b, mean, var, eps=self.eps, floor=self.floor, groups=module.groups
                 )
-            updates.append((grad_w, new_w, grad_b, new_b))
-            done.append(layer.name)
-        for grad_w, new_w, grad_b, new_b in updates:
-            grad_w.copy_(new_w)
-            if grad_b is not None and new_b is not None:
-                grad_b.copy_(new_b)
+                updates.append((grad_w, grad_b, mean, s2, new))
+        for grad_w, grad_b, mean_w, s2_w, new in updates:
+            if new is None:
+                _precondition_in_place(grad_w, grad_b, mean_w, s2_w)
+            else:
+                grad_w.copy_(new[0])
+                if grad_b is not None and new[1] is not None:
+                    grad_b.copy_(new[1])
+        done = [layer.name for layer, *_ in jobs]
         for layer in self._layers:
             layer.new_step = True
         return done
+
+    def before_step(self) -> None:
+        """:meth:`precondition_`, as the training hook of the ``bnp`` method
+        (:class:`normlab.methods.TrainingHook`: called between ``backward()`` and
+        ``optimizer.step()`` by :func:`normlab.train.train`)."""
+        self.precondition_()
 
     def _step_pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.precondition_()
@@ -505,6 +700,8 @@ class BNPreconditioner:
         ``num_batches``) and ``new_step``.
         """
 
+        self._flush()
+
         def pack(stats: RunningMoments | None) -> dict[str, Any] | None:
             if stats is None:
                 return None
@@ -543,6 +740,7 @@ class BNPreconditioner:
         """
         if not isinstance(state_dict, dict):
             raise TypeError(f"load_state_dict expected a dict, got {type(state_dict).__name__}")
+        self._flush()  # recorded batches belong to the statistics being replaced
         for key in ("version", "options", "rho_resolved", "layers"):
             if key not in state_dict:
                 raise ValueError(f"BNPreconditioner state_dict is missing {key!r}")

@@ -1,0 +1,235 @@
+"""BNP benchmark (issue 4): accuracy on MNIST-10k, and the cost of a training step.
+
+Command (from the repository root; about 10 minutes on the shared 2-core machine)::
+
+    .venv/bin/python benchmarks/bench_bnp.py --data-root /work/shared/data/mnist
+
+``--part accuracy`` or ``--part overhead`` runs one half. Both print Markdown tables.
+
+**Accuracy.** MNIST-10k (the t10k files split 8000 train / 2000 test by ``normlab.data``), MLP
+784-100-100-100-10 with ReLU, plain SGD, ``--epochs`` epochs (3), seed 0, all through
+``normlab.train.train``. Every setting trains once per point of its learning-rate grid (below) on
+7000 of the 8000 training images; the point with the best accuracy on the other 1000
+(validation) is chosen, and the table reports that run's accuracy on the 2000 test images. BNP
+runs with the variance floor ``--bnp-floor`` (0.1: most MNIST pixels are nearly constant, and the
+default floor 1e-3 lets their weights take 1000x steps; that run is reported too). Targets: BNP
+at batch size 1 reaches >= 0.97x the test accuracy of BN at batch size 64; BNP at batch size 4
+beats no normalization at batch size 4.
+
+**Overhead.** One training step (``zero_grad``, forward, cross-entropy, ``backward``,
+``BNPreconditioner.precondition_`` for BNP, ``SGD.step``) of the MLP 784-100-100-100-10 and of
+``normlab.models.SmallCNN`` on 1x28x28 images, batch 64, random inputs: the same model with and
+without BNP (no normalization layer in either), in one process, interleaved (blocks of steps
+alternate between the two, the order swapped every block), median over blocks of the mean step
+time; wall clock and process CPU time. Target: ratio <= 1.3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from normlab.data import load_dataset
+from normlab.models import MLP, SmallCNN
+from normlab.optim.preconditioner import BNPreconditioner
+from normlab.train import TrainConfig, evaluate, train
+
+# (label, method, batch size, learning-rate grid, method options)
+GRID_BN64 = (0.05, 0.1, 0.2, 0.5)
+GRID_NONE4 = (0.01, 0.03, 0.05, 0.1)
+GRID_BNP4 = (0.01, 0.03, 0.1)
+GRID_BNP1 = (0.003, 0.01, 0.03)
+GRID_BNP_DEFAULT_FLOOR = (0.001, 0.003)
+
+
+def _settings(floor: float) -> list[tuple[str, str, int, tuple[float, ...], dict[str, Any]]]:
+    return [
+        ("bn, b=64", "bn", 64, GRID_BN64, {}),
+        ("none, b=4", "none", 4, GRID_NONE4, {}),
+        (f"bnp (floor {floor:g}), b=4", "bnp", 4, GRID_BNP4, {"floor": floor}),
+        (f"bnp (floor {floor:g}), b=1", "bnp", 1, GRID_BNP1, {"floor": floor}),
+        ("bnp (floor 1e-3, default), b=4", "bnp", 4, GRID_BNP_DEFAULT_FLOOR, {}),
+        ("bnp (floor 1e-3, default), b=1", "bnp", 1, GRID_BNP_DEFAULT_FLOOR, {}),
+    ]
+
+
+def accuracy(data_root: str, epochs: int, floor: float, seed: int) -> None:
+    data = load_dataset("mnist", root=data_root, seed=seed)
+    perm = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(seed))
+    fit, val = perm[:-1000], perm[-1000:]
+    # Trains on `fit`, "test" metrics in the run are the validation split; the real test set is
+    # evaluated in on_eval.
+    tune = data.replace(
+        x_train=data.x_train[fit],
+        y_train=data.y_train[fit],
+        x_test=data.x_train[val],
+        y_test=data.y_train[val],
+    )
+
+    def heldout(model: nn.Module, record: dict[str, Any]) -> dict[str, float]:
+        del record
+        return {"heldout_test_acc": evaluate(model, data.x_test, data.y_test, data.task)["acc"]}
+
+    print(
+        f"## accuracy: MNIST-10k ({len(fit)} train / {len(val)} validation / "
+        f"{len(data.x_test)} test), MLP 784-100-100-100-10, SGD, {epochs} epochs, seed {seed}\n"
+    )
+    print("| setting | lr grid: validation acc | chosen lr | test acc | seconds |")
+    print("|---|---|---|---|---|")
+    chosen: dict[str, float] = {}
+    for label, method, batch, grid, options in _settings(floor):
+        runs = []
+        t0 = time.perf_counter()
+        for lr in grid:
+            cfg = TrainConfig(
+                dataset="mnist",
+                data_root=data_root,
+                widths=(100, 100, 100),
+                method=method,
+                batch_size=batch,
+                epochs=epochs,
+                lr=lr,
+                optimizer="sgd",
+                log_every=0,
+                eval_train=False,
+                seed=seed,
+                method_options=options,
+            )
+            try:
+                final = train(cfg, dataset=tune, on_eval=heldout).final
+                runs.append((lr, final["test_acc"], final["heldout_test_acc"]))
+            except (ValueError, FloatingPointError) as exc:
+                runs.append((lr, float("nan"), float("nan")))
+                print(f"<!-- {label} lr={lr}: {exc} -->")
+        best = max((r for r in runs if r[1] == r[1]), key=lambda r: r[1], default=None)
+        grid_text = ", ".join(f"{lr:g}: {v:.4f}" for lr, v, _ in runs)
+        secs = time.perf_counter() - t0
+        if best is None:
+            print(f"| {label} | {grid_text} | - | diverged | {secs:.0f} |")
+            continue
+        chosen[label] = best[2]
+        print(f"| {label} | {grid_text} | {best[0]:g} | {best[2]:.4f} | {secs:.0f} |")
+        sys.stdout.flush()
+    bn = chosen.get("bn, b=64")
+    print()
+    for which in (f"floor {floor:g}", "floor 1e-3, default"):
+        b1, b4 = chosen.get(f"bnp ({which}), b=1"), chosen.get(f"bnp ({which}), b=4")
+        none4 = chosen.get("none, b=4")
+        if bn and b1:
+            verdict = "met" if b1 >= 0.97 * bn else "MISSED"
+            print(
+                f"- bnp ({which}) b=1 / bn b=64 test accuracy: {b1:.4f} / {bn:.4f} = "
+                f"{b1 / bn:.3f} (target >= 0.97: {verdict})"
+            )
+        if b4 and none4:
+            verdict = "met" if b4 > none4 else "MISSED"
+            print(
+                f"- bnp ({which}) b=4 vs none b=4 test accuracy: {b4:.4f} vs {none4:.4f} "
+                f"(target: bnp higher: {verdict})"
+            )
+    print()
+
+
+def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bnp: bool) -> Callable[[], None]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    precond = BNPreconditioner(model) if bnp else None
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        if precond is not None:
+            precond.precondition_()
+        optimizer.step()
+
+    return step
+
+
+def overhead(blocks: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    cases = [
+        (
+            "MLP 784-100-100-100-10, b=64",
+            lambda: MLP(784, (100, 100, 100), 10, "none"),
+            (64, 784),
+            40,
+        ),
+        (
+            "SmallCNN (16,32,64) on 1x28x28, b=64",
+            lambda: SmallCNN(1, 10, "none"),
+            (64, 1, 28, 28),
+            3,
+        ),
+    ]
+    print(
+        f"## overhead: one training step with / without BNP (torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s), {blocks} interleaved blocks, medians)\n"
+    )
+    print(
+        "| model | plain ms (wall) | bnp ms (wall) | ratio wall | ratio CPU | "
+        "paired ratio IQR (wall) |"
+    )
+    print("|---|---|---|---|---|---|")
+    for label, make, shape, steps in cases:
+        x = torch.rand(*shape, generator=g)
+        y = torch.randint(0, 10, (shape[0],), generator=g)
+        torch.manual_seed(seed)
+        plain_model = make()
+        bnp_model = make()
+        bnp_model.load_state_dict(plain_model.state_dict())
+        fns = {"plain": _step_fn(plain_model, x, y, False), "bnp": _step_fn(bnp_model, x, y, True)}
+        for fn in fns.values():  # warm-up
+            for _ in range(max(3, steps // 4)):
+                fn()
+        wall: dict[str, list[float]] = {"plain": [], "bnp": []}
+        cpu: dict[str, list[float]] = {"plain": [], "bnp": []}
+        for block in range(blocks):
+            order = ("plain", "bnp") if block % 2 == 0 else ("bnp", "plain")
+            for name in order:
+                w0, c0 = time.perf_counter(), time.process_time()
+                for _ in range(steps):
+                    fns[name]()
+                wall[name].append((time.perf_counter() - w0) / steps)
+                cpu[name].append((time.process_time() - c0) / steps)
+        med = {k: statistics.median(v) for k, v in wall.items()}
+        med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+        paired = sorted(b / a for a, b in zip(wall["plain"], wall["bnp"], strict=True))
+        q1, q3 = paired[len(paired) // 4], paired[(3 * len(paired)) // 4]
+        print(
+            f"| {label} | {med['plain'] * 1e3:.3f} | {med['bnp'] * 1e3:.3f} | "
+            f"{med['bnp'] / med['plain']:.3f} | {med_cpu['bnp'] / med_cpu['plain']:.3f} | "
+            f"{q1:.3f} - {q3:.3f} |"
+        )
+        sys.stdout.flush()
+    print()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data-root", help="directory with the MNIST IDX files (accuracy)")
+    parser.add_argument("--part", choices=("all", "accuracy", "overhead"), default="all")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--bnp-floor", type=float, default=0.1)
+    parser.add_argument("--blocks", type=int, default=40, help="interleaved timing blocks")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.part in ("all", "overhead"):
+        overhead(args.blocks, args.seed)
+    if args.part in ("all", "accuracy"):
+        if not args.data_root:
+            parser.error("--data-root is required for the accuracy part")
+        accuracy(args.data_root, args.epochs, args.bnp_floor, args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
