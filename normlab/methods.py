@@ -89,7 +89,7 @@ METHODS: dict[str, Method] = {}
 
 
 def register_method(method: Method, *, overwrite: bool = False) -> Method:
-    """Add ``method`` to the registry; ``ValueError`` if the name is taken (unless ``overwrite``)."""
+    """Add ``method`` to the registry; a taken name raises ``ValueError`` unless ``overwrite``."""
     if method.name in METHODS and not overwrite:
         raise ValueError(f"method {method.name!r} is already registered")
     METHODS[method.name] = method
