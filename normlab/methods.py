@@ -236,3 +236,4 @@ def convert(model: nn.Module, method: str | Method) -> nn.Module:
     return model
 
 
+from normlab.nn import fn_method  # noqa: E402, F401  (registers "fn")

@@ -6,6 +6,7 @@ from normlab.experiments import (  # noqa: F401
     bnp,
     cai_ols,
     compare,
+    fn,
     gradient_flow_depth,
     hessian_conditioning,
     ioffe,

@@ -2,6 +2,7 @@
 
 from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d
 from normlab.nn.convert import NoNorm, find_norm_slots, norm_slot_info, register_norm_layer
+from normlab.nn.fullnorm import FullNorm1d, FullNorm2d
 from normlab.nn.renorm import BatchRenorm1d, BatchRenorm2d
 from normlab.nn.stats import fold_batchnorm, recompute_statistics
 
@@ -10,6 +11,8 @@ __all__ = [
     "BatchNorm2d",
     "BatchRenorm1d",
     "BatchRenorm2d",
+    "FullNorm1d",
+    "FullNorm2d",
     "NoNorm",
     "find_norm_slots",
     "fold_batchnorm",
