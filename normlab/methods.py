@@ -74,6 +74,8 @@ class Method:
             that re-centres, on otherwise).
         training_hook: ``(model, options) -> TrainingHook`` or ``None``.
         batch_dependent: True if the training forward couples the samples of a batch.
+        variant_of: for a variant of another method (e.g. ``fn-batch``, FN with one fixed
+            estimator), that method's name; ``compare`` runs only methods that are not variants.
     """
 
     name: str
@@ -83,6 +85,7 @@ class Method:
     training_hook: Callable[[nn.Module, Mapping[str, Any]], TrainingHook] | None = None
     batch_dependent: bool = True
     options: Mapping[str, Any] = field(default_factory=dict)
+    variant_of: str | None = None
 
 
 METHODS: dict[str, Method] = {}
@@ -96,9 +99,9 @@ def register_method(method: Method, *, overwrite: bool = False) -> Method:
     return method
 
 
-def list_methods() -> list[str]:
-    """Registered method names, in registration order."""
-    return list(METHODS)
+def list_methods(*, variants: bool = True) -> list[str]:
+    """Registered method names, in registration order (``variants=False``: main methods only)."""
+    return [name for name, m in METHODS.items() if variants or m.variant_of is None]
 
 
 def get_method(name: str | Method) -> Method:

@@ -40,7 +40,7 @@ class CompareConfig:
     data_root: str | None = None
     model: str = "mlp"
     widths: tuple[int, ...] = (100, 100)
-    methods: tuple[str, ...] = ()  # empty: every registered method
+    methods: tuple[str, ...] = ()  # empty: every registered method (variants excluded)
     scenarios: tuple[str, ...] = ("shuffled", "unshuffled", "online")
     batch_size: int = 64  # for the batched scenarios
     epochs: int = 10  # for the batched scenarios
@@ -56,7 +56,7 @@ class CompareConfig:
 def _methods(cfg: CompareConfig) -> list[str]:
     from normlab.methods import list_methods
 
-    return list(cfg.methods) or list_methods()
+    return list(cfg.methods) or list_methods(variants=False)
 
 
 def cells(cfg: CompareConfig) -> dict[str, TrainConfig]:

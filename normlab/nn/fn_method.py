@@ -53,7 +53,9 @@ def full_norm_layer(**layer_options: Any) -> Callable[[int, NormKind], nn.Module
     return make
 
 
-def fn_method(name: str, description: str, **layer_options: Any) -> Method:
+def fn_method(
+    name: str, description: str, *, variant_of: str | None = None, **layer_options: Any
+) -> Method:
     """An (unregistered) FN :class:`~normlab.methods.Method` whose layers get ``layer_options``.
 
     Example: ``register_method(fn_method("fn-slow", "FN, alpha 0.01", alpha=0.01))``.
@@ -67,6 +69,7 @@ def fn_method(name: str, description: str, **layer_options: Any) -> Method:
         bias=False,
         batch_dependent=True,
         options=dict(layer_options),
+        variant_of=variant_of,
     )
 
 
@@ -89,6 +92,7 @@ for _estimator in ESTIMATORS:
         fn_method(
             f"fn-{_estimator}",
             f"Full Normalization, estimator {_estimator!r}",
+            variant_of="fn",
             estimator=_estimator,
         ),
         overwrite=True,
