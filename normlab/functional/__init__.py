@@ -10,6 +10,22 @@ from normlab.functional.batch_norm import (
     moments,
     reduce_dims,
 )
+from normlab.functional.full_norm import (
+    ESTIMATORS,
+    Estimator,
+    FullNormStats,
+    FullNormTrainFn,
+    OuterFactor,
+    alpha_schedule,
+    batch_outer_factor,
+    batch_representativeness,
+    full_norm_backward,
+    full_norm_eval,
+    full_norm_train,
+    full_norm_update,
+    outer_correction,
+    running_outer_update,
+)
 from normlab.functional.precondition import (
     RunningMoments,
     conv2d_channel_moments,
@@ -23,6 +39,20 @@ from normlab.functional.precondition import (
 )
 
 __all__ = [
+    "ESTIMATORS",
+    "Estimator",
+    "FullNormStats",
+    "FullNormTrainFn",
+    "OuterFactor",
+    "alpha_schedule",
+    "batch_outer_factor",
+    "batch_representativeness",
+    "full_norm_backward",
+    "full_norm_eval",
+    "full_norm_train",
+    "full_norm_update",
+    "outer_correction",
+    "running_outer_update",
     "BatchNormTrainFn",
     "Moments",
     "batch_norm_backward",
