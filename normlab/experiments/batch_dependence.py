@@ -17,9 +17,9 @@ from normlab.experiments.core import (
     Experiment,
     RunContext,
     cell_text,
-    final_metric,
     format_table,
     plot_curves,
+    plot_grouped_bars,
     pyplot,
     register_experiment,
     run_cells,
@@ -94,14 +94,7 @@ def plot(run_dir: Path) -> list[Path]:
     plt = pyplot()
     scen, methods = results["scenarios"], results["methods"]
     fig, axes = plt.subplots(1, 1 + len(scen), figsize=(4 * (1 + len(scen)), 3.6))
-    width = 0.8 / len(methods)
-    for i, m in enumerate(methods):
-        accs = [final_metric(results["cells"][f"{m}/{s}"]) or 0.0 for s in scen]
-        axes[0].bar([j + i * width for j in range(len(scen))], accs, width, label=m)
-    axes[0].set_xticks([j + 0.4 - width / 2 for j in range(len(scen))], scen)
-    axes[0].set_ylim(0, 1)
-    axes[0].set_ylabel("final test accuracy")
-    axes[0].legend(fontsize=7)
+    plot_grouped_bars(axes[0], results["cells"], scen, methods, lambda s, m: f"{m}/{s}")
     for ax, s in zip(axes[1:], scen, strict=True):
         plot_curves(ax, {m: results["cells"][f"{m}/{s}"] for m in methods})
         ax.set_title(s)

@@ -17,9 +17,9 @@ from normlab.experiments.core import (
     Experiment,
     RunContext,
     cell_text,
-    final_metric,
     format_table,
     plot_curves,
+    plot_grouped_bars,
     pyplot,
     register_experiment,
     run_cells,
@@ -117,18 +117,14 @@ def plot(run_dir: Path) -> list[Path]:
     plt = pyplot()
     methods, scenarios = results["methods"], results["scenarios"]
     fig, axes = plt.subplots(1, len(scenarios) + 1, figsize=(4.2 * (len(scenarios) + 1), 3.6))
-    width = 0.8 / len(scenarios)
-    for j, s in enumerate(scenarios):
-        accs = [final_metric(results["cells"][f"{m}/{s}"]) for m in methods]
-        xs = [i + j * width for i in range(len(methods))]
-        axes[0].bar(xs, [a or 0.0 for a in accs], width, label=SCENARIO_LABELS.get(s, s))
-        for x_pos, acc in zip(xs, accs, strict=True):
-            if acc is None:
-                axes[0].text(x_pos, 0.02, "n/a", rotation=90, ha="center", va="bottom", fontsize=7)
-    axes[0].set_xticks([i + 0.4 - width / 2 for i in range(len(methods))], methods, rotation=45)
-    axes[0].set_ylabel("test accuracy")
-    axes[0].set_ylim(0, 1)
-    axes[0].legend(fontsize=7)
+    plot_grouped_bars(
+        axes[0],
+        results["cells"],
+        methods,
+        scenarios,
+        lambda m, s: f"{m}/{s}",
+        series_labels=SCENARIO_LABELS,
+    )
     axes[0].set_title("final test accuracy (n/a: cannot train)")
     for ax, s in zip(axes[1:], scenarios, strict=True):
         plot_curves(ax, {m: results["cells"][f"{m}/{s}"] for m in methods})

@@ -244,3 +244,32 @@ def cell_text(cell: Mapping[str, Any], key: str = "test_acc", fmt: str = "{:.3f}
         return "n/a: " + cell["error"].split(": ", 1)[-1][:40]
     value = cell["final"].get(key)
     return "-" if value is None else fmt.format(value)
+
+
+def plot_grouped_bars(
+    ax: Any,
+    cells: Mapping[str, Mapping[str, Any]],
+    groups: list[str],
+    series: list[str],
+    cell_name: Callable[[str, str], str],
+    key: str = "test_acc",
+    series_labels: Mapping[str, str] | None = None,
+) -> None:
+    """Final ``key`` of ``cells[cell_name(group, one_series)]`` as grouped bars: one group per
+    x position, one bar per series; a cell that could not train is marked ``n/a``."""
+    width = 0.8 / len(series)
+    for j, s in enumerate(series):
+        values = [final_metric(cells[cell_name(g, s)], key) for g in groups]
+        xs = [i + j * width for i in range(len(groups))]
+        ax.bar(xs, [v or 0.0 for v in values], width, label=(series_labels or {}).get(s, s))
+        for x_pos, v in zip(xs, values, strict=True):
+            if v is None:
+                ax.text(x_pos, 0.02, "n/a", rotation=90, ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(
+        [i + 0.4 - width / 2 for i in range(len(groups))],
+        groups,
+        rotation=45 if len(groups) > 4 else 0,
+    )
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"final {key.replace('_', ' ')}")
+    ax.legend(fontsize=7)
