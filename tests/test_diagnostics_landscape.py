@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _diag_helpers import gen, randomize_
 from torch import nn
 
 import normlab.diagnostics as diag
@@ -20,28 +21,6 @@ from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d
 
 f64 = torch.float64
 ce = nn.functional.cross_entropy
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-@torch.no_grad()
-def randomize_(model: nn.Module, seed: int) -> nn.Module:
-    g = gen(seed)
-    for name, p in model.named_parameters():
-        if p.dim() >= 2:
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) / math.sqrt(p[0].numel()))
-        elif name.endswith("weight"):
-            p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-        else:
-            p.copy_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    for name, b in model.named_buffers():
-        if name.endswith("running_mean"):
-            b.copy_(0.5 * torch.randn(b.shape, generator=g, dtype=b.dtype))
-        elif name.endswith("running_var"):
-            b.copy_(0.5 + torch.rand(b.shape, generator=g, dtype=b.dtype))
-    return model
 
 
 def bn_mlp(seed: int = 0, bn=BatchNorm1d) -> nn.Sequential:
