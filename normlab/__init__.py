@@ -12,9 +12,16 @@ The public API is what this module and its subpackages re-export:
 """
 
 from normlab import data, diagnostics, functional, models, nn, optim
-from normlab.methods import METHODS, Method, convert, get_method, list_methods, register_method
-
-__version__ = "0.1.0"
+from normlab._version import __version__
+from normlab.methods import (
+    METHODS,
+    Method,
+    convert,
+    get_method,
+    list_methods,
+    register_method,
+    resolve_method,
+)
 
 __all__ = [
     "METHODS",
@@ -30,4 +37,5 @@ __all__ = [
     "nn",
     "optim",
     "register_method",
+    "resolve_method",
 ]

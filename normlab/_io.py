@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import platform
@@ -12,12 +14,16 @@ from typing import Any
 
 import torch
 
+from normlab.errors import CheckpointError
+
 __all__ = [
     "atomic_save",
     "atomic_write_json",
     "atomic_write_text",
     "environment_info",
+    "load_checkpoint",
     "read_jsonl",
+    "save_checkpoint",
 ]
 
 
@@ -49,6 +55,44 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     _atomic(Path(path), lambda f: torch.save(obj, f))
 
 
+def _sha256_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def save_checkpoint(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` ``obj`` atomically, with its SHA-256 in ``<path>.sha256`` beside it."""
+    path = Path(path)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getvalue()
+    _atomic(path, lambda f: f.write(data))
+    atomic_write_text(_sha256_path(path), hashlib.sha256(data).hexdigest() + "\n")
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = None) -> Any:
+    """Load a checkpoint written by :func:`save_checkpoint`, verifying its checksum, with
+    ``torch.load(..., weights_only=True)``.
+
+    Raises:
+        CheckpointError: a missing or wrong checksum, or a file torch cannot read. The message
+            names the file and the way out (``--fresh``).
+    """
+    path = Path(path)
+    hint = "start over with --fresh (or delete it)"
+    try:
+        data = path.read_bytes()
+        expected = _sha256_path(path).read_text().strip()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path} ({exc}); {hint}") from exc
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise CheckpointError(f"checkpoint {path} is corrupt (checksum mismatch); {hint}")
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types for unreadable files
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"cannot load checkpoint {path} ({first}); {hint}") from exc
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Records of a JSON-lines file (a missing file has none)."""
     p = Path(path)
@@ -75,10 +119,10 @@ def environment_info() -> dict[str, Any]:
     """Versions and machine facts recorded with every run."""
     import numpy
 
-    import normlab
+    from normlab._version import __version__
 
     return {
-        "normlab": normlab.__version__,
+        "normlab": __version__,
         "torch": torch.__version__,
         "numpy": numpy.__version__,
         "python": platform.python_version(),

@@ -1,20 +1,47 @@
-"""Models with a normalization slot before every nonlinearity, filled by a method name.
+"""Models with a normalization slot before every nonlinearity, filled by a ``norm_layer``.
 
 Every model is built from ``nn.Sequential`` blocks ``Linear/Conv -> slot -> activation`` so that
 :func:`normlab.convert` and :func:`normlab.nn.fold_batchnorm` see which layer feeds each slot.
-The Linear/Conv feeding a slot has a bias iff the method asks for one (``Method.bias``).
+``norm_layer(num_features, kind)`` fills a slot (``kind`` ``"1d"`` or ``"2d"``; ``None``: an
+empty :class:`~normlab.nn.NoNorm` slot); the Linear/Conv feeding a slot has a bias iff ``bias``
+(default: only when there is no normalization layer). A method's ``norm_layer(options)`` and
+``bias`` give both (:class:`normlab.methods.Method`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-from normlab.methods import Method, get_method
+from normlab.nn.convert import NoNorm
+from normlab.registry import Registry
 
-__all__ = ["MLP", "SmallCNN", "SmallResNet", "MODELS", "build_model", "list_models"]
+__all__ = [
+    "MLP",
+    "MODELS",
+    "NormLayer",
+    "SmallCNN",
+    "SmallResNet",
+    "build_model",
+    "list_models",
+    "logreg_norm",
+    "register_model",
+]
+
+#: ``(num_features, kind) -> nn.Module``: what fills a normalization slot.
+NormLayer = Callable[[int, str], nn.Module]
+
+
+def _slot(norm_layer: NormLayer | None, bias: bool | None) -> tuple[NormLayer, bool]:
+    if norm_layer is None:
+        return (lambda c, kind: NoNorm(c, kind)), (True if bias is None else bias)
+    if not callable(norm_layer):
+        raise TypeError(f"norm_layer must be callable or None, got {type(norm_layer).__name__}")
+    return norm_layer, (False if bias is None else bias)
+
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
@@ -37,8 +64,9 @@ class MLP(nn.Sequential):
         in_features: flattened input size.
         widths: hidden widths, e.g. ``(100, 100, 100)``.
         num_classes: output size.
-        method: normalization method name (or :class:`~normlab.methods.Method`).
+        norm_layer: fills each slot; ``None`` leaves it empty.
         activation: ``"relu"``, ``"sigmoid"`` or ``"tanh"``.
+        bias: whether each hidden Linear has a bias (default: iff ``norm_layer`` is None).
     """
 
     def __init__(
@@ -46,10 +74,11 @@ class MLP(nn.Sequential):
         in_features: int,
         widths: Sequence[int],
         num_classes: int,
-        method: str | Method = "none",
+        norm_layer: NormLayer | None = None,
         activation: str = "relu",
+        bias: bool | None = None,
     ) -> None:
-        m = get_method(method)
+        norm, bias = _slot(norm_layer, bias)
         if in_features < 1 or num_classes < 1 or any(w < 1 for w in widths):
             raise ValueError(
                 f"MLP sizes must be positive, got in_features={in_features}, "
@@ -60,8 +89,8 @@ class MLP(nn.Sequential):
         for width in widths:
             layers.append(
                 nn.Sequential(
-                    nn.Linear(prev, width, bias=m.bias),
-                    m.norm_layer(width, "1d"),
+                    nn.Linear(prev, width, bias=bias),
+                    norm(width, "1d"),
                     _activation(activation),
                 )
             )
@@ -71,11 +100,11 @@ class MLP(nn.Sequential):
 
 
 def _conv_block(
-    c_in: int, c_out: int, m: Method, stride: int = 1, act: bool = True
+    c_in: int, c_out: int, norm: NormLayer, bias: bool, stride: int = 1, act: bool = True
 ) -> nn.Sequential:
     layers: list[nn.Module] = [
-        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=m.bias),
-        m.norm_layer(c_out, "2d"),
+        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=bias),
+        norm(c_out, "2d"),
     ]
     if act:
         layers.append(nn.ReLU())
@@ -89,14 +118,15 @@ class SmallCNN(nn.Sequential):
         self,
         in_channels: int,
         num_classes: int,
-        method: str | Method = "none",
+        norm_layer: NormLayer | None = None,
         channels: Sequence[int] = (16, 32, 64),
+        bias: bool | None = None,
     ) -> None:
-        m = get_method(method)
+        norm, bias = _slot(norm_layer, bias)
         blocks: list[nn.Module] = []
         prev = in_channels
         for i, c in enumerate(channels):
-            blocks.append(_conv_block(prev, c, m, stride=1 if i == 0 else 2))
+            blocks.append(_conv_block(prev, c, norm, bias, stride=1 if i == 0 else 2))
             prev = c
         super().__init__(
             *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(prev, num_classes)
@@ -104,15 +134,16 @@ class SmallCNN(nn.Sequential):
 
 
 class _BasicBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int, m: Method) -> None:
+    def __init__(self, c_in: int, c_out: int, stride: int, norm: NormLayer, bias: bool) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            _conv_block(c_in, c_out, m, stride=stride), _conv_block(c_out, c_out, m, act=False)
+            _conv_block(c_in, c_out, norm, bias, stride=stride),
+            _conv_block(c_out, c_out, norm, bias, act=False),
         )
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or c_in != c_out:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=m.bias), m.norm_layer(c_out, "2d")
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=bias), norm(c_out, "2d")
             )
         self.act = nn.ReLU()
 
@@ -127,56 +158,90 @@ class SmallResNet(nn.Sequential):
         self,
         in_channels: int,
         num_classes: int,
-        method: str | Method = "none",
+        norm_layer: NormLayer | None = None,
         channels: Sequence[int] = (16, 32, 64),
+        bias: bool | None = None,
     ) -> None:
-        m = get_method(method)
-        layers: list[nn.Module] = [_conv_block(in_channels, channels[0], m)]
+        norm, bias = _slot(norm_layer, bias)
+        layers: list[nn.Module] = [_conv_block(in_channels, channels[0], norm, bias)]
         prev = channels[0]
         for i, c in enumerate(channels):
-            layers.append(_BasicBlock(prev, c, 1 if i == 0 else 2, m))
+            layers.append(_BasicBlock(prev, c, 1 if i == 0 else 2, norm, bias))
             prev = c
         super().__init__(
             *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(prev, num_classes)
         )
 
 
-def _mlp(input_shape, num_classes, method, widths=(100, 100, 100), activation="relu"):
-    in_features = 1
-    for s in input_shape:
-        in_features *= s
-    return MLP(in_features, widths, num_classes, method, activation)
-
-
-def _cnn(input_shape, num_classes, method, channels=(16, 32, 64)):
+def _image_channels(name: str, input_shape: tuple[int, ...]) -> int:
     if len(input_shape) != 3:
         raise ValueError(
-            f"cnn expects image inputs (C, H, W), got input shape {tuple(input_shape)}"
+            f"{name} expects image inputs (C, H, W), got input shape {tuple(input_shape)}"
         )
-    return SmallCNN(input_shape[0], num_classes, method, channels)
+    return input_shape[0]
 
 
-def _resnet(input_shape, num_classes, method, channels=(16, 32, 64)):
-    if len(input_shape) != 3:
-        raise ValueError(
-            f"resnet expects image inputs (C, H, W), got input shape {tuple(input_shape)}"
-        )
-    return SmallResNet(input_shape[0], num_classes, method, channels)
+def _mlp(input_shape, num_classes, *, norm_layer, bias, widths=(100, 100, 100), activation="relu"):
+    return MLP(math.prod(input_shape), widths, num_classes, norm_layer, activation, bias)
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": _mlp, "cnn": _cnn, "resnet": _resnet}
+def _cnn(input_shape, num_classes, *, norm_layer, bias, channels=(16, 32, 64)):
+    return SmallCNN(_image_channels("cnn", input_shape), num_classes, norm_layer, channels, bias)
+
+
+def _resnet(input_shape, num_classes, *, norm_layer, bias, channels=(16, 32, 64)):
+    c = _image_channels("resnet", input_shape)
+    return SmallResNet(c, num_classes, norm_layer, channels, bias)
+
+
+def logreg_norm(
+    input_shape: Sequence[int],
+    num_classes: int,
+    *,
+    norm_layer: NormLayer | None = None,
+    bias: bool | None = None,
+) -> nn.Sequential:
+    """Logistic regression with one normalization slot on the input features:
+    ``Flatten -> norm_layer(d, "1d") -> Linear(d, num_classes)`` (with ``None``: plain
+    multinomial logistic regression). Registered as model ``logreg-norm``."""
+    norm, _ = _slot(norm_layer, bias)
+    d = math.prod(input_shape)
+    return nn.Sequential(nn.Flatten(), norm(d, "1d"), nn.Linear(d, num_classes))
+
+
+#: Model name -> factory ``(input_shape, num_classes, *, norm_layer, bias, **options)``.
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+MODELS.register("mlp", _mlp)
+MODELS.register("cnn", _cnn)
+MODELS.register("resnet", _resnet)
+MODELS.register("logreg-norm", logreg_norm)
+
+
+def register_model(
+    name: str, factory: Callable[..., nn.Module], *, overwrite: bool = False
+) -> Callable[..., nn.Module]:
+    """Add a model factory ``(input_shape, num_classes, *, norm_layer, bias, **options)``."""
+    if not callable(factory):
+        raise TypeError(f"model factory must be callable, got {type(factory).__name__}")
+    return MODELS.register(name, factory, overwrite=overwrite)
 
 
 def list_models() -> list[str]:
-    return list(MODELS)
+    """Registered model names, in registration order."""
+    return MODELS.names()
 
 
 def build_model(
-    name: str, input_shape: Sequence[int], num_classes: int, method: str | Method, **options
+    name: str,
+    input_shape: Sequence[int],
+    num_classes: int,
+    norm_layer: NormLayer | None = None,
+    bias: bool | None = None,
+    **options,
 ) -> nn.Module:
-    """Build registered model ``name`` for inputs of ``input_shape`` (without the batch dim)."""
-    try:
-        factory = MODELS[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}") from None
-    return factory(tuple(input_shape), num_classes, method, **options)
+    """Build registered model ``name`` for inputs of ``input_shape`` (without the batch dim),
+    its slots filled by ``norm_layer`` (see the module docstring for ``bias``)."""
+    factory = MODELS[name]
+    if bias is None:
+        bias = norm_layer is None
+    return factory(tuple(input_shape), num_classes, norm_layer=norm_layer, bias=bias, **options)

@@ -14,9 +14,10 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from normlab._io import atomic_save, atomic_write_json, environment_info, read_jsonl
-from normlab.data import Dataset, get_scenario, load_dataset
-from normlab.methods import get_method
-from normlab.models import build_model
+from normlab._io import (
+    atomic_write_json,
+    environment_info,
+    load_checkpoint,
+    read_jsonl,
+    save_checkpoint,
+)
+from normlab.data import DATASETS, Dataset, get_scenario, load_dataset
+from normlab.errors import BatchTooSmallError, ConfigMismatchError, DivergenceError
+from normlab.methods import Method, resolve_method
+from normlab.models import MODELS, build_model
 
-__all__ = ["RunResult", "TrainConfig", "build_optimizer", "evaluate", "train"]
+__all__ = [
+    "OPTIMIZERS",
+    "RunResult",
+    "TrainConfig",
+    "build_model_for",
+    "build_optimizer",
+    "evaluate",
+    "train",
+    "validate_config",
+]
+
+OPTIMIZERS = ("sgd", "momentum", "adam")
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +81,7 @@ class TrainConfig:
     eval_batch_size: int = 1000
     eval_train: bool = True  # also evaluate on the training set at each evaluation
     precise_bn: bool = False  # recompute BN population statistics before each evaluation
-    method_options: dict[str, Any] = field(default_factory=dict)  # passed to the method's hook
+    method_options: dict[str, Any] = field(default_factory=dict)  # the method's layers and hook
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -83,6 +102,64 @@ class RunResult:
         return self.evaluations[-1] if self.evaluations else {}
 
 
+def _positive(name: str, value: Any, kind: type = float, allow_zero: bool = False) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int)
+    if ok:
+        ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        want = f"{'a non-negative' if allow_zero else 'a positive'} {kind.__name__}"
+        raise ValueError(f"TrainConfig.{name} must be {want}, got {value!r}")
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Check names and values of ``cfg`` before anything is built or written.
+
+    Raises:
+        TypeError: ``cfg`` is not a :class:`TrainConfig`.
+        ValueError: an unknown dataset, model, method, method option, scenario or optimizer
+            (the message lists the valid ones), or a value out of range (lr <= 0, batch size < 1,
+            ...).
+    """
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"expected a TrainConfig, got {type(cfg).__name__}")
+    DATASETS[cfg.dataset]
+    MODELS[cfg.model]
+    resolve_method(cfg.method, cfg.method_options)
+    _scenario(cfg)
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(
+            f"unknown optimizer {cfg.optimizer!r}; valid optimizers: {', '.join(OPTIMIZERS)}"
+        )
+    _positive("lr", cfg.lr)
+    _positive("momentum", cfg.momentum, allow_zero=True)
+    _positive("weight_decay", cfg.weight_decay, allow_zero=True)
+    _positive("epochs", cfg.epochs, int, allow_zero=True)
+    _positive("eval_batch_size", cfg.eval_batch_size, int)
+    for name in ("eval_every", "log_every", "checkpoint_every"):
+        _positive(name, getattr(cfg, name), int, allow_zero=True)
+    for name in ("batch_size", "max_steps", "k"):
+        if getattr(cfg, name) is not None:
+            _positive(name, getattr(cfg, name), int)
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
+        raise ValueError(f"TrainConfig.seed must be a non-negative int, got {cfg.seed!r}")
+
+
+def build_model_for(
+    model: str,
+    input_shape: Sequence[int],
+    num_classes: int,
+    method: str | Method,
+    options: Mapping[str, Any] | None = None,
+    **model_options: Any,
+) -> nn.Module:
+    """Registered model ``model`` with its slots filled by ``method`` (with ``options``) and the
+    biases the method asks for."""
+    m, resolved = resolve_method(method, options)
+    return build_model(
+        model, input_shape, num_classes, m.norm_layer(resolved), m.bias, **model_options
+    )
+
+
 def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     """SGD, SGD with (heavy-ball) momentum, or Adam, from the config."""
     if cfg.optimizer == "sgd":
@@ -93,7 +170,9 @@ def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
         )
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; valid: sgd, momentum, adam")
+    raise ValueError(
+        f"unknown optimizer {cfg.optimizer!r}; valid optimizers: {', '.join(OPTIMIZERS)}"
+    )
 
 
 def loss_fn_for(task: str) -> Callable[[Tensor, Tensor], Tensor]:
@@ -194,12 +273,30 @@ def train(
     Returns:
         :class:`RunResult` with every evaluation record.
 
+    The caller's global RNG state is the same after the call as before it.
+
     Raises:
-        Whatever the method raises when it cannot train in the scenario (e.g. ``ValueError`` from
-        BatchNorm at batch size 1); the run directory then holds the last checkpoint.
+        ValueError/TypeError: a bad config (:func:`validate_config`), before anything is written.
+        normlab.errors.BatchTooSmallError: a batch-dependent method got batches of one sample.
+        normlab.errors.DivergenceError: the loss became NaN or infinite.
+        normlab.errors.CheckpointError: the run directory's checkpoint is corrupt or unreadable.
+        normlab.errors.ConfigMismatchError: the run directory's checkpoint was written by a run
+            with a different config.
+        Anything else a layer raises (a bug or bad input) propagates unchanged. After a failure
+        the run directory holds the last good checkpoint.
     """
+    validate_config(cfg)
+    with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
+        return _train(cfg, out_dir, dataset, progress, on_step, on_eval)
+
+
+# torch's BatchNorm raises a plain ValueError at batch size 1; this is its message.
+_TORCH_BN_TOO_SMALL = "Expected more than 1 value per channel when training"
+
+
+def _train(cfg, out_dir, dataset, progress, on_step, on_eval) -> RunResult:
     out = Path(out_dir) if out_dir is not None else None
-    method = get_method(cfg.method)
+    method, options = resolve_method(cfg.method, cfg.method_options)
     scenario = _scenario(cfg)
 
     # Data, model, optimizer, method hook, sampler: all seeded from cfg.seed.
@@ -214,17 +311,28 @@ def train(
     model_options: dict[str, Any] = {}
     if cfg.model == "mlp":
         model_options = {"widths": cfg.widths, "activation": cfg.activation}
-    model = build_model(cfg.model, data.x_train.shape[1:], num_outputs, method, **model_options)
+    model = build_model_for(
+        cfg.model, data.x_train.shape[1:], num_outputs, method, options, **model_options
+    )
     optimizer = build_optimizer(cfg, model.parameters())
-    hook = method.training_hook(model, cfg.method_options) if method.training_hook else None
+    hook = method.training_hook(model, options)
     sampler = scenario.make_sampler(data.y_train, cfg.seed)
     sampler.set_epoch(0)
     loss_fn = loss_fn_for(data.task)
 
     step, epoch, elapsed, evaluations, offset = 0, 0, 0.0, [], None
     ckpt_path = out / "checkpoint.pt" if out is not None else None
+    config = _config_dict(cfg)
     if ckpt_path is not None and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=False)
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt.get("config") != config:
+            old = ckpt.get("config") or {}
+            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            raise ConfigMismatchError(
+                f"{out} holds a checkpoint of a run with a different config "
+                f"(differs in: {', '.join(diff)}); use another directory or start over "
+                "with --fresh"
+            )
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if hook is not None:
@@ -237,7 +345,7 @@ def train(
     elif out is not None:
         atomic_write_json(
             out / "config.json",
-            {"config": _config_dict(cfg), "seed": cfg.seed, "environment": environment_info()},
+            {"config": config, "seed": cfg.seed, "environment": environment_info()},
         )
     metrics = _MetricsLog(out / "metrics.jsonl" if out is not None else None, offset)
 
@@ -270,11 +378,12 @@ def train(
         evaluations.append(record)
         return record
 
-    def save_checkpoint() -> None:
+    def checkpoint() -> None:
         if ckpt_path is None:
             return
-        atomic_save(
+        save_checkpoint(
             {
+                "config": config,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "hook": hook.state_dict() if hook is not None else None,
@@ -302,7 +411,12 @@ def train(
                 for idx in sampler:
                     t0 = time.perf_counter()
                     x, y = data.x_train[idx], data.y_train[idx]
-                    out_batch = model(x)
+                    try:
+                        out_batch = model(x)
+                    except ValueError as exc:
+                        if _TORCH_BN_TOO_SMALL in str(exc):
+                            raise BatchTooSmallError(str(exc)) from exc
+                        raise
                     loss = loss_fn(out_batch, y)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -321,7 +435,7 @@ def train(
                     if data.task == "classification":
                         record["acc"] = (out_batch.argmax(-1) == y).float().mean().item()
                     if not torch.isfinite(loss):
-                        raise FloatingPointError(
+                        raise DivergenceError(
                             f"loss became {float(loss)} at step {step} "
                             f"(method {cfg.method}, lr {cfg.lr})"
                         )
@@ -330,7 +444,7 @@ def train(
                     if cfg.eval_every and step % cfg.eval_every == 0:
                         run_evaluation()
                     if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                        save_checkpoint()
+                        checkpoint()
                     if bar is not None:
                         bar.update(1)
                     if on_step is not None:
@@ -342,12 +456,12 @@ def train(
                     sampler.set_epoch(epoch)
                     if not (cfg.eval_every and step % cfg.eval_every == 0):
                         run_evaluation()
-                    save_checkpoint()
+                    checkpoint()
                     continue
                 break  # max_steps reached inside the epoch
             if not evaluations or evaluations[-1]["step"] != step:
                 run_evaluation()
-                save_checkpoint()
+                checkpoint()
     finally:
         if hook is not None:
             hook.remove()

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from normlab._io import save_checkpoint
 from normlab.data import get_scenario, load_dataset
 from normlab.experiments.bnp import (
     condition_number,
@@ -36,9 +37,9 @@ from normlab.functional.precondition import (
     precondition_linear,
 )
 from normlab.methods import convert, get_method, list_methods
-from normlab.models import build_model
+from normlab.train import build_model_for as build_model
 from normlab.nn.convert import NoNorm, find_norm_slots
-from normlab.optim.bnp_method import BNP_OPTIONS, bnp_training_hook
+from normlab.methods.bnp import BNP_OPTIONS
 from normlab.optim.preconditioner import BNPreconditioner
 from normlab.train import TrainConfig, build_optimizer, train
 
@@ -72,7 +73,7 @@ def test_bnp_builds_the_plain_network_with_biases(model_name, shape):
     method = get_method("bnp")
     assert "bnp" in list_methods()
     assert method.bias and not method.batch_dependent
-    assert method.training_hook is bnp_training_hook
+    assert method.make_hook is not None and set(method.hook_options) == set(BNP_OPTIONS)
     torch.manual_seed(3)
     model = build_model(model_name, shape, 10, "bnp")
     torch.manual_seed(3)
@@ -121,7 +122,8 @@ def test_convert_to_bnp_removes_batch_norm_and_adds_zero_biases():
 
 def test_training_hook_options_are_the_preconditioner_keywords():
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
-    hook = bnp_training_hook(
+    bnp = get_method("bnp")
+    hook = bnp.training_hook(
         model,
         {"rho": 0.9, "eps": 1e-6, "floor": 1e-2, "use_current_batch": False, "modules": ["2"]},
     )
@@ -129,17 +131,17 @@ def test_training_hook_options_are_the_preconditioner_keywords():
     assert hook.layer_names == ("2",)
     hook.remove()
     assert _pre_hook_count(model) == 0
-    with pytest.raises(ValueError, match="unknown bnp option.*lr.*valid: rho"):
-        bnp_training_hook(model, {"lr": 0.1})
+    with pytest.raises(ValueError, match="'bnp' got unknown option.*lr.*valid: rho"):
+        bnp.training_hook(model, {"lr": 0.1})
     with pytest.raises(ValueError, match="floor"):
-        bnp_training_hook(model, {"floor": -1.0})
+        bnp.training_hook(model, {"floor": -1.0})
     assert _pre_hook_count(model) == 0
     assert set(BNP_OPTIONS) <= set(BNPreconditioner.__init__.__code__.co_varnames)
 
 
 def test_before_step_is_precondition():
     model = nn.Sequential(nn.Linear(4, 3, dtype=F64))
-    hook = bnp_training_hook(model, {"floor": 0.0})
+    hook = get_method("bnp").training_hook(model, {"floor": 0.0})
     x = torch.randn(7, 4, generator=_gen(5), dtype=F64) * 3 + 2
     model(x).pow(2).sum().backward()
     gw, gb = model[0].weight.grad.clone(), model[0].bias.grad.clone()
@@ -259,7 +261,7 @@ def test_train_resume_with_bnp_is_exact(tmp_path, options):
     # Control: the same checkpoint without the preconditioner's statistics resumes differently.
     for entry in ckpt["hook"]["layers"].values():
         entry.update(running=None, before_step=None, new_step=True)
-    torch.save(ckpt, ckpt_path)
+    save_checkpoint(ckpt, ckpt_path)
     train(cfg, tmp_path / "stateless")
     assert _records(tmp_path / "stateless" / "metrics.jsonl") != _records(
         tmp_path / "full" / "metrics.jsonl"

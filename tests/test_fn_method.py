@@ -10,9 +10,8 @@ from torch import nn
 
 from normlab.functional.full_norm import ESTIMATORS
 from normlab.methods import convert, get_method, list_methods
-from normlab.models import build_model
+from normlab.train import build_model_for as build_model
 from normlab.nn.convert import find_norm_slots, norm_slot_info
-from normlab.nn.fn_method import FN_METHOD_NAMES, fn_method
 from normlab.nn.fullnorm import FullNorm1d, FullNorm2d
 from normlab.train import TrainConfig, train
 
@@ -26,23 +25,27 @@ def test_fn_and_every_estimator_registered():
     assert "fn" in names
     for e in ESTIMATORS:
         assert f"fn-{e}" in names
-    assert set(FN_METHOD_NAMES) <= set(names)
     m = get_method("fn")
     assert m.bias is False  # FN re-centres: the layer feeding it needs no bias
-    assert m.training_hook is None
+    assert m.make_hook is None and m.training_hook(nn.Linear(2, 2)) is None
     # "fn" uses the layer's own default estimator; "fn-<e>" fixes it.
-    assert m.norm_layer(3, "1d").estimator == FullNorm1d(3).estimator
+    assert m.norm_layer()(3, "1d").estimator == FullNorm1d(3).estimator
     for e in ESTIMATORS:
-        layer = get_method(f"fn-{e}").norm_layer(5, "2d")
+        assert get_method(f"fn-{e}").alias_of == "fn"
+        layer = get_method(f"fn-{e}").norm_layer()(5, "2d")
         assert isinstance(layer, FullNorm2d) and layer.estimator == e and layer.num_features == 5
 
 
-def test_fn_method_factory_rejects_bad_options_up_front():
+def test_fn_method_options_are_checked_up_front():
+    fn = get_method("fn")
     with pytest.raises(ValueError, match="estimator"):
-        fn_method("fn-bad", "bad", estimator="nope")
+        fn.norm_layer({"estimator": "nope"})
     with pytest.raises(ValueError, match="alpha"):
-        fn_method("fn-bad", "bad", alpha=0.0)
-    assert fn_method("fn-slow", "slow", alpha=0.01).norm_layer(2, "1d").alpha == 0.01
+        fn.norm_layer({"alpha": 0.0})
+    with pytest.raises(ValueError, match="unknown option.*bogus"):
+        fn.norm_layer({"bogus": 1})
+    assert fn.norm_layer({"alpha": 0.01})(2, "1d").alpha == 0.01
+    assert fn.alias("fn-slow", "slow", alpha=0.01).norm_layer()(2, "1d").alpha == 0.01
 
 
 @pytest.mark.parametrize(
@@ -186,9 +189,8 @@ def test_bn_eval_differs_from_train_output_in_the_same_check():
     assert not torch.allclose(out_eval, out_train, rtol=1e-3, atol=1e-4)
 
 
-def test_logreg_norm_model_registered_by_the_experiments():
-    from normlab.experiments.fn import logreg_norm
-    from normlab.models import MODELS
+def test_logreg_norm_model_registered():
+    from normlab.models import MODELS, logreg_norm
 
     assert MODELS["logreg-norm"] is logreg_norm
     torch.manual_seed(5)

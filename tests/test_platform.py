@@ -10,7 +10,7 @@ from torch import nn
 
 import normlab
 from normlab.methods import get_method, group_count, list_methods
-from normlab.models import build_model
+from normlab.train import build_model_for as build_model
 from normlab.nn import BatchNorm1d, BatchNorm2d, BatchRenorm1d, BatchRenorm2d, NoNorm
 from normlab.nn.renorm import renorm_limits
 from normlab.train import TrainConfig, train

@@ -15,6 +15,7 @@ from normlab.data.datasets import (
     dataset_options,
     list_datasets,
     load_dataset,
+    load_tiny,
     register_dataset,
 )
 from normlab.data.idx import read_idx
@@ -33,6 +34,7 @@ from normlab.data.scenarios import (
     get_scenario,
     list_scenarios,
     random_scale_factors,
+    register_scenario,
     scale_samples,
 )
 
@@ -52,9 +54,11 @@ __all__ = [
     "list_datasets",
     "list_scenarios",
     "load_dataset",
+    "load_tiny",
     "make_sampler",
     "random_scale_factors",
     "read_idx",
     "register_dataset",
+    "register_scenario",
     "scale_samples",
 ]

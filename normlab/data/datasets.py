@@ -34,7 +34,6 @@ import pickle
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -42,9 +41,11 @@ import torch
 from torch import Tensor
 
 from normlab.data.idx import read_idx
+from normlab.registry import Registry
 
 __all__ = [
     "DATASETS",
+    "load_tiny",
     "Dataset",
     "list_datasets",
     "load_dataset",
@@ -608,53 +609,89 @@ def load_gaussian_halfspace(
 # Registry
 # --------------------------------------------------------------------------------------------
 
-_DATASETS: dict[str, Callable[..., Dataset]] = {
-    "digits": load_digits,
-    "mnist": load_mnist,
-    "cifar10": load_cifar10,
-    "logistic-large-variance": load_logistic_large_variance,
-    "ols-heterogeneous": load_ols_heterogeneous,
-    "gaussian-halfspace": load_gaussian_halfspace,
-}
 
-#: Read-only view: dataset name -> loader ``(*, root, seed, **options) -> Dataset``.
-DATASETS: Mapping[str, Callable[..., Dataset]] = MappingProxyType(_DATASETS)
+def load_tiny(*, root: str | None = None, seed: int = 0, n: int = 3, repeat: int = 1) -> Dataset:
+    """``n`` training samples of ``n`` different classes; the test set is the same ``n`` samples.
+
+    Taken from ``digits`` (or from MNIST-10k when ``root`` is given): for each of the classes
+    0..n-1 one training sample chosen with ``seed``. The training split holds every sample
+    ``repeat`` times (so that random batches of 2 exist for batch norm); labels are 0..n-1.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or not 2 <= n <= 10:
+        raise ValueError(f"n must be an int in [2, 10], got {n!r}")
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise ValueError(f"repeat must be an int >= 1, got {repeat!r}")
+    base = load_dataset("mnist" if root is not None else "digits", root=root, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    picks = []
+    for c in range(n):
+        idx = torch.nonzero(base.y_train == c).flatten()
+        picks.append(int(idx[torch.randint(len(idx), (1,), generator=g)]))
+    x, y = base.x_train[picks], torch.arange(n)
+    return Dataset(
+        name=f"tiny-{n}" if repeat == 1 else f"tiny-{n}x{repeat}",
+        x_train=x.repeat(repeat, *([1] * (x.dim() - 1))),
+        y_train=y.repeat(repeat),
+        x_test=x.clone(),
+        y_test=y.clone(),
+        num_classes=n,
+        task="classification",
+        info={"source": base.name, "source_indices": picks, "repeat": repeat},
+    )
 
 
-def register_dataset(name: str, loader: Callable[..., Dataset]) -> None:
+def _load_tiny_3x2(*, root: str | None = None, seed: int = 0) -> Dataset:
+    """3 samples of 3 classes, each twice in training; test = the same 3."""
+    return load_tiny(root=root, seed=seed, n=3, repeat=2)
+
+
+def _load_tiny_3(*, root: str | None = None, seed: int = 0) -> Dataset:
+    """3 samples of 3 classes; test = the same 3."""
+    return load_tiny(root=root, seed=seed, n=3, repeat=1)
+
+
+#: Dataset name -> loader ``(*, root, seed, **options) -> Dataset``, in registration order.
+DATASETS: Registry[Callable[..., Dataset]] = Registry("dataset")
+
+
+def register_dataset(
+    name: str, loader: Callable[..., Dataset], *, overwrite: bool = False
+) -> Callable[..., Dataset]:
     """Add a loader under ``name``; it must accept keyword arguments ``root`` and ``seed``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"dataset name must be a non-empty str, got {name!r}")
-    if name in _DATASETS:
-        raise ValueError(f"dataset {name!r} is already registered")
+    if not callable(loader):
+        raise TypeError(f"dataset loader must be callable, got {type(loader).__name__}")
     params = inspect.signature(loader).parameters
     if not {"root", "seed"} <= params.keys():
         raise ValueError(f"loader for {name!r} must accept root= and seed=, got {list(params)}")
-    _DATASETS[name] = loader
+    return DATASETS.register(name, loader, overwrite=overwrite)
+
+
+for _name, _loader in (
+    ("digits", load_digits),
+    ("mnist", load_mnist),
+    ("cifar10", load_cifar10),
+    ("logistic-large-variance", load_logistic_large_variance),
+    ("ols-heterogeneous", load_ols_heterogeneous),
+    ("gaussian-halfspace", load_gaussian_halfspace),
+    ("tiny-3", _load_tiny_3),
+    ("tiny-3x2", _load_tiny_3x2),
+):
+    register_dataset(_name, _loader)
 
 
 def list_datasets() -> list[str]:
-    """Registered dataset names, sorted."""
-    return sorted(_DATASETS)
+    """Registered dataset names, in registration order."""
+    return DATASETS.names()
 
 
 def dataset_options(name: str) -> dict[str, Any]:
     """The options of dataset ``name`` (besides ``root`` and ``seed``) with their defaults."""
-    loader = _lookup(name)
+    loader = DATASETS[name]
     return {
         k: p.default
         for k, p in inspect.signature(loader).parameters.items()
         if k not in ("root", "seed") and p.kind is inspect.Parameter.KEYWORD_ONLY
     }
-
-
-def _lookup(name: str) -> Callable[..., Dataset]:
-    try:
-        return _DATASETS[name]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown dataset {name!r}; valid names: {', '.join(list_datasets())}"
-        ) from None
 
 
 def load_dataset(
@@ -675,7 +712,7 @@ def load_dataset(
             accepted ones), bad option value, or malformed data files.
         FileNotFoundError: a missing directory or file.
     """
-    loader = _lookup(name)
+    loader = DATASETS[name]
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     accepted = dataset_options(name)

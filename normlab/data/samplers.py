@@ -35,12 +35,13 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterator, Mapping
-from types import MappingProxyType
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from normlab.registry import Registry
 
 __all__ = [
     "SAMPLERS",
@@ -418,10 +419,10 @@ class KLabelsSampler(BatchSampler):
         return np.concatenate(parts), np.concatenate([[0], np.cumsum(sizes)])
 
 
-#: Read-only view: sampler kind -> class.
-SAMPLERS: Mapping[str, type[BatchSampler]] = MappingProxyType(
-    {cls.kind: cls for cls in (ShuffledSampler, UnshuffledSampler, KLabelsSampler, OnlineSampler)}
-)
+#: Sampler kind -> class, in registration order.
+SAMPLERS: Registry[type[BatchSampler]] = Registry("sampler kind")
+for _cls in (ShuffledSampler, UnshuffledSampler, KLabelsSampler, OnlineSampler):
+    SAMPLERS.register(_cls.kind, _cls)
 
 
 def make_sampler(
@@ -439,8 +440,7 @@ def make_sampler(
     ``labels`` only provides the size for ``shuffled``/``online`` (so regression targets work
     there). ``batch_size`` must be 1 for ``online``; ``k`` is required by ``k-labels`` only.
     """
-    if kind not in SAMPLERS:
-        raise ValueError(f"unknown sampler kind {kind!r}; valid kinds: {', '.join(SAMPLERS)}")
+    SAMPLERS[kind]  # raises ValueError naming the valid kinds
     t = torch.as_tensor(labels)
     if t.dim() != 1:
         raise ValueError(f"sampler {kind!r} expected labels of shape (N,), got {tuple(t.shape)}")

@@ -37,7 +37,6 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -46,10 +45,12 @@ from torch import Tensor
 
 from normlab.data.datasets import Dataset
 from normlab.data.samplers import SAMPLERS, BatchSampler, make_sampler
+from normlab.registry import Registry
 
 __all__ = [
     "SCALE_DISTS",
     "SCENARIOS",
+    "register_scenario",
     "Scenario",
     "get_scenario",
     "list_scenarios",
@@ -239,36 +240,41 @@ class Scenario:
         return d
 
 
-_SCENARIOS: dict[str, Scenario] = {
-    s.name: s
-    for s in (
-        Scenario("shuffled", "shuffled", 64, description="random batches of 64 (i.i.d.)"),
-        Scenario(
-            "unshuffled",
-            "unshuffled",
-            64,
-            description="sorted by label: single-label batches of 64",
-        ),
-        Scenario("k-labels", "k-labels", 64, k=3, description="at most 3 classes per batch of 64"),
-        Scenario("online", "online", 1, description="one sample per step, random order"),
-        Scenario("small-batch", "shuffled", 2, description="random batches of 2"),
-        Scenario(
-            "scaled",
-            "shuffled",
-            16,
-            scale=(0.1, 10.0),
-            description="random batches of 16, each sample times a fixed factor ~ U[0.1, 10]",
-        ),
-    )
-}
+#: Scenario name -> preset :class:`Scenario`, in registration order.
+SCENARIOS: Registry[Scenario] = Registry("scenario")
 
-#: Read-only view: scenario name -> preset :class:`Scenario`.
-SCENARIOS: Mapping[str, Scenario] = MappingProxyType(_SCENARIOS)
+for _preset in (
+    Scenario("shuffled", "shuffled", 64, description="random batches of 64 (i.i.d.)"),
+    Scenario(
+        "unshuffled",
+        "unshuffled",
+        64,
+        description="sorted by label: single-label batches of 64",
+    ),
+    Scenario("k-labels", "k-labels", 64, k=3, description="at most 3 classes per batch of 64"),
+    Scenario("online", "online", 1, description="one sample per step, random order"),
+    Scenario("small-batch", "shuffled", 2, description="random batches of 2"),
+    Scenario(
+        "scaled",
+        "shuffled",
+        16,
+        scale=(0.1, 10.0),
+        description="random batches of 16, each sample times a fixed factor ~ U[0.1, 10]",
+    ),
+):
+    SCENARIOS.register(_preset.name, _preset)
+
+
+def register_scenario(scenario: Scenario, *, overwrite: bool = False) -> Scenario:
+    """Add a preset under ``scenario.name`` (a taken name raises unless ``overwrite``)."""
+    if not isinstance(scenario, Scenario):
+        raise TypeError(f"register_scenario expected a Scenario, got {type(scenario).__name__}")
+    return SCENARIOS.register(scenario.name, scenario, overwrite=overwrite)
 
 
 def list_scenarios() -> list[str]:
     """Preset scenario names, in definition order."""
-    return list(_SCENARIOS)
+    return SCENARIOS.names()
 
 
 def get_scenario(name: str, **overrides: Any) -> Scenario:
@@ -277,10 +283,5 @@ def get_scenario(name: str, **overrides: Any) -> Scenario:
     Raises:
         ValueError: unknown name (lists the valid ones), unknown field, or invalid value.
     """
-    try:
-        preset = _SCENARIOS[name]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown scenario {name!r}; valid scenarios: {', '.join(_SCENARIOS)}"
-        ) from None
+    preset = SCENARIOS[name]
     return preset.replace(**overrides) if overrides else preset

@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from normlab._io import atomic_write_json
-from normlab.train import RunResult, TrainConfig, train
+from normlab.errors import ConfigMismatchError, ExpectedTrainingFailure
+from normlab.registry import Registry
+from normlab.train import RunResult, TrainConfig, train, validate_config
 
 __all__ = [
     "EXPERIMENTS",
@@ -64,27 +66,23 @@ class Experiment:
     smoke: Mapping[str, Any] = field(default_factory=dict)
 
 
-EXPERIMENTS: dict[str, Experiment] = {}
+#: Experiment name -> :class:`Experiment`, in registration order.
+EXPERIMENTS: Registry[Experiment] = Registry("experiment")
 
 
-def register_experiment(experiment: Experiment) -> Experiment:
-    if experiment.name in EXPERIMENTS:
-        raise ValueError(f"experiment {experiment.name!r} is already registered")
-    EXPERIMENTS[experiment.name] = experiment
-    return experiment
+def register_experiment(experiment: Experiment, *, overwrite: bool = False) -> Experiment:
+    """Add ``experiment`` (a taken name raises ``ValueError`` unless ``overwrite``)."""
+    return EXPERIMENTS.register(experiment.name, experiment, overwrite=overwrite)
 
 
 def list_experiments() -> list[str]:
-    return list(EXPERIMENTS)
+    """Registered experiment names, in registration order."""
+    return EXPERIMENTS.names()
 
 
 def get_experiment(name: str) -> Experiment:
-    try:
-        return EXPERIMENTS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown experiment {name!r}; valid experiments: {', '.join(EXPERIMENTS)}"
-        ) from None
+    """The experiment registered as ``name`` (``ValueError`` naming the valid ones)."""
+    return EXPERIMENTS[name]
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -101,8 +99,17 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run experiment ``name`` with config ``cfg`` into ``out_dir`` and write its figures.
 
-    Re-running into the same directory resumes (finished cells are reused). A directory made
-    with a different config is refused unless ``fresh=True``, which clears it first.
+    ``out_dir`` must be new, empty, or a normlab run directory (it holds the marker file
+    :data:`RUN_MARKER`, written when normlab creates it). Re-running into the same directory
+    resumes (finished cells are reused). A directory made with a different config is refused
+    unless ``fresh=True``, which clears it first; ``fresh`` never removes a directory that is
+    not a normlab run directory.
+
+    Raises:
+        ValueError: ``out_dir`` is a file, a non-empty directory that normlab did not create, or
+            a run of another config (without ``fresh``); a cell's config is invalid (checked
+            before anything is trained or written).
+        TypeError: ``cfg`` is not the experiment's config class.
     """
     exp = get_experiment(name)
     if not isinstance(cfg, exp.config_cls):
@@ -110,16 +117,18 @@ def run_experiment(
     out = Path(out_dir)
     meta_path = out / "experiment.json"
     meta = {"experiment": name, "config": config_to_dict(cfg)}
+    check_run_dir(out)
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
         if old != meta and not fresh:
-            raise ValueError(
+            raise ConfigMismatchError(
                 f"{out} holds a run of {old.get('experiment')!r} with a different config; "
                 "choose another --out or pass --fresh to start over"
             )
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_MARKER).touch()
     atomic_write_json(meta_path, meta)
     results = exp.run(cfg, out, ctx or RunContext())
     results = {"experiment": name, **results}
@@ -127,6 +136,22 @@ def run_experiment(
     results["figures"] = [str(p) for p in exp.plot(out)]
     atomic_write_json(out / "results.json", results)
     return results
+
+
+#: The file that marks a directory as a normlab run directory (written when normlab creates it).
+RUN_MARKER = ".normlab-run"
+
+
+def check_run_dir(out: Path) -> None:
+    """Refuse an ``out`` that normlab may not write into: a file, or a non-empty directory
+    without :data:`RUN_MARKER`."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory; choose a directory")
+    if out.is_dir() and not (out / RUN_MARKER).exists() and any(out.iterdir()):
+        raise ValueError(
+            f"--out {out} is a non-empty directory that normlab did not create (no {RUN_MARKER} "
+            "marker); choose a new or empty directory"
+        )
 
 
 def _cell_summary(result: RunResult) -> dict[str, Any]:
@@ -146,12 +171,16 @@ def run_cells(
     *,
     on_eval: Callable[[str], Callable[..., dict[str, Any] | None] | None] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Train every named config in ``out/runs/<name>``; a failing cell records its reason.
+    """Train every named config in ``out/runs/<name>``.
 
     Returns ``{name: summary}``; a summary is ``{"ok": True, "final", "evaluations", "steps",
     "seconds"}``, or ``{"ok": False, "error": "<one line>"}`` when the method cannot train in that
-    setting (for example BatchNorm at batch size 1). Finished cells are read back, not retrained.
+    setting for a documented reason (:class:`normlab.errors.ExpectedTrainingFailure`: batch norm at
+    batch size 1, divergence). Every other exception fails the run. Every cell's config is
+    validated before the first is trained. Finished cells are read back, not retrained.
     """
+    for cfg in cells.values():
+        validate_config(cfg)
     summaries: dict[str, dict[str, Any]] = {}
     for name, cfg in cells.items():
         cell_dir = out / "runs" / name.replace("/", "_")
@@ -169,7 +198,7 @@ def run_cells(
                 on_eval=on_eval(name) if on_eval is not None else None,
             )
             summary = _cell_summary(result)
-        except (ValueError, RuntimeError, FloatingPointError) as exc:
+        except ExpectedTrainingFailure as exc:
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             log.info("cell %s cannot train: %s", name, reason)
             log.debug("%s", traceback.format_exc())

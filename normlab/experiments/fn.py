@@ -37,10 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
-from normlab.data.datasets import DATASETS, Dataset, load_dataset, register_dataset
+from normlab.data.datasets import load_tiny
 from normlab.experiments.core import (
     Experiment,
     RunContext,
@@ -54,8 +51,8 @@ from normlab.experiments.core import (
     run_cells,
     savefig,
 )
-from normlab.methods import Method, get_method
-from normlab.models import MODELS
+from normlab.methods import get_method
+from normlab.models import logreg_norm
 from normlab.nn.fullnorm import FullNorm1d
 from normlab.train import TrainConfig
 
@@ -81,70 +78,6 @@ def _fn_aliases(methods: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     if "fn" in methods and alias in methods:
         return [m for m in methods if m != alias], {alias: "fn"}
     return list(methods), {}
-
-
-# ------------------------------------------------------------------ model and dataset registered
-
-
-def logreg_norm(
-    input_shape: Sequence[int], num_classes: int, method: str | Method
-) -> nn.Sequential:
-    """Logistic regression with one normalization slot on the input features:
-    ``Flatten -> method.norm_layer(d, "1d") -> Linear(d, num_classes)``.
-
-    With ``"none"`` it is plain (multinomial) logistic regression. Registered as model
-    ``logreg-norm`` in :data:`normlab.models.MODELS`.
-    """
-    m = get_method(method)
-    d = math.prod(input_shape)
-    return nn.Sequential(nn.Flatten(), m.norm_layer(d, "1d"), nn.Linear(d, num_classes))
-
-
-MODELS.setdefault("logreg-norm", logreg_norm)
-
-
-def load_tiny(*, root: str | None = None, seed: int = 0, n: int = 3, repeat: int = 1) -> Dataset:
-    """``n`` training samples of ``n`` different classes, the test set the same ``n`` samples.
-
-    Taken from ``digits`` (or from MNIST-10k when ``root`` is given): for each of the classes
-    0..n-1 one training sample chosen with ``seed``. The training split holds every sample
-    ``repeat`` times (so that random batches of 2 exist for BN, see the module docstring);
-    labels are relabelled to 0..n-1.
-    """
-    if not isinstance(n, int) or not 2 <= n <= 10:
-        raise ValueError(f"n must be an int in [2, 10], got {n!r}")
-    if not isinstance(repeat, int) or repeat < 1:
-        raise ValueError(f"repeat must be an int >= 1, got {repeat!r}")
-    base = load_dataset("mnist" if root is not None else "digits", root=root, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    picks = []
-    for c in range(n):
-        idx = torch.nonzero(base.y_train == c).flatten()
-        picks.append(int(idx[torch.randint(len(idx), (1,), generator=g)]))
-    x, y = base.x_train[picks], torch.arange(n)
-    return Dataset(
-        name="tiny-3" if repeat == 1 else f"tiny-3x{repeat}",
-        x_train=x.repeat(repeat, *([1] * (x.dim() - 1))),
-        y_train=y.repeat(repeat),
-        x_test=x.clone(),
-        y_test=y.clone(),
-        num_classes=n,
-        task="classification",
-        info={"source": base.name, "source_indices": picks, "repeat": repeat},
-    )
-
-
-def _tiny_loader(repeat: int):
-    def loader(*, root: str | None = None, seed: int = 0) -> Dataset:
-        return load_tiny(root=root, seed=seed, n=3, repeat=repeat)
-
-    loader.__doc__ = f"3 samples of 3 classes, each {repeat}x in training; test = the same 3."
-    return loader
-
-
-for _name, _repeat in (("tiny-3", 1), ("tiny-3x2", 2)):
-    if _name not in DATASETS:
-        register_dataset(_name, _tiny_loader(_repeat))
 
 
 # ------------------------------------------------------------------------------- fn-batch-size

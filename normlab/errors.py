@@ -1,0 +1,36 @@
+"""Exceptions with a documented meaning for the training machinery.
+
+Only these mark an *expected* failure that an experiment may record as "cannot train"; any other
+exception is a bug or bad input and fails the run.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BatchTooSmallError",
+    "CheckpointError",
+    "ConfigMismatchError",
+    "DivergenceError",
+    "ExpectedTrainingFailure",
+]
+
+
+class ExpectedTrainingFailure(Exception):
+    """Base of the failures an experiment records as a "cannot train" cell."""
+
+
+class BatchTooSmallError(ExpectedTrainingFailure, ValueError):
+    """A batch-dependent layer got too few values per channel to normalize in training mode
+    (batch normalization at batch size 1)."""
+
+
+class DivergenceError(ExpectedTrainingFailure, FloatingPointError):
+    """Training diverged: the loss became NaN or infinite."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be trusted: unreadable, truncated or failing its checksum."""
+
+
+class ConfigMismatchError(ValueError):
+    """A run directory holds a run made with a different configuration."""

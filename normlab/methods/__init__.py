@@ -1,0 +1,41 @@
+"""Normalization methods: one complete description per method, in one registry.
+
+A :class:`Method` is a method's layer factory (per slot kind), its optional training hook, one
+options mapping that reaches both, and its experiment defaults. Registered, in this order (the
+order of :func:`list_methods`): ``none``, ``bn``, ``torch-bn``, ``gn``, ``ln``, ``brn``, ``fn``,
+the ``fn-<estimator>`` aliases, ``bnp``. :func:`convert` swaps the normalization of an existing
+model.
+
+Families: :mod:`normlab.methods.baselines` (none, gn, ln), :mod:`normlab.methods.bn` (bn,
+torch-bn, brn), :mod:`normlab.methods.fn`, :mod:`normlab.methods.bnp`.
+"""
+
+from normlab.methods.base import (
+    METHODS,
+    Method,
+    TrainingHook,
+    get_method,
+    list_methods,
+    register_method,
+    resolve_method,
+)
+from normlab.methods.baselines import GN, LN, NONE, group_count
+from normlab.methods.bn import BN, BRN, TORCH_BN
+from normlab.methods.bnp import BNP
+from normlab.methods.convert import convert
+from normlab.methods.fn import FN, FN_ALIASES
+
+for _method in (NONE, BN, TORCH_BN, GN, LN, BRN, FN, *FN_ALIASES, BNP):
+    register_method(_method)
+
+__all__ = [
+    "METHODS",
+    "Method",
+    "TrainingHook",
+    "convert",
+    "get_method",
+    "group_count",
+    "list_methods",
+    "register_method",
+    "resolve_method",
+]

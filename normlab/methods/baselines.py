@@ -1,0 +1,61 @@
+"""Batch-independent baselines: ``none`` (no normalization, biases on), ``gn`` (GroupNorm) and
+``ln`` (LayerNorm)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from normlab.methods.base import Method
+from normlab.nn.convert import NoNorm, NormKind
+
+
+def group_count(num_channels: int, kind: NormKind = "2d", max_groups: int = 32) -> int:
+    """GroupNorm's group count: the largest divisor of ``num_channels`` not above ``max_groups``;
+    for ``"1d"`` features (one value per channel and sample) also keeping at least 16 channels
+    per group, so each group's statistics are taken over 16 or more values (our choice)."""
+    limit = min(max_groups, num_channels if kind != "1d" else max(1, num_channels // 16))
+    return max(g for g in range(1, limit + 1) if num_channels % g == 0)
+
+
+def _no_norm(num_features: int, kind: NormKind) -> nn.Module:
+    return NoNorm(num_features, kind)
+
+
+def _group_norm(
+    num_features: int,
+    kind: NormKind,
+    *,
+    max_groups: int = 32,
+    eps: float = 1e-5,
+    affine: bool = True,
+) -> nn.Module:
+    layer = nn.GroupNorm(group_count(num_features, kind, max_groups), num_features, eps, affine)
+    layer.normlab_kind = kind  # lets convert() map it back to a batch norm of the same kind
+    return layer
+
+
+def _layer_norm(
+    num_features: int, kind: NormKind, *, eps: float = 1e-5, affine: bool = True
+) -> nn.Module:
+    if kind == "1d":
+        return nn.LayerNorm(num_features, eps=eps, elementwise_affine=affine)
+    layer = nn.GroupNorm(1, num_features, eps, affine)  # LayerNorm over (C, *spatial)
+    layer.normlab_kind = kind
+    return layer
+
+
+NONE = Method("none", "no normalization (biases on)", _no_norm, bias=True, batch_dependent=False)
+GN = Method(
+    "gn",
+    "GroupNorm (<= 32 groups; >= 16 channels per group for features)",
+    _group_norm,
+    batch_dependent=False,
+    layer_options={"max_groups": 32, "eps": 1e-5, "affine": True},
+)
+LN = Method(
+    "ln",
+    "LayerNorm (GroupNorm with one group for conv features)",
+    _layer_norm,
+    batch_dependent=False,
+    layer_options={"eps": 1e-5, "affine": True},
+)

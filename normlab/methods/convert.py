@@ -1,0 +1,125 @@
+"""``convert``: fill every normalization slot of an existing model with a method's layer."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from normlab.methods.base import Method, get_method, resolve_method
+from normlab.nn.convert import (
+    copy_norm_state,
+    find_norm_slots,
+    norm_slot_info,
+    preceding_layer,
+    replace_module,
+)
+
+__all__ = ["convert"]
+
+log = logging.getLogger(__name__)
+
+# Hyper-parameters a slot can carry to the new layer, read from the old layer's attributes
+# (attribute name, option name), with torch's defaults: a non-default value that the target
+# method cannot take is reported.
+_CARRIED: tuple[tuple[str, str, Any], ...] = (
+    ("eps", "eps", 1e-5),
+    ("momentum", "momentum", 0.1),
+    ("affine", "affine", True),
+    ("elementwise_affine", "affine", True),
+    ("track_running_stats", "track_running_stats", True),
+)
+
+
+def _hyper_parameters(old: nn.Module) -> dict[str, tuple[Any, Any]]:
+    found: dict[str, tuple[Any, Any]] = {}
+    for attr, option, default in _CARRIED:
+        if hasattr(old, attr) and option not in found:
+            found[option] = (getattr(old, attr), default)
+    return found
+
+
+def _reference_tensor(old: nn.Module, model: nn.Module) -> torch.Tensor | None:
+    for source in (old, model):
+        for t in (*source.parameters(), *source.buffers()):
+            if t.is_floating_point():
+                return t
+    return None
+
+
+@torch.no_grad()
+def _ensure_bias(layer: nn.Module) -> None:
+    if isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and layer.bias is None:
+        out = layer.weight.shape[0]
+        layer.bias = nn.Parameter(
+            torch.zeros(out, device=layer.weight.device, dtype=layer.weight.dtype)
+        )
+
+
+def convert(
+    model: nn.Module,
+    method: str | Method,
+    options: Mapping[str, Any] | None = None,
+) -> nn.Module:
+    """Fill every normalization slot of ``model`` with ``method``'s layer, in place.
+
+    Slots are found by :func:`normlab.nn.find_norm_slots` (torch/normlab batch norms, Batch
+    Renorm, FullNorm, GroupNorm, LayerNorm, :class:`~normlab.nn.NoNorm`), so a model built with
+    ``torch.nn.BatchNorm2d`` converts, and converts back. Like
+    :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`, every new layer carries what the old
+    one had and the new one supports: the hyper-parameters ``eps``, ``momentum``, ``affine``,
+    ``track_running_stats`` (where the method takes them as options), affine parameters with
+    their ``requires_grad``, running statistics and ``num_batches_tracked``, device, dtype and
+    train/eval mode. A non-default hyper-parameter the method cannot take is reported with a
+    ``UserWarning``. ``options`` (the method's options) override carried values. For methods
+    whose ``bias`` is True (``none``, ``bnp``), a bias-free Linear/Conv directly before a slot in
+    an ``nn.Sequential`` gets a zero bias. Build the optimizer afterwards.
+
+    Every new layer is built before the first is swapped in, so a bad option leaves the model
+    unchanged.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``; ``options`` is not a mapping.
+        ValueError: unknown method (lists the valid ones) or option.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert expected an nn.Module, got {type(model).__name__}")
+    given = get_method(method)
+    m, _ = resolve_method(given, options)  # validates the options
+    # An alias (fn-batch) fixes options of its main method: they count as given by the user.
+    fixed = {k: v for k, v in given.defaults.items() if m.defaults.get(k) != v}
+    user = {**fixed, **(options or {})}
+    plan: list[tuple[str, nn.Module]] = []
+    for name, old in find_norm_slots(model):
+        info = norm_slot_info(old)
+        assert info is not None  # find_norm_slots only returns slots
+        num_features, kind = info
+        carried: dict[str, Any] = {}
+        for option, (value, default) in _hyper_parameters(old).items():
+            if option in m.layer_options:
+                carried[option] = value
+            elif value != default and option not in user:
+                warnings.warn(
+                    f"convert: {name} ({type(old).__name__}) has {option}={value!r}, which "
+                    f"method {m.name!r} does not take; its layer uses its own",
+                    stacklevel=2,
+                )
+        new = m.norm_layer({**carried, **user})(num_features, kind)
+        ref = _reference_tensor(old, model)
+        if ref is not None:
+            new = new.to(device=ref.device, dtype=ref.dtype)
+        copy_norm_state(old, new)
+        new.train(old.training)
+        plan.append((name, new))
+    for name, new in plan:
+        replace_module(model, name, new)
+        if m.bias:
+            prev = preceding_layer(model, name)
+            if prev is not None:
+                _ensure_bias(prev)
+    log.debug("converted %d normalization slots to %s", len(plan), m.name)
+    return model
