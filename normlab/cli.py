@@ -2,28 +2,56 @@
 
 Verbs: ``compare`` (the main job), ``run <experiment>``, ``list``, ``plot <run_dir>``.
 Experiment flags are derived from the experiment's config dataclass (kebab-case; booleans as
-``--flag/--no-flag``; tuples as comma-separated values). Precedence: dataclass defaults <
-``--smoke`` < ``--config file.toml`` < flags.
+``--flag/--no-flag``; tuples as comma-separated values); ``normlab run <experiment> --help`` lists
+them with their defaults and the trailing ``# comment`` of each field. Precedence: dataclass
+defaults < ``--smoke`` < ``--config file.toml`` < flags.
+
+Exit status: 0 success; 2 bad input found before training (arguments, config names and values,
+an ``--out`` normlab may not write into, a run of another config, a corrupt checkpoint), reported
+as one line with nothing written; 1 any other failure, reported as one line (``-v`` adds the
+traceback); 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import difflib
+import inspect
+import io
 import json
 import logging
 import sys
+import textwrap
+import tokenize
 import tomllib
+import traceback
 import types
 import typing
 from pathlib import Path
 from typing import Any
 
+from normlab.errors import CheckpointError, ConfigMismatchError, UsageError
+
 __all__ = ["main"]
+
+log = logging.getLogger("normlab.cli")  # not __name__: "__main__" under python -m
+
+#: Exceptions reported as bad input (exit status 2) rather than as a failure (exit status 1).
+_USAGE_ERRORS = (UsageError, ConfigMismatchError, CheckpointError)
 
 
 class CLIError(Exception):
     """An error in the command's arguments: reported as one line, exit status 2."""
+
+
+class _Exit(Exception):
+    """argparse finished the command itself (``--help``, ``--version``) with ``status``."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:
@@ -95,59 +123,194 @@ def _apply(config_cls: type, base: Any, values: dict[str, Any], source: str) -> 
     return dataclasses.replace(base, **converted)
 
 
+def _field_comments(config_cls: type) -> dict[str, str]:
+    """The trailing ``# comment`` of each field of a dataclass (and its dataclass bases), read
+    from the source; fields without one (or a class without source) are left out."""
+    comments: dict[str, str] = {}
+    for klass in reversed(config_cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            src = textwrap.dedent(inspect.getsource(klass))
+            tree = ast.parse(src)
+            tokens = list(tokenize.generate_tokens(io.StringIO(src).readline))
+        except (OSError, TypeError, SyntaxError, tokenize.TokenError):
+            continue
+        by_line = {
+            t.start[0]: t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT
+        }
+        node = tree.body[0] if tree.body else None
+        if not isinstance(node, ast.ClassDef):
+            continue
+        for stmt in node.body:
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                text = by_line.get(stmt.end_lineno or stmt.lineno) or by_line.get(stmt.lineno)
+                if text:
+                    comments[stmt.target.id] = text
+    return comments
+
+
+def _shown(value: Any) -> str:
+    """A default as it would be typed on the command line."""
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value)) if value else "(empty)"
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return str(value)
+
+
 def _add_config_flags(parser: argparse.ArgumentParser, config_cls: type) -> None:
-    group = parser.add_argument_group(f"{config_cls.__name__} fields")
+    group = parser.add_argument_group(
+        f"{config_cls.__name__} fields",
+        "precedence: defaults < --smoke < --config file.toml < these flags",
+    )
+    comments = _field_comments(config_cls)
     for name, (tp, f) in _fields(config_cls).items():
         flag = "--" + name.replace("_", "-")
         base, _ = _base_type(tp)
-        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.default is not dataclasses.MISSING:
+            default = _shown(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = _shown(f.default_factory())
+        else:
+            default = "required"
+        text = (
+            f"{comments[name]} (default: {default})"
+            if name in comments
+            else f"(default: {default})"
+        )
+        text = text.replace("%", "%%")
         if base is bool:
             group.add_argument(
                 flag,
                 dest=name,
                 action=argparse.BooleanOptionalAction,
                 default=argparse.SUPPRESS,
-                help=f"(default: {default})",
+                help=text,
             )
         else:
-            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
             group.add_argument(
-                flag,
-                dest=name,
-                default=argparse.SUPPRESS,
-                metavar="VALUE",
-                help=f"(default: {shown})",
+                flag, dest=name, default=argparse.SUPPRESS, metavar="VALUE", help=text
             )
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> typing.NoReturn:  # one line, no usage dump
+    """One-line errors, no usage dump, no abbreviated flags, and no ``sys.exit``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> typing.NoReturn:
         raise CLIError(message)
+
+    def exit(self, status: int = 0, message: str | None = None) -> typing.NoReturn:
+        if message:
+            print(message, file=sys.stderr, end="")
+        raise _Exit(status)
+
+
+def _option_strings(*parsers: argparse.ArgumentParser) -> list[str]:
+    return [s for p in parsers for a in p._actions for s in a.option_strings if s.startswith("--")]
+
+
+def _unrecognized(extra: list[str], *parsers: argparse.ArgumentParser) -> CLIError:
+    """``unrecognized arguments: ...``, with the nearest valid flag for the first unknown one."""
+    message = f"unrecognized arguments: {' '.join(extra)}"
+    flags = [a.split("=", 1)[0] for a in extra if a.startswith("--")]
+    if flags:
+        valid = _option_strings(*parsers)
+        match = difflib.get_close_matches(flags[0], valid, n=1, cutoff=0.6)
+        if match:
+            message += f"; did you mean {match[0]}?"
+    return CLIError(message)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    """``-v`` after the verb too (it does not override ``-v`` given before it)."""
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log details"
+    )
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-h", "--help", action="store_true", help="show this help and exit")
+    _add_common(parser)
+    parser.add_argument("--config", type=Path, help="TOML file with config fields")
+    parser.add_argument("--smoke", action="store_true", help="a seconds-long version")
+    parser.add_argument("--out", type=Path, help="run directory (default: runs/<experiment>)")
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start the run directory over (only one that normlab created)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="device for every training run: auto (CUDA if available, else CPU), cpu, cuda, "
+        "cuda:N, mps (default: auto)",
+    )
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "bf16", "fp16"),
+        help="autocast precision of every training run (default: fp32)",
+    )
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from normlab import __version__
+
     parser = _Parser(prog="normlab", description="Batch normalization at any batch size.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--version", action="version", version=f"normlab {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
-    compare = sub.add_parser("compare", help="the main job: methods x scenarios on digits")
-    run = sub.add_parser("run", help="run a registered experiment")
-    run.add_argument("experiment")
+    compare = sub.add_parser(
+        "compare", help="the main job: methods x scenarios on digits", add_help=False
+    )
+    run = sub.add_parser("run", help="run a registered experiment", add_help=False)
+    run.add_argument("experiment", nargs="?", help="experiment name (see: normlab list)")
     for p in (compare, run):
-        p.add_argument("--config", type=Path, help="TOML file with config fields")
-        p.add_argument("--smoke", action="store_true", help="a seconds-long version")
-        p.add_argument("--out", type=Path, help="run directory (default: runs/<experiment>)")
-        p.add_argument("--fresh", action="store_true", help="clear the run directory first")
-        p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    sub.add_parser("list", help="datasets, scenarios, methods, models, experiments")
+        _add_run_options(p)
+    _add_common(sub.add_parser("list", help="datasets, scenarios, methods, models, experiments"))
     plot = sub.add_parser("plot", help="rebuild figures of a run directory (no training)")
+    _add_common(plot)
     plot.add_argument("run_dir", type=Path)
+    parser.set_defaults(verb_parsers=sub.choices)
     return parser
 
 
-def _run(args: argparse.Namespace, extra: list[str], name: str) -> int:
-    from normlab.experiments import RunContext, get_experiment, run_experiment
+def _experiment_parser(prog: str, exp: Any) -> argparse.ArgumentParser:
+    """The full parser of one experiment (for ``--help``): generic options and config fields."""
+    parser = _Parser(prog=prog, description=exp.description, add_help=False)
+    _add_run_options(parser)
+    _add_config_flags(parser, exp.config_cls)
+    return parser
 
-    exp = get_experiment(name)
+
+def _run(args: argparse.Namespace, extra: list[str], name: str | None, prog: str) -> int:
+    from normlab.experiments import RunContext, get_experiment, list_experiments, run_experiment
+
+    if name is None:
+        if args.help:
+            print(f"usage: {prog} <experiment> [options]")
+            print(f"experiments: {', '.join(list_experiments())}")
+            print("normlab run <experiment> --help lists an experiment's options")
+            return 0
+        raise CLIError(f"name an experiment to run; one of: {', '.join(list_experiments())}")
+    try:
+        exp = get_experiment(name)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    if args.help:
+        print(_experiment_parser(prog, exp).format_help(), end="")
+        return 0
+    flag_parser = _Parser(prog=prog, add_help=False)
+    _add_config_flags(flag_parser, exp.config_cls)
+    flags, unknown = flag_parser.parse_known_args(extra)
+    if unknown:
+        raise _unrecognized(unknown, _experiment_parser(prog, exp))
     cfg = exp.config_cls()
     if args.smoke:
         cfg = _apply(exp.config_cls, cfg, dict(exp.smoke), "--smoke")
@@ -159,14 +322,17 @@ def _run(args: argparse.Namespace, extra: list[str], name: str) -> int:
         except tomllib.TOMLDecodeError as exc:
             raise CLIError(f"--config {args.config}: invalid TOML: {exc}") from None
         cfg = _apply(exp.config_cls, cfg, values, str(args.config))
-    flag_parser = _Parser(prog=f"normlab run {name}", add_help=False)
-    _add_config_flags(flag_parser, exp.config_cls)
-    flags = vars(flag_parser.parse_args(extra))
-    cfg = _apply(exp.config_cls, cfg, flags, "flags")
+    cfg = _apply(exp.config_cls, cfg, vars(flags), "flags")
     out = args.out or Path("runs") / (name + ("-smoke" if args.smoke else ""))
     progress = not args.no_progress and sys.stderr.isatty()
-    print(f"normlab: running {name} into {out}", file=sys.stderr)
-    results = run_experiment(name, cfg, out, RunContext(progress=progress), fresh=args.fresh)
+    log.info("running %s into %s", name, out)
+    results = run_experiment(
+        name,
+        cfg,
+        out,
+        RunContext(progress=progress, device=args.device, precision=args.precision),
+        fresh=args.fresh,
+    )
     print(exp.report(results))
     for fig in results.get("figures", []):
         print(f"figure: {fig}")
@@ -207,31 +373,43 @@ def _plot(run_dir: Path) -> int:
     return 0
 
 
+def _one_line(exc: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``normlab`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = False
     try:
-        args, extra = _build_parser().parse_known_args(argv)
-        logging.basicConfig(
-            level=logging.INFO if args.verbose else logging.WARNING,
-            format="%(levelname)s %(name)s: %(message)s",
-        )
+        parser = _build_parser()
+        args, extra = parser.parse_known_args(argv)
+        verbose = getattr(args, "verbose", False)
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("normlab").setLevel(logging.INFO if verbose else logging.WARNING)
         if args.verb in ("compare", "run"):
-            return _run(args, extra, "compare" if args.verb == "compare" else args.experiment)
+            name = "compare" if args.verb == "compare" else args.experiment
+            prog = f"normlab {args.verb}" + (f" {name}" if args.verb == "run" and name else "")
+            return _run(args, extra, name, prog)
         if extra:
-            raise CLIError(f"unrecognized arguments: {' '.join(extra)}")
+            raise _unrecognized(extra, parser, args.verb_parsers[args.verb])
         if args.verb == "list":
             return _list()
         return _plot(args.run_dir)
-    except CLIError as exc:
-        print(f"normlab: error: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"normlab: error: {exc}", file=sys.stderr)
+    except _Exit as exc:
+        return exc.status
+    except (CLIError, *_USAGE_ERRORS) as exc:
+        print(f"normlab: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("normlab: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if verbose:
+            traceback.print_exc(file=sys.stderr)
+        hint = "" if verbose else " (run with -v for the traceback)"
+        print(f"normlab: error: {type(exc).__name__}: {_one_line(exc)}{hint}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

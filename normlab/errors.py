@@ -12,6 +12,7 @@ __all__ = [
     "ConfigMismatchError",
     "DivergenceError",
     "ExpectedTrainingFailure",
+    "UsageError",
 ]
 
 
@@ -26,6 +27,11 @@ class BatchTooSmallError(ExpectedTrainingFailure, ValueError):
 
 class DivergenceError(ExpectedTrainingFailure, FloatingPointError):
     """Training diverged: the loss became NaN or infinite."""
+
+
+class UsageError(ValueError):
+    """Bad user input (a config name or value, an ``--out`` directory) found before any training;
+    the command line reports it as one line with exit status 2."""
 
 
 class CheckpointError(ValueError):

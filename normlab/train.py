@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from normlab._io import (
     save_checkpoint,
 )
 from normlab.data import DATASETS, Dataset, get_scenario, load_dataset
+from normlab.data.sources import as_source
 from normlab.errors import BatchTooSmallError, ConfigMismatchError, DivergenceError
 from normlab.methods import Method, resolve_method
 from normlab.models import MODELS, build_model
@@ -45,11 +47,45 @@ __all__ = [
     "build_model_for",
     "build_optimizer",
     "evaluate",
+    "evaluate_batches",
+    "load_named_data",
+    "resolve_device",
     "train",
     "validate_config",
 ]
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device ``name`` stands for (``"auto"``: CUDA if available, else CPU).
+
+    Raises:
+        ValueError: an unknown device string, or a device this machine does not have.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"unknown device {name!r}; expected auto, cpu, cuda, cuda:N or mps"
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {name!r} requested but MPS is not available here")
+    elif device.type != "cpu":
+        raise ValueError(f"unsupported device {name!r}; expected auto, cpu, cuda, cuda:N or mps")
+    return device
+
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +118,8 @@ class TrainConfig:
     eval_train: bool = True  # also evaluate on the training set at each evaluation
     precise_bn: bool = False  # recompute BN population statistics before each evaluation
     method_options: dict[str, Any] = field(default_factory=dict)  # the method's layers and hook
+    device: str = "auto"  # auto (CUDA if available, else CPU) | cpu | cuda | cuda:N | mps
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (torch.autocast; fp16 with a GradScaler)
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -96,6 +134,7 @@ class RunResult:
     steps: int
     seconds: float
     out_dir: Path | None
+    model: nn.Module | None = field(default=None, repr=False, compare=False)
 
     @property
     def final(self) -> dict[str, Any]:
@@ -122,8 +161,17 @@ def validate_config(cfg: TrainConfig) -> None:
     """
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"expected a TrainConfig, got {type(cfg).__name__}")
-    DATASETS[cfg.dataset]
-    MODELS[cfg.model]
+    if ":" in cfg.dataset:
+        _user_factory(cfg.dataset, "--dataset")
+    else:
+        DATASETS[cfg.dataset]
+    if ":" in cfg.model:
+        _user_factory(cfg.model, "--model")
+    else:
+        MODELS[cfg.model]
+    resolve_device(cfg.device)
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {cfg.precision!r}; valid: {', '.join(PRECISIONS)}")
     resolve_method(cfg.method, cfg.method_options)
     _scenario(cfg)
     if cfg.optimizer not in OPTIMIZERS:
@@ -137,9 +185,11 @@ def validate_config(cfg: TrainConfig) -> None:
     _positive("eval_batch_size", cfg.eval_batch_size, int)
     for name in ("eval_every", "log_every", "checkpoint_every"):
         _positive(name, getattr(cfg, name), int, allow_zero=True)
-    for name in ("batch_size", "max_steps", "k"):
+    for name in ("batch_size", "k"):
         if getattr(cfg, name) is not None:
             _positive(name, getattr(cfg, name), int)
+    if cfg.max_steps is not None:  # 0: evaluate the initial model only
+        _positive("max_steps", cfg.max_steps, int, allow_zero=True)
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
         raise ValueError(f"TrainConfig.seed must be a non-negative int, got {cfg.seed!r}")
 
@@ -181,16 +231,30 @@ def loss_fn_for(task: str) -> Callable[[Tensor, Tensor], Tensor]:
     return F.cross_entropy
 
 
-@torch.no_grad()
 def evaluate(
     model: nn.Module, x: Tensor, y: Tensor, task: str, batch_size: int = 1000
 ) -> dict[str, float]:
     """Mean loss (and accuracy for classification) of ``model`` in its current mode."""
+    batches = (
+        (x[start : start + batch_size], y[start : start + batch_size])
+        for start in range(0, len(x), batch_size)
+    )
+    return evaluate_batches(model, batches, task)
+
+
+@torch.no_grad()
+def evaluate_batches(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    task: str,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+) -> dict[str, float]:
+    """Mean loss (and accuracy for classification) of ``model`` over ``(x, y)`` batches."""
     loss_fn = loss_fn_for(task)
     total_loss, correct, n = 0.0, 0, 0
-    for start in range(0, len(x), batch_size):
-        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-        out = model(xb)
+    for xb, yb in batches:
+        with autocast():
+            out = model(xb).float()
         total_loss += float(loss_fn(out, yb)) * len(xb)
         if task == "classification":
             correct += int((out.argmax(-1) == yb).sum())
@@ -252,6 +316,8 @@ def train(
     cfg: TrainConfig,
     out_dir: str | os.PathLike | None = None,
     *,
+    model: nn.Module | None = None,
+    data: Any = None,
     dataset: Dataset | None = None,
     progress: bool = False,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
@@ -263,7 +329,14 @@ def train(
         cfg: the run's configuration.
         out_dir: run directory (config, metrics, checkpoint); ``None`` keeps everything in memory.
             An existing checkpoint there is resumed from.
-        dataset: an already loaded dataset (skips ``load_dataset``; the scenario still applies).
+        model: the user's own model (any ``nn.Module``) instead of ``cfg.model``: its
+            normalization layers are converted to ``cfg.method`` in place
+            (:func:`normlab.convert`), its other layers are left as they are.
+        data: the user's own data instead of ``cfg.dataset``: a normlab
+            :class:`~normlab.data.Dataset`, or a ``(train, test)`` pair of
+            ``torch.utils.data.Dataset`` objects or ``DataLoader`` objects (their datasets are
+            read sample by sample in the scenario's batches; labels are read once up front).
+        dataset: the former name of ``data`` for a normlab Dataset.
         progress: show a tqdm progress bar (the CLI turns it on for terminals).
         on_step: called as ``on_step(step, record)`` after every step (for tests and callers).
         on_eval: called as ``on_eval(model, record)`` at every evaluation, with the model in eval
@@ -287,44 +360,89 @@ def train(
     """
     validate_config(cfg)
     with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
-        return _train(cfg, out_dir, dataset, progress, on_step, on_eval)
+        return _train(
+            cfg, out_dir, model, data if data is not None else dataset, progress, on_step, on_eval
+        )
 
 
 # torch's BatchNorm raises a plain ValueError at batch size 1; this is its message.
 _TORCH_BN_TOO_SMALL = "Expected more than 1 value per channel when training"
 
 
-def _train(cfg, out_dir, dataset, progress, on_step, on_eval) -> RunResult:
-    out = Path(out_dir) if out_dir is not None else None
-    method, options = resolve_method(cfg.method, cfg.method_options)
-    scenario = _scenario(cfg)
+def _user_factory(spec: str, what: str) -> Callable[..., Any]:
+    """``package.module:name`` -> the object it names (a model or dataset factory)."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        factory = getattr(module, attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"{what} {spec!r}: cannot import it ({exc})") from None
+    if not callable(factory):
+        raise ValueError(f"{what} {spec!r} is not callable")
+    return factory
 
-    # Data, model, optimizer, method hook, sampler: all seeded from cfg.seed.
-    torch.manual_seed(cfg.seed)
-    data = (
-        dataset
-        if dataset is not None
-        else load_dataset(cfg.dataset, root=cfg.data_root, seed=cfg.seed)
-    )
-    data = scenario.apply(data, cfg.seed)
-    num_outputs = data.num_classes if data.task == "classification" else 1
+
+def _build(cfg, method, options, source, model):
+    num_outputs = source.num_classes if source.task == "classification" else 1
+    if model is None and ":" in cfg.model:
+        model = _user_factory(cfg.model, "--model")(source.input_shape, num_outputs)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"--model {cfg.model!r} returned {type(model).__name__}, not a Module")
+    if model is not None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        from normlab.methods import convert
+
+        return convert(model, method, options)
     model_options: dict[str, Any] = {}
     if cfg.model == "mlp":
         model_options = {"widths": cfg.widths, "activation": cfg.activation}
-    model = build_model_for(
-        cfg.model, data.x_train.shape[1:], num_outputs, method, options, **model_options
+    return build_model_for(
+        cfg.model, source.input_shape, num_outputs, method, options, **model_options
     )
+
+
+def load_named_data(name: str, root: str | None = None, seed: int = 0) -> Any:
+    """The data ``TrainConfig.dataset`` names: a registered dataset, or ``package.module:factory``
+    called as ``factory(root=root, seed=seed)``, which returns a normlab
+    :class:`~normlab.data.Dataset` or a ``(train, test)`` pair of torch Datasets/DataLoaders."""
+    if ":" in name:
+        return _user_factory(name, "--dataset")(root=root, seed=seed)
+    return load_dataset(name, root=root, seed=seed)
+
+
+def _load_data(cfg: TrainConfig, data: Any) -> Any:
+    return data if data is not None else load_named_data(cfg.dataset, cfg.data_root, cfg.seed)
+
+
+def _train(cfg, out_dir, user_model, data, progress, on_step, on_eval) -> RunResult:
+    out = Path(out_dir) if out_dir is not None else None
+    method, options = resolve_method(cfg.method, cfg.method_options)
+    scenario = _scenario(cfg)
+    device = resolve_device(cfg.device)
+    amp_dtype = PRECISIONS[cfg.precision]
+
+    # Data, model, optimizer, method hook, sampler: all seeded from cfg.seed.
+    torch.manual_seed(cfg.seed)
+    source = as_source(_load_data(cfg, data), scenario, cfg.seed, device)
+    model = _build(cfg, method, options, source, user_model).to(device)
     optimizer = build_optimizer(cfg, model.parameters())
     hook = method.training_hook(model, options)
-    sampler = scenario.make_sampler(data.y_train, cfg.seed)
+    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+    sampler = scenario.make_sampler(source.labels, cfg.seed)
     sampler.set_epoch(0)
-    loss_fn = loss_fn_for(data.task)
+    loss_fn = loss_fn_for(source.task)
+
+    def autocast() -> contextlib.AbstractContextManager[Any]:
+        if amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=amp_dtype)
 
     step, epoch, elapsed, evaluations, offset = 0, 0, 0.0, [], None
     ckpt_path = out / "checkpoint.pt" if out is not None else None
     config = _config_dict(cfg)
     if ckpt_path is not None and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
         if ckpt.get("config") != config:
             old = ckpt.get("config") or {}
             diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
@@ -338,7 +456,9 @@ def _train(cfg, out_dir, dataset, progress, on_step, on_eval) -> RunResult:
         if hook is not None:
             hook.load_state_dict(ckpt["hook"])
         sampler.load_state_dict(ckpt["sampler"])
-        torch.set_rng_state(ckpt["rng"])
+        torch.set_rng_state(ckpt["rng"].cpu())
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         step, epoch, elapsed = ckpt["step"], ckpt["epoch"], ckpt["elapsed"]
         evaluations, offset = ckpt["evaluations"], ckpt["metrics_offset"]
         log.info("resuming %s at epoch %d, step %d", out, epoch, step)
@@ -353,24 +473,16 @@ def _train(cfg, out_dir, dataset, progress, on_step, on_eval) -> RunResult:
         if cfg.precise_bn:
             from normlab.nn.stats import recompute_statistics
 
-            batches = [
-                data.x_train[i : i + cfg.eval_batch_size]
-                for i in range(0, len(data.x_train), cfg.eval_batch_size)
-            ]
+            batches = [x for x, _ in source.batches("train", cfg.eval_batch_size)]
             with hook.paused() if hook is not None else contextlib.nullcontext():
                 recompute_statistics(model, batches)
         model.eval()
         with hook.paused() if hook is not None else contextlib.nullcontext():
             record: dict[str, Any] = {"kind": "eval", "step": step, "epoch": epoch, "time": elapsed}
-            for key, value in evaluate(
-                model, data.x_test, data.y_test, data.task, cfg.eval_batch_size
-            ).items():
-                record[f"test_{key}"] = value
-            if cfg.eval_train:
-                for key, value in evaluate(
-                    model, data.x_train, data.y_train, data.task, cfg.eval_batch_size
-                ).items():
-                    record[f"train_{key}"] = value
+            for split in ("test", "train") if cfg.eval_train else ("test",):
+                batches = source.batches(split, cfg.eval_batch_size)
+                for key, value in evaluate_batches(model, batches, source.task, autocast).items():
+                    record[f"{split}_{key}"] = value
             if on_eval is not None:
                 record.update(on_eval(model, record) or {})
         model.train()
@@ -389,6 +501,7 @@ def _train(cfg, out_dir, dataset, progress, on_step, on_eval) -> RunResult:
                 "hook": hook.state_dict() if hook is not None else None,
                 "sampler": sampler.state_dict(),
                 "rng": torch.get_rng_state(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
                 "step": step,
                 "epoch": epoch,
                 "elapsed": elapsed,
@@ -410,19 +523,28 @@ def _train(cfg, out_dir, dataset, progress, on_step, on_eval) -> RunResult:
             while not done():
                 for idx in sampler:
                     t0 = time.perf_counter()
-                    x, y = data.x_train[idx], data.y_train[idx]
-                    try:
-                        out_batch = model(x)
-                    except ValueError as exc:
-                        if _TORCH_BN_TOO_SMALL in str(exc):
-                            raise BatchTooSmallError(str(exc)) from exc
-                        raise
-                    loss = loss_fn(out_batch, y)
+                    x, y = source.train_batch(idx)
+                    with autocast():
+                        try:
+                            out_batch = model(x)
+                        except ValueError as exc:
+                            if _TORCH_BN_TOO_SMALL in str(exc):
+                                raise BatchTooSmallError(str(exc)) from exc
+                            raise
+                        loss = loss_fn(out_batch.float(), y)
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if hook is not None:
-                        hook.before_step()
-                    optimizer.step()
+                    if scaler is None:
+                        loss.backward()
+                        if hook is not None:
+                            hook.before_step()
+                        optimizer.step()
+                    else:
+                        scaler.scale(loss).backward()
+                        scaler.unscale_(optimizer)  # the hook works on the true gradients
+                        if hook is not None:
+                            hook.before_step()
+                        scaler.step(optimizer)
+                        scaler.update()
                     elapsed += time.perf_counter() - t0
                     step += 1
                     record = {
@@ -432,11 +554,11 @@ def _train(cfg, out_dir, dataset, progress, on_step, on_eval) -> RunResult:
                         "loss": loss.item(),
                         "time": elapsed,
                     }
-                    if data.task == "classification":
+                    if source.task == "classification":
                         record["acc"] = (out_batch.argmax(-1) == y).float().mean().item()
                     if not torch.isfinite(loss):
                         raise DivergenceError(
-                            f"loss became {float(loss)} at step {step} "
+                            f"loss became {loss.item()} at step {step} "
                             f"(method {cfg.method}, lr {cfg.lr})"
                         )
                     if cfg.log_every and step % cfg.log_every == 0:
@@ -465,7 +587,7 @@ def _train(cfg, out_dir, dataset, progress, on_step, on_eval) -> RunResult:
     finally:
         if hook is not None:
             hook.remove()
-    return RunResult(cfg, evaluations, step, elapsed, out)
+    return RunResult(cfg, evaluations, step, elapsed, out, model)
 
 
 def load_run(run_dir: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:

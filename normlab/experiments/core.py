@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import traceback
 from collections.abc import Callable, Mapping
@@ -20,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from normlab._io import atomic_write_json
-from normlab.errors import ConfigMismatchError, ExpectedTrainingFailure
+from normlab.errors import ConfigMismatchError, ExpectedTrainingFailure, UsageError
 from normlab.registry import Registry
-from normlab.train import RunResult, TrainConfig, train, validate_config
+from normlab.train import RunResult, TrainConfig, load_named_data, train, validate_config
 
 __all__ = [
     "EXPERIMENTS",
@@ -40,18 +41,20 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RunContext:
-    """How to run: progress bars on or off; cached dataset objects shared across cells."""
+    """How to run, whatever the experiment: progress bars, the device and precision every cell
+    trains on (``TrainConfig.device``/``precision``; the defaults leave the cells' own values),
+    and cached dataset objects shared across cells."""
 
     progress: bool = False
+    device: str = "auto"
+    precision: str = "fp32"
     datasets: dict[Any, Any] = field(default_factory=dict, compare=False)
 
     def dataset(self, name: str, root: str | None, seed: int) -> Any:
         """``load_dataset(name, root=root, seed=seed)``, loaded once per context."""
         key = (name, root, seed)
         if key not in self.datasets:
-            from normlab.data import load_dataset
-
-            self.datasets[key] = load_dataset(name, root=root, seed=seed)
+            self.datasets[key] = load_named_data(name, root, seed)
         return self.datasets[key]
 
 
@@ -102,13 +105,19 @@ def run_experiment(
     ``out_dir`` must be new, empty, or a normlab run directory (it holds the marker file
     :data:`RUN_MARKER`, written when normlab creates it). Re-running into the same directory
     resumes (finished cells are reused). A directory made with a different config is refused
-    unless ``fresh=True``, which clears it first; ``fresh`` never removes a directory that is
+    unless ``fresh=True``, which starts it over; ``fresh`` never removes a directory that is
     not a normlab run directory.
 
+    A :class:`normlab.errors.UsageError` raised by the experiment (an invalid cell config, found
+    by :func:`run_cells` before training) leaves ``out_dir`` as it was: a directory this call
+    created is removed again, and the run that ``fresh`` replaces is kept (moved aside to a
+    hidden sibling until the new run starts without a usage error, then deleted).
+
     Raises:
-        ValueError: ``out_dir`` is a file, a non-empty directory that normlab did not create, or
-            a run of another config (without ``fresh``); a cell's config is invalid (checked
-            before anything is trained or written).
+        normlab.errors.UsageError: ``out_dir`` is a file or a non-empty directory that normlab
+            did not create; a cell's config is invalid (checked before anything is trained).
+        normlab.errors.ConfigMismatchError: ``out_dir`` holds a run of another config (without
+            ``fresh``).
         TypeError: ``cfg`` is not the experiment's config class.
     """
     exp = get_experiment(name)
@@ -125,12 +134,36 @@ def run_experiment(
                 f"{out} holds a run of {old.get('experiment')!r} with a different config; "
                 "choose another --out or pass --fresh to start over"
             )
+    # What to undo on a usage error: the topmost directory this call creates, or (fresh) the
+    # old run, renamed aside rather than deleted until the new run's configs are valid.
+    created = next((p for p in [out, *out.parents] if p.parent.exists()), out)
+    created = None if out.exists() else created
+    was_empty = out.is_dir() and not any(out.iterdir())
+    aside = None
     if fresh and out.exists():
-        shutil.rmtree(out)
+        resolved = out.resolve()
+        aside = resolved.with_name(f".{resolved.name}.normlab-replaced-{os.getpid()}")
+        out.rename(aside)
     out.mkdir(parents=True, exist_ok=True)
-    (out / RUN_MARKER).touch()
-    atomic_write_json(meta_path, meta)
-    results = exp.run(cfg, out, ctx or RunContext())
+    keep_aside = False
+    try:
+        (out / RUN_MARKER).touch()
+        atomic_write_json(meta_path, meta)
+        results = exp.run(cfg, out, ctx or RunContext())
+    except UsageError:
+        keep_aside = True  # even if restoring it below fails
+        if created is not None:
+            shutil.rmtree(created)
+        elif aside is not None or was_empty:
+            shutil.rmtree(out)
+            if aside is not None:
+                aside.rename(out)
+            else:
+                out.mkdir()
+        raise
+    finally:
+        if aside is not None and not keep_aside:
+            shutil.rmtree(aside)
     results = {"experiment": name, **results}
     atomic_write_json(out / "results.json", results)
     results["figures"] = [str(p) for p in exp.plot(out)]
@@ -146,9 +179,9 @@ def check_run_dir(out: Path) -> None:
     """Refuse an ``out`` that normlab may not write into: a file, or a non-empty directory
     without :data:`RUN_MARKER`."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a directory; choose a directory")
+        raise UsageError(f"--out {out} is a file, not a directory; choose a directory")
     if out.is_dir() and not (out / RUN_MARKER).exists() and any(out.iterdir()):
-        raise ValueError(
+        raise UsageError(
             f"--out {out} is a non-empty directory that normlab did not create (no {RUN_MARKER} "
             "marker); choose a new or empty directory"
         )
@@ -176,16 +209,39 @@ def run_cells(
     Returns ``{name: summary}``; a summary is ``{"ok": True, "final", "evaluations", "steps",
     "seconds"}``, or ``{"ok": False, "error": "<one line>"}`` when the method cannot train in that
     setting for a documented reason (:class:`normlab.errors.ExpectedTrainingFailure`: batch norm at
-    batch size 1, divergence). Every other exception fails the run. Every cell's config is
-    validated before the first is trained. Finished cells are read back, not retrained.
+    batch size 1, divergence). Every other exception fails the run. Finished cells are read
+    back, not retrained.
+
+    Before the first cell is trained, every cell's config is validated and the datasets of the
+    unfinished cells are loaded.
+
+    Raises:
+        normlab.errors.UsageError: a cell's config is invalid (the message names the cell), or
+            its dataset's files are missing.
+        TypeError: a cell is not a :class:`normlab.train.TrainConfig` (a bug in the experiment).
     """
-    for cfg in cells.values():
-        validate_config(cfg)
+    overrides = {k: getattr(ctx, k) for k in ("device", "precision")}
+    overrides = {k: v for k, v in overrides.items() if v != getattr(RunContext, k)}
+    for name, cfg in cells.items():
+        if not isinstance(cfg, TrainConfig):
+            raise TypeError(f"cell {name!r}: expected a TrainConfig, got {type(cfg).__name__}")
+        try:
+            validate_config(cfg.replace(**overrides))
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"cell {name!r}: {exc}") from exc
+    cells = {name: cfg.replace(**overrides) for name, cfg in cells.items()}
+    cell_dirs = {name: out / "runs" / name.replace("/", "_") for name in cells}
+    todo = {n: c for n, c in cells.items() if not (cell_dirs[n] / "summary.json").exists()}
+    for name, cfg in todo.items():
+        try:
+            ctx.dataset(cfg.dataset, cfg.data_root, cfg.seed)
+        except FileNotFoundError as exc:
+            raise UsageError(f"cell {name!r}: {exc}") from exc
     summaries: dict[str, dict[str, Any]] = {}
     for name, cfg in cells.items():
-        cell_dir = out / "runs" / name.replace("/", "_")
+        cell_dir = cell_dirs[name]
         done_path = cell_dir / "summary.json"
-        if done_path.exists():
+        if name not in todo:
             summaries[name] = json.loads(done_path.read_text())
             continue
         dataset = ctx.dataset(cfg.dataset, cfg.data_root, cfg.seed)
