@@ -260,7 +260,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from normlab import __version__
+    from normlab._version import __version__
 
     parser = _Parser(prog="normlab", description="Batch normalization at any batch size.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
