@@ -1,4 +1,5 @@
-"""Hessian diagnostics against dense Hessians; side-effect freedom of every diagnostic.
+"""Hessian diagnostics against dense Hessians; refusal of inexact second derivatives;
+side-effect freedom of every diagnostic.
 
 Oracle: the dense Hessian from ``torch.autograd.functional.hessian`` of the same loss on a twin of
 the model in which normlab's BN layers are replaced by torch's (``F.batch_norm(training=...)``,
@@ -17,8 +18,9 @@ from torch import nn
 from torch.func import functional_call
 
 import normlab.diagnostics as diag
-from normlab.diagnostics.hessian import condition_number
+from normlab.diagnostics import condition_number
 from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d
+from normlab.nn.fullnorm import FullNorm1d
 
 f64 = torch.float64
 ce = nn.functional.cross_entropy
@@ -326,6 +328,183 @@ def test_hessian_density_is_gauss_quadrature_of_the_probes():
         assert d.moment(p) == pytest.approx(exact, rel=1e-8, abs=1e-12)
 
 
+# ----------------------------------------------------------------------------- second derivatives
+
+
+class _DetachedTanh(torch.autograd.Function):
+    """tanh whose backward returns a constant (detached) gradient: the Hessian computed through it
+    misses every term that differentiates that gradient, so it is wrong and not symmetric."""
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        return (grad * (1 - out**2)).detach()
+
+
+class DetachedTanh(nn.Module):
+    def forward(self, x):
+        return _DetachedTanh.apply(x)
+
+
+class DeclaredOnce(nn.Tanh):
+    """A correct tanh that declares itself not twice differentiable (in training mode only when
+    ``train_only``)."""
+
+    def __init__(self, train_only: bool = False) -> None:
+        super().__init__()
+        self.train_only = train_only
+
+    @property
+    def twice_differentiable(self) -> bool:
+        return not self.training if self.train_only else False
+
+
+def _net(act: nn.Module, seed: int = 20) -> nn.Module:
+    block = nn.Sequential(nn.Linear(5, 6), act)
+    return randomize_(nn.Sequential(block, nn.Linear(6, 3)).to(f64), seed)
+
+
+def _plain_hessian(model: nn.Module, batch, mode: str) -> torch.Tensor:
+    """Oracle for models without normalization: functional_call + autograd.functional.hessian."""
+    named = list(model.named_parameters())
+    theta = torch.cat([p.detach().reshape(-1) for _, p in named])
+    model.train(mode == "train")
+
+    def loss(t):
+        params, offset = {}, 0
+        for n, p in named:
+            params[n] = t[offset : offset + p.numel()].view(p.shape)
+            offset += p.numel()
+        return ce(functional_call(model, params, (batch[0],)), batch[1])
+
+    return torch.autograd.functional.hessian(loss, theta)
+
+
+def hessian_diagnostics(model, batch, mode):
+    """Every diagnostic that differentiates twice, by name."""
+    return {
+        "hvp": lambda: diag.hvp(
+            model,
+            ce,
+            batch,
+            torch.ones(sum(p.numel() for p in model.parameters()), dtype=f64),
+            mode=mode,
+        ),
+        "hessian_operator": lambda: diag.hessian_operator(model, ce, batch, mode=mode),
+        "hessian_spectrum": lambda: diag.hessian_spectrum(
+            model, ce, batch, mode=mode, max_iterations=5
+        ),
+        "hessian_spectrum_restricted": lambda: diag.hessian_spectrum(
+            model, ce, batch, mode=mode, max_iterations=5, restrict=True
+        ),
+        "hessian_trace": lambda: diag.hessian_trace(model, ce, batch, mode=mode, num_samples=3),
+        "hessian_density": lambda: diag.hessian_density(
+            model, ce, batch, mode=mode, num_iterations=3
+        ),
+        "dense_hessian": lambda: diag.dense_hessian(model, ce, batch, mode=mode),
+    }
+
+
+HESSIAN_DIAGNOSTICS = list(hessian_diagnostics(None, None, "train"))
+
+
+def test_the_detached_backward_really_gives_an_asymmetric_hessian():
+    # What the probe must catch: H[W1, :] is zero (the first layer's gradient is a constant) while
+    # H[:, W1] is not.
+    model, batch = _net(DetachedTanh()), mlp_batch()
+    grads = torch.autograd.grad(
+        ce(model(batch[0]), batch[1]), model[0][0].weight, create_graph=True
+    )
+    assert not grads[0].requires_grad
+    exact = _plain_hessian(_net(nn.Tanh()), batch, "train")
+    assert float((exact - exact.T).abs().max()) <= 1e-12 and float(exact[:30, 30:].abs().max()) > 0
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name", HESSIAN_DIAGNOSTICS)
+def test_a_backward_that_detaches_is_refused(name, mode):
+    model = _net(DetachedTanh()).eval()
+    before = capture(model)
+    with pytest.raises(diag.SecondDerivativeError, match="second derivatives are not exact"):
+        hessian_diagnostics(model, mlp_batch(), mode)[name]()
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("name", HESSIAN_DIAGNOSTICS)
+def test_a_layer_declared_not_twice_differentiable_is_refused_in_train_mode(name):
+    model = _net(DeclaredOnce())
+    before = capture(model)
+    with pytest.raises(ValueError, match=r"layer '0\.1' \(.*DeclaredOnce\) is not twice diff"):
+        hessian_diagnostics(model, mlp_batch(), "train")[name]()
+    assert_unchanged(model, before)
+
+
+def test_the_attribute_is_read_in_the_mode_probed():
+    # DeclaredOnce(train_only=True) is refused in train mode only, whatever mode the model is in;
+    # in eval mode the (correct) Hessian is computed.
+    batch = mlp_batch()
+    for start_training in (True, False):
+        model = _net(DeclaredOnce(train_only=True)).train(start_training)
+        with pytest.raises(ValueError, match="not twice differentiable in training mode"):
+            diag.hessian_operator(model, ce, batch, mode="train")
+        assert all(m.training is start_training for m in model.modules())
+        op = diag.hessian_operator(model, ce, batch, mode="eval")
+        exact = _plain_hessian(_net(nn.Tanh()), batch, "eval")
+        v = torch.randn(op.dim, generator=gen(21), dtype=f64)
+        assert rel(op.matvec(v), exact @ v) <= 1e-10
+
+
+def test_fullnorm_in_train_mode_is_refused_not_silently_wrong():
+    # The reported bug: a converged spectrum of wrong eigenvalues. FN's backward (default
+    # estimator) is differentiable once; in eval mode FN is affine and its Hessian is exact.
+    model = randomize_(
+        nn.Sequential(nn.Linear(4, 6), FullNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).to(f64), 22
+    )
+    batch = (torch.randn(16, 4, generator=gen(23), dtype=f64), torch.randint(0, 3, (16,)))
+    before = capture(model)
+    with pytest.raises(ValueError, match=r"layer '1' \(normlab\.nn\.fullnorm\.FullNorm1d\)"):
+        diag.hessian_spectrum(model, ce, batch, mode="train", dtype=f64)
+    assert_unchanged(model, before)
+    s = diag.hessian_spectrum(model, ce, batch, mode="eval", max_iterations=64, tol=1e-12)
+    exact = torch.linalg.eigvalsh(_plain_hessian(model, batch, "eval"))
+    model.train()
+    assert s.converged
+    assert s.lambda_max == pytest.approx(float(exact[-1]), rel=1e-8)
+    assert s.lambda_min == pytest.approx(float(exact[0]), rel=1e-8)
+
+
+NORMS = {
+    "normlab-bn": lambda: BatchNorm1d(6),
+    "torch-bn": lambda: nn.BatchNorm1d(6),
+    "groupnorm": lambda: nn.GroupNorm(2, 6),
+    "layernorm": lambda: nn.LayerNorm(6),
+}
+
+
+@pytest.mark.parametrize("norm", list(NORMS))
+def test_the_guard_accepts_exact_normalization_layers(norm):
+    model = randomize_(
+        nn.Sequential(nn.Linear(5, 6), NORMS[norm](), nn.Tanh(), nn.Linear(6, 3)).to(f64), 24
+    )
+    batch = mlp_batch()
+    if norm.endswith("-bn"):
+        h = dense_hessian(model, ce, batch, "train")  # torch twin
+    else:
+        h = _plain_hessian(copy.deepcopy(model), batch, "train")
+    op = diag.hessian_operator(model, ce, batch, mode="train")
+    got = torch.stack([op.matvec(e) for e in torch.eye(op.dim, dtype=f64)])
+    assert rel(got, h) <= 1e-10
+    assert rel(diag.dense_hessian(model, ce, batch, mode="train"), h) <= 1e-10
+
+
 # ----------------------------------------------------------------------------- side effects
 
 
@@ -450,6 +629,11 @@ def run_all(model, loss_fn, batch, mode, ref=None):
             ref, model, "fc2", x, mode=mode
         ),
         "gradient_flow": lambda: diag.gradient_flow(model, loss_fn, batch, mode=mode),
+        "dense_hessian": lambda: diag.dense_hessian(model, loss_fn, batch, mode=mode),
+        "layer_input_moments": lambda: diag.layer_input_moments(model, x, mode=mode),
+        "preconditioned_gradient_norms": lambda: diag.preconditioned_gradient_norms(
+            model, loss_fn, batch, mode=mode, eps=1e-5, floor=0.1
+        ),
     }
 
 
@@ -493,7 +677,12 @@ def test_diagnostic_leaves_the_model_unchanged_when_it_raises(name, mode):
     model, ref = side_effect_model(), reference_model()
     before = capture(model)
     batch = se_batch()
-    if name in ("invariant_directions", "layer_inputs", "input_distribution_shift"):
+    if name in (
+        "invariant_directions",
+        "layer_inputs",
+        "input_distribution_shift",
+        "layer_input_moments",
+    ):
         bad = (torch.zeros(6, 3, 5, 5, dtype=f64), batch[1])  # conv expects 2 channels
         with pytest.raises(RuntimeError):
             run_all(model, ce, bad, mode, ref)[name]()

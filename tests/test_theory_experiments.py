@@ -1,12 +1,13 @@
-"""Oracles for the maths of the theory experiments (normlab.diagnostics.theory and helpers).
+"""Oracles for the maths of the theory experiments (normlab.diagnostics.ols, .halfspace, the
+BNP probes of normlab.diagnostics.conditioning, and the experiments' helpers).
 
 The experiments' smoke runs are in tests/test_cli.py.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,9 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlab.diagnostics import spectral_density
-from normlab.diagnostics.hvp import ParameterLayout
-from normlab.diagnostics.theory import (
+from normlab.diagnostics import (
+    ParameterLayout,
     bisect_length,
     bn_ols_gd,
     bn_ols_gradients,
@@ -26,24 +26,20 @@ from normlab.diagnostics.theory import (
     gdnp,
     halfspace_gd,
     halfspace_problem,
+    layer_input_moments,
     logistic_gradient,
     logistic_loss,
     logistic_minimizer,
     ols_gd,
     ols_problem,
-)
-from normlab.experiments.cai_ols import converging_range
-from normlab.experiments.gradient_flow_depth import (
-    BNP_EPS,
-    BNP_FLOOR,
     preconditioned_gradient_norms,
-    spread_decades,
+    spectral_density,
 )
-from normlab.experiments.hessian_conditioning import (
-    linear_input_statistics,
-    positive_quantile,
-    preconditioned_spectrum,
-)
+from normlab.experiments import bnp as bnp_experiments
+from normlab.experiments import gradient_flow_depth, hessian_conditioning
+from normlab.experiments.cai_ols import converging_range
+from normlab.experiments.gradient_flow_depth import spread_decades
+from normlab.experiments.hessian_conditioning import positive_quantile, preconditioned_spectrum
 from normlab.experiments.kohler import first_below, fitted_rate
 from normlab.experiments.santurkar import steps_to_loss, summarize
 from normlab.functional.batch_norm import batch_norm_train
@@ -290,25 +286,32 @@ def test_bnp_reparametrization_matches_preconditioner_factor_and_precondition_li
         torch.testing.assert_close(pg[f"{name}.bias"], gb, rtol=1e-12, atol=1e-12)
 
 
-def test_bnp_constants_are_the_preconditioner_defaults():
-    params = inspect.signature(BNPreconditioner).parameters
-    assert params["eps"].default == BNP_EPS
-    assert params["floor"].default == BNP_FLOOR
+@pytest.mark.parametrize(
+    "module", [bnp_experiments, gradient_flow_depth, hessian_conditioning], ids=lambda m: m.__name__
+)
+def test_experiments_measure_bnp_with_the_eps_and_floor_it_trains_with(module):
+    # Oracle: the preconditioner built with the cell's method options.
+    for options in ({}, {"floor": 0.25}, {"eps": 1e-3, "floor": 0.0, "rho": 0.5}):
+        pre = BNPreconditioner(nn.Linear(2, 2), **options)
+        cell = SimpleNamespace(method="bnp", method_options=options)
+        assert module._bnp_eps_floor(cell) == (pre.eps, pre.floor)
 
 
 def test_preconditioned_gradient_norms_match_bnpreconditioner_after_one_forward():
     torch.manual_seed(0)
-    model = MLP(6, (5, 4), 3, method="bnp", activation="sigmoid")
+    model = MLP(6, (5, 4), 3, None, activation="sigmoid")
     g = torch.Generator().manual_seed(6)
     x = torch.rand(32, 6, generator=g) * 3 + 1  # uncentred inputs
     y = torch.randint(0, 3, (32,), generator=g)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    got = preconditioned_gradient_norms(model, F.cross_entropy, (x, y))
+    oracle = MLP(6, (5, 4), 3, None, activation="sigmoid")
+    oracle.load_state_dict(model.state_dict())
+    pre = BNPreconditioner(oracle, floor=0.05)  # floor active: some inputs vary less
+    got = preconditioned_gradient_norms(
+        model, F.cross_entropy, (x, y), mode="train", eps=pre.eps, floor=pre.floor
+    )
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]) and p.grad is None
-    oracle = MLP(6, (5, 4), 3, method="bnp", activation="sigmoid")
-    oracle.load_state_dict(model.state_dict())
-    pre = BNPreconditioner(oracle)
     F.cross_entropy(oracle(x), y).backward()
     pre.precondition_()
     expected = {
@@ -321,13 +324,13 @@ def test_preconditioned_gradient_norms_match_bnpreconditioner_after_one_forward(
         assert got[name] == pytest.approx(expected[name], rel=1e-5)
 
 
-def test_linear_input_statistics_and_preconditioned_spectrum_against_dense():
+def test_layer_input_moments_and_preconditioned_spectrum_against_dense():
     torch.manual_seed(1)
-    model = MLP(4, (3,), 3, method="bnp", activation="tanh")
+    model = MLP(4, (3,), 3, None, activation="tanh")
     g = torch.Generator().manual_seed(7)
     x = torch.rand(24, 4, generator=g) * 2 + 0.5
     y = torch.randint(0, 3, (24,), generator=g)
-    stats = linear_input_statistics(model, x)
+    stats = layer_input_moments(model, x, mode="train", dtype=torch.float64)
     hidden = torch.tanh(model[1][0](x)).double()
     torch.testing.assert_close(stats["1.0"][0], x.double().mean(0))
     torch.testing.assert_close(stats["2"][1], hidden.var(0, correction=0), rtol=1e-5, atol=1e-7)
@@ -342,9 +345,11 @@ def test_linear_input_statistics_and_preconditioned_spectrum_against_dense():
 
     hess = torch.autograd.functional.hessian(loss, theta)
     layout = ParameterLayout.of(list(model.named_parameters()))
-    dense = _dense_p(layout, stats, BNP_EPS, BNP_FLOOR)
+    dense = _dense_p(layout, stats, 1e-5, 0.05)
     eig = torch.linalg.eigvalsh(dense.T @ (0.5 * (hess + hess.T)) @ dense)
-    got = preconditioned_spectrum(model, (x, y), max_iterations=layout.dim, tol=1e-10)
+    got = preconditioned_spectrum(
+        model, (x, y), max_iterations=layout.dim, tol=1e-10, eps=1e-5, floor=0.05
+    )
     assert got["lambda_max"] == pytest.approx(float(eig[-1]), rel=1e-6)
     assert got["lambda_min"] == pytest.approx(float(eig[0]), rel=1e-6, abs=1e-9)
 

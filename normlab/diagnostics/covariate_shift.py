@@ -1,21 +1,14 @@
 r"""Internal covariate shift (ICS): the gradient-based measure and a distribution measure.
 
-**Gradient-based** (Santurkar et al. 2018, Definition 2.1; DIAGNOSTICS.md §2.3). With
-:math:`G_{t,i} = \nabla_{W_i}L(W_1^{(t)},\dots,W_k^{(t)}; x^{(t)}, y^{(t)})` and
-:math:`G'_{t,i}` the same gradient after only the layers *before* :math:`i` have moved to their new
-values :math:`W^{(t+1)}_{<i}`, on the same batch:
+* :func:`gradient_covariate_shift`: Santurkar et al. 2018's Definition 2.1, the change of a
+  layer's gradient when only the layers before it take their step (:math:`\|G - G'\|_2` and
+  :math:`\cos(G, G')`; ideally 0 and 1).
+* :func:`layer_inputs`, :func:`distribution_shift`, :func:`input_distribution_shift`: a
+  layer's inputs on a fixed probe batch at two points of training, compared per unit with
+  histogram KL and Jensen-Shannon divergences on common bin edges (normlab's protocol; there is
+  no canonical estimator).
 
-.. math::
-    \mathrm{ICS}_{t,i} = \|G_{t,i} - G'_{t,i}\|_2, \qquad
-    \cos\angle(G_{t,i}, G'_{t,i}) = \frac{\langle G, G'\rangle}{\|G\|\,\|G'\|}.
-
-Ideally 0 and 1. The paper calls it the ICS "of activation :math:`i`"; the gradient is with respect
-to layer :math:`i`'s parameters.
-
-**Distribution-based** (DIAGNOSTICS.md §7, normlab's protocol: there is no canonical estimator).
-The inputs of a layer on a fixed probe batch, recorded at two points of training, are compared per
-unit (channel) with histogram KL divergence and Jensen-Shannon divergence on common bin edges taken
-from the reference distribution.
+Definitions and protocol: docs/diagnostics.md ("Internal covariate shift").
 """
 
 from __future__ import annotations
@@ -184,7 +177,7 @@ def layer_inputs(
     Runs ``model(inputs)`` in ``mode`` through ``functional_call`` with cloned buffers and a
     temporary forward pre-hook on ``layer`` (removed before returning); returns a detached copy,
     e.g. shape ``(N, C)`` or ``(N, C, H, W)``. In ``"train"`` mode BN layers before ``layer`` use
-    the batch statistics of ``inputs`` (DIAGNOSTICS.md §7: state which view you record).
+    the batch statistics of ``inputs`` (say which view you record).
     The model is left unchanged.
 
     Raises:
@@ -233,7 +226,7 @@ class DistributionShift:
 
     @property
     def kl_median(self) -> float:
-        """Median KL over units (report it with an inter-quantile range, DIAGNOSTICS.md §7)."""
+        """Median KL over units (report it with an inter-quantile range)."""
         return float(self.kl.quantile(0.5))
 
     @property
@@ -267,7 +260,7 @@ def distribution_shift(
     r"""Per-unit histogram KL and JS divergence of a sample :math:`Q` from a reference :math:`P`.
 
     Samples are per unit (channel, dimension 1): shape ``(N, C, *)`` gives :math:`C` units of
-    :math:`N\cdot\prod *` values each; ``(N,)`` is one unit. For each unit (DIAGNOSTICS.md §7):
+    :math:`N\cdot\prod *` values each; ``(N,)`` is one unit. For each unit:
 
     * **common edges** from the reference: ``bins`` equal-width bins between its
       ``quantiles`` (default the 0.5 and 99.5 percentiles, linear interpolation like

@@ -1,11 +1,10 @@
-r"""Gradient flow across depth: per-layer gradient norms (Cabana & Lago-Fernández 2021 style).
+r"""Gradient flow across depth: the norm of each layer's weight gradient (:func:`gradient_flow`).
 
-For a deep network (e.g. an MLP with 30-90 hidden layers) the Frobenius norm
-:math:`\|\partial L/\partial W_l\|_F` of each layer's weight gradient, against the layer index
-:math:`l`, shows whether gradients vanish or explode toward the input (DIAGNOSTICS.md §8). Without
-normalization and with saturating activations the norms typically span many orders of magnitude;
-normalization is expected to keep them level. See Cabana & Lago-Fernández, "Backward Gradient
-Normalization in Deep Neural Networks", https://arxiv.org/abs/2106.09475.
+Plotted against depth, :math:`\|\partial L/\partial W_l\|_F` shows whether gradients vanish or
+explode toward the input (Cabana & Lago-Fernández 2021, "Backward Gradient Normalization in Deep
+Neural Networks", https://arxiv.org/abs/2106.09475). See docs/diagnostics.md ("Gradient flow");
+:func:`~normlab.diagnostics.conditioning.preconditioned_gradient_norms` gives the same profile
+for BNP's preconditioned gradients.
 """
 
 from __future__ import annotations

@@ -1,34 +1,19 @@
-r"""Hessian spectrum, trace and density of a model's batch loss; condition numbers; BN invariance.
+r"""Hessian spectrum, trace and density of a model's batch loss; BN's invariant directions.
 
-The entry point is :func:`hessian_spectrum`. All functions here build one
-:class:`~normlab.diagnostics.hvp.HessianOperator` (train-mode BN uses batch statistics exactly,
-eval-mode BN the running ones; ``mode`` is required) and run the estimators of
-:mod:`normlab.diagnostics.lanczos` on it. They leave the model exactly as they found it.
+The entry point is :func:`hessian_spectrum`. Every function here builds one
+:class:`~normlab.diagnostics.hvp.HessianOperator` (``mode`` is required; train-mode BN uses the
+batch statistics exactly, eval-mode BN the running ones), runs the estimators of
+:mod:`normlab.diagnostics.lanczos` on it and leaves the model exactly as it found it. A model
+whose second derivatives are not exact is refused with ``ValueError`` (see
+:func:`~normlab.diagnostics.hvp.hessian_operator`).
 
-**Condition number of an indefinite Hessian.** Away from a minimum the Hessian has negative
-eigenvalues, so :math:`\lambda_{\max}/\lambda_{\min}` is meaningless. normlab defines
-
-.. math::
-    \kappa(H) = \begin{cases} \lambda_{\max}/\lambda_{\min} & \lambda_{\min} > 0
-        \ \text{(positive definite)},\\ +\infty & \lambda_{\min} \le 0, \end{cases}
-
-with :math:`\lambda_{\max}, \lambda_{\min}` the largest and smallest *algebraic* eigenvalues
-(of the restricted Hessian, see below, when ``restrict=True``), and reports alongside it the
-negative-curvature ratio :math:`\lambda_{\min}/\lambda_{\max}` (negative when the Hessian is
-indefinite), which stays finite and informative there (DIAGNOSTICS.md §6.2).
-
-**Restriction to the directions BN leaves non-degenerate.** If the pre-activations
-:math:`W_j^\top u + b_j` of unit (or channel) :math:`j` feed a train-mode batch normalization,
-the loss is invariant to :math:`W_j \to cW_j, b_j \to cb_j` (scale) and to
-:math:`b_j \to b_j + t` (shift). Differentiating :math:`L(c\,w) = L(w)` gives
-:math:`w^\top\nabla L = 0` and :math:`Hw = -\nabla L`; the shift gives :math:`He_{b_j} = 0`.
-These directions make the Hessian singular at a minimum (:math:`\kappa = \infty` for every BN
-network) and carry no information about the function. :func:`invariant_directions` finds them
-numerically (per row of every weight with at least two dimensions, and its bias), and with
-``restrict=True`` the estimators work with :math:`PHP` on the orthogonal complement
-(:math:`P` projects them out), which is the "condition number on a subspace" of BNP (Lange et al.
-2022) and Cai et al.'s :math:`\kappa^*`. The invariance holds only with batch statistics: in
-eval mode none is found. BN's :math:`\epsilon` breaks it slightly when the variances are small.
+With ``restrict=True`` the estimators work on :math:`PHP`, the Hessian compressed to the
+orthogonal complement of the scale and shift directions that train-mode normalization leaves the
+outputs invariant to (:func:`invariant_directions`). The condition number reported is
+:func:`~normlab.diagnostics.conditioning.condition_number` (infinite unless positive definite),
+with the negative-curvature ratio :math:`\lambda_{\min}/\lambda_{\max}` beside it. The
+derivations (why those directions are degenerate, what the restricted condition number means):
+docs/diagnostics.md ("Hessian spectrum", "Invariant directions").
 """
 
 from __future__ import annotations
@@ -42,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from normlab.diagnostics.conditioning import condition_number
 from normlab.diagnostics.hvp import (
     HessianOperator,
     LossFn,
@@ -70,7 +56,6 @@ from normlab.diagnostics.lanczos import (
 __all__ = [
     "HessianSpectrum",
     "InvariantDirections",
-    "condition_number",
     "hessian_density",
     "hessian_spectrum",
     "hessian_trace",
@@ -78,23 +63,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def condition_number(lambda_max: float, lambda_min: float) -> float:
-    r"""normlab's condition number: :math:`\lambda_{\max}/\lambda_{\min}` if positive definite.
-
-    That is, :math:`\lambda_{\max}/\lambda_{\min}` when :math:`\lambda_{\min}>0`, else
-    :math:`+\infty`.
-
-    The arguments are the largest and smallest *algebraic* eigenvalues. A Hessian with a zero or
-    negative eigenvalue has no finite condition number: the local quadratic model is not strongly
-    convex. Use the negative-curvature ratio :math:`\lambda_{\min}/\lambda_{\max}` there.
-    """
-    if not (isinstance(lambda_max, (int, float)) and isinstance(lambda_min, (int, float))):
-        raise TypeError("lambda_max and lambda_min must be floats")
-    if lambda_min > lambda_max:
-        raise ValueError(f"lambda_min={lambda_min} is larger than lambda_max={lambda_max}")
-    return lambda_max / lambda_min if lambda_min > 0 else math.inf
 
 
 # ----------------------------------------------------------------------------- invariance
@@ -185,7 +153,9 @@ def invariant_directions(
     A family is invariant when its :math:`\Delta f \le` ``rtol`` times the baseline's. Random
     per-row factors make a joint (per-layer, e.g. LayerNorm) invariance fail the per-row test.
     If both pass the directions are :math:`(W_j,0)/\|W_j\|` and :math:`e_{b_j}`; if only scale
-    passes, :math:`(W_j,b_j)/\|(W_j,b_j)\|`. Rows equal to zero are skipped.
+    passes, :math:`(W_j,b_j)/\|(W_j,b_j)\|`. Rows equal to zero are skipped. Why these directions
+    are degenerate: docs/diagnostics.md ("Invariant directions"). Forward passes only, so models
+    that are not twice differentiable are accepted.
 
     Args:
         model: the model; left unchanged.
@@ -369,8 +339,8 @@ def hessian_spectrum(
 
     One Lanczos run (full reorthogonalisation, both ends of the spectrum) on
     :math:`H = \nabla^2_\theta\,\ell(f_\theta(x), y)`, or on its restriction :math:`PHP` to the
-    complement of BN's scale/shift-invariant directions with ``restrict=True`` (see the module
-    docstring and :func:`invariant_directions`). Each iteration is one Hessian-vector product.
+    complement of BN's scale/shift-invariant directions with ``restrict=True`` (see
+    :func:`invariant_directions`). Each iteration is one Hessian-vector product.
 
     Args:
         model: any ``nn.Module``; left exactly as found (parameters, buffers, modes, ``.grad``,
@@ -389,6 +359,9 @@ def hessian_spectrum(
             ``restrict``); default seeded with 0.
     Returns:
         :class:`HessianSpectrum`.
+    Raises:
+        SecondDerivativeError: (a ``ValueError``) the model's second derivatives are not exact (see
+            :func:`~normlab.diagnostics.hvp.hessian_operator`); the model is left unchanged.
 
     Example::
 

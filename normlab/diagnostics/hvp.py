@@ -1,45 +1,29 @@
 r"""Hessian-vector products of a model's loss that leave the model exactly as they found it.
 
-This module holds the one Hessian primitive every other diagnostic uses, and the machinery that
-makes every diagnostic side-effect free.
+This module holds the one Hessian primitive every other diagnostic uses
+(:class:`HessianOperator`, built by :func:`hessian_operator`; :func:`hvp` for a single product)
+and the machinery that makes every diagnostic side-effect free (:func:`preserve_state`).
 
-**What is differentiated.** For a model with parameters :math:`\theta` (the selected ones,
-concatenated in ``model.named_parameters()`` order into one flat vector of length :math:`n`), a
-batch :math:`(x, y)` and a loss function :math:`\ell`, the loss is
+Contract shared by every model-level diagnostic:
 
-.. math::
-    L(\theta) = \ell\big(f_\theta(x), y\big),
+* the loss is :math:`L(\theta) = \ell(f_\theta(x), y)` over the selected parameters, flattened
+  in ``model.named_parameters()`` order (:class:`ParameterLayout`), with :math:`f_\theta`
+  evaluated through ``torch.func.functional_call`` on cloned buffers;
+* ``mode`` is required: ``"train"`` (normalization layers use batch statistics, so the batch is
+  coupled) or ``"eval"`` (running statistics); the two give different Hessians;
+* parameters, buffers, ``training`` flags, ``.grad`` and the global RNG are restored on exit,
+  also when the diagnostic raises; every forward pass starts from the RNG state found on entry;
+* a model the Hessian of which cannot be computed exactly is refused with ``ValueError``: in
+  ``"train"`` mode any submodule whose ``twice_differentiable`` attribute is ``False``, and any
+  model whose Hessian-vector products fail a symmetry probe.
 
-where :math:`f_\theta` is the model evaluated through
-``torch.func.functional_call(model, (params, cloned_buffers), (x,))``. The Hessian-vector product
-is :math:`Hv = \nabla_\theta\big(\nabla_\theta L(\theta)^\top v\big)`, computed by double
-backward (reverse over reverse). The forward pass and the first backward (with
-``create_graph=True``) are done once per :class:`HessianOperator`; each product then costs one
-backward pass through the retained graph.
-
-**Mode.** ``mode`` is required. ``"train"`` puts every submodule in training mode for the
-evaluation, so batch normalization uses the statistics of the batch and the Hessian contains the
-:math:`\partial\mu_B/\partial\theta` and :math:`\partial\sigma_B/\partial\theta` terms (the batch is
-coupled: the Hessian is that of the batch loss, not an average of per-example Hessians).
-``"eval"`` puts every submodule in evaluation mode, so BN uses its running statistics and is an
-affine map per channel. The two are different matrices. PyHessian silently uses ``"eval"``.
-
-**Side-effect free.** Every diagnostic runs inside :func:`preserve_state`, which records the
-parameters, buffers (running statistics and ``num_batches_tracked``), the ``training`` flag of
-every submodule, the ``.grad`` of every parameter and the global RNG state, and restores them on
-exit, also when the diagnostic raises. Running statistics are not even touched: buffers are
-cloned for every forward pass, so a train-mode BN updates the clones. Hooks are never left behind:
-the diagnostics that need one (to read a layer's input) remove it in a ``finally``.
-
-**Randomness inside the model.** Every forward pass of a diagnostic starts from the global RNG
-state found on entry, so a stochastic layer (dropout) draws the same mask at every evaluation and
-the loss is one deterministic function of :math:`\theta`. Random probe vectors come from an
-explicit :class:`torch.Generator`, never from the global RNG.
+Definitions and the reasons behind them: docs/diagnostics.md ("Hessian-vector products").
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -50,6 +34,7 @@ from torch.func import functional_call
 
 __all__ = [
     "HessianOperator",
+    "SecondDerivativeError",
     "LossFn",
     "Mode",
     "ParameterLayout",
@@ -60,6 +45,14 @@ __all__ = [
 ]
 
 Mode = Literal["train", "eval"]
+
+
+class SecondDerivativeError(ValueError):
+    """The model's second derivatives cannot be computed exactly, so a Hessian diagnostic refuses
+    it: a layer that is not twice differentiable in the mode probed, or a failed symmetry probe.
+    """
+
+
 LossFn = Callable[[Any, Any], Tensor]
 
 _MODES = ("train", "eval")
@@ -295,6 +288,53 @@ def _cast(x: Any, dtype: torch.dtype | None) -> Any:
     return x
 
 
+def _check_twice_differentiable(model: nn.Module, mode: Mode, caller: str) -> None:
+    # Call with the model already in `mode`: the attribute may depend on the module's mode. A
+    # module without the attribute (torch's layers, user code) counts as twice differentiable.
+    if mode != "train":
+        return
+    for name, module in model.named_modules():
+        if getattr(module, "twice_differentiable", True):
+            continue
+        cls = type(module)
+        raise SecondDerivativeError(
+            f"{caller}: layer {name or '<model>'!r} ({cls.__module__}.{cls.__qualname__}) is not "
+            "twice differentiable in training mode (its twice_differentiable attribute is False), "
+            "so second derivatives through it would be wrong; measure this model in "
+            "mode='eval' or replace the layer"
+        )
+
+
+def _symmetry_tolerance(dtype: torch.dtype) -> float:
+    # Relative tolerance of the symmetry probes: 10 sqrt(machine epsilon), about 1.5e-7 in
+    # float64 and 3.5e-3 in float32, far above round-off and far below a missing term (see
+    # docs/diagnostics.md, "Hessian-vector products").
+    return 10.0 * math.sqrt(torch.finfo(dtype).eps)
+
+
+def _not_exact(caller: str, detail: str) -> SecondDerivativeError:
+    return SecondDerivativeError(
+        f"{caller}: the model's second derivatives are not exact ({detail}); a layer's backward "
+        "is probably not differentiable (a custom autograd Function whose backward detaches or "
+        "is marked once_differentiable)"
+    )
+
+
+# What autograd (once_differentiable) and normlab's layers say when a backward is differentiated.
+_NOT_TWICE_MESSAGES = ("once_differentiable", "differentiate twice", "not twice differentiable")
+
+
+def _second_order(caller: str, fn: Callable[[], Tensor]) -> Tensor:
+    # Runs a double backward; turns autograd's refusal to differentiate a once-differentiable
+    # Function into the same ValueError as the symmetry probes.
+    try:
+        return fn()
+    except RuntimeError as e:
+        if any(s in str(e) for s in _NOT_TWICE_MESSAGES):
+            raise _not_exact(caller, str(e).splitlines()[0]) from e
+        raise
+
+
 # ----------------------------------------------------------------------------- the loss
 
 
@@ -419,6 +459,11 @@ class HessianOperator:
         if v.shape != (self.dim,):
             raise ValueError(f"v must have shape ({self.dim},), got {tuple(v.shape)}")
         self.num_matvecs += 1
+        return self._product(v)
+
+    __call__ = matvec
+
+    def _product(self, v: Tensor) -> Tensor:
         if not self._grad.requires_grad:  # the gradient is constant: H = 0
             return torch.zeros_like(self.params)
         (hv,) = torch.autograd.grad(
@@ -430,7 +475,28 @@ class HessianOperator:
         )
         return torch.zeros_like(self.params) if hv is None else hv.detach()
 
-    __call__ = matvec
+    def _check_symmetric(self, caller: str) -> None:
+        """Raise ``ValueError`` unless :math:`u^\top Hv = v^\top Hu` for two random unit vectors.
+
+        Two products, not counted in ``num_matvecs``; the vectors come from a private generator.
+        """
+        if self.dim < 2:
+            return
+        gen = torch.Generator().manual_seed(20_240_917)
+        u, v = (torch.randn(self.dim, generator=gen, dtype=torch.float64) for _ in range(2))
+        u, v = (t.div(t.norm()).to(dtype=self.dtype, device=self.device) for t in (u, v))
+        hu = _second_order(caller, lambda: self._product(u))
+        hv = _second_order(caller, lambda: self._product(v))
+        uhv, vhu = float(u @ hv), float(v @ hu)
+        # For random unit u, v both a missing term (u^T K v, K = H - H^T) and the round-off of
+        # the products are of order ||Hu|| / sqrt(n): compare them on that scale.
+        scale = float(torch.linalg.vector_norm(hu)) + float(torch.linalg.vector_norm(hv))
+        if not abs(uhv - vhu) <= _symmetry_tolerance(self.dtype) * scale / math.sqrt(self.dim):
+            raise _not_exact(
+                caller,
+                f"the Hessian-vector products are not symmetric: u.Hv = {uhv:.6g} but "
+                f"v.Hu = {vhu:.6g} for random unit vectors u, v",
+            )
 
     def __repr__(self) -> str:
         return f"HessianOperator(dim={self.dim}, mode={self.mode!r}, loss={self.loss:.6g})"
@@ -462,6 +528,11 @@ def hessian_operator(
         The operator; its ``matvec`` is the single HVP primitive of :mod:`normlab.diagnostics`.
     Raises:
         TypeError, ValueError: invalid arguments, or ``loss_fn`` not returning a scalar.
+        SecondDerivativeError: (a ``ValueError``) in ``"train"`` mode a submodule has
+            ``twice_differentiable = False`` (the message names it), or the operator fails the
+            symmetry probe (two extra products
+            comparing :math:`u^\top Hv` with :math:`v^\top Hu`): the model's second derivatives
+            are not exact. The model is left unchanged.
     """
     _check_model(model)
     _check_loss_fn(loss_fn)
@@ -469,9 +540,12 @@ def hessian_operator(
     mode = check_mode(mode)
     dtype = _check_dtype(dtype)
     with preserve_state(model, mode) as snapshot:
+        _check_twice_differentiable(model, mode, "hessian_operator")
         f = _ModelLoss(model, loss_fn, batch, snapshot, params=params, dtype=dtype)
         loss, grad, leaf = f.loss_and_grad(f.theta, create_graph=True)
-    return HessianOperator(f.layout, mode, leaf, loss, grad)
+        op = HessianOperator(f.layout, mode, leaf, loss, grad)
+        op._check_symmetric("hessian_operator")
+    return op
 
 
 def hvp(

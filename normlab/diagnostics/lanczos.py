@@ -4,25 +4,20 @@ Every function here takes a ``matvec`` callable :math:`v \mapsto Av` for a symme
 :math:`A \in \mathbb{R}^{n\times n}` and never a model, so each is tested against explicit matrices
 with known spectra. :mod:`normlab.diagnostics.hessian` applies them to the Hessian of a model.
 
-* :func:`lanczos`: Lanczos with **full reorthogonalisation** (classical Gram-Schmidt, applied
-  twice), Ritz values from ``torch.linalg.eigh`` of the tridiagonal matrix. Without
-  reorthogonalisation Lanczos produces spurious copies ("ghosts") of converged eigenvalues.
+* :func:`lanczos`: Lanczos with full reorthogonalization; :func:`ritz_extremes` replays it.
 * :func:`top_eigenvalues`, :func:`bottom_eigenvalues`: the :math:`k` largest / smallest algebraic
-  eigenvalues (so ``bottom_eigenvalues(...).values[0]`` is :math:`\lambda_{\min}`, negative for an
+  eigenvalues (``bottom_eigenvalues(...).values[0]`` is :math:`\lambda_{\min}`, negative for an
   indefinite matrix).
-* :func:`power_iteration`: power iteration with Gram-Schmidt deflation and an optional shift,
-  the approach PyHessian takes (kept as a baseline; Lanczos needs far fewer products).
+* :func:`power_iteration`: power iteration with deflation and a shift (PyHessian's approach,
+  kept as a baseline).
 * :func:`hutchinson_trace`: :math:`\operatorname{tr}A \approx \frac1s\sum_i v_i^\top A v_i`.
 * :func:`spectral_density`: stochastic Lanczos quadrature (SLQ).
+* :func:`projected_matvec`: the compression :math:`PAP` to the complement of a subspace.
 
-Convergence of a Ritz value :math:`\theta_i` after :math:`m` steps is judged by the residual
-:math:`\|A x_i - \theta_i x_i\| = \beta_m |e_m^\top y_i|` (exact for the Ritz pair), which also
-bounds the distance from :math:`\theta_i` to the nearest eigenvalue. A Ritz value counts as
-converged when this residual is at most ``tol`` times :math:`\max_i|\theta_i|` (an estimate of
-:math:`\|A\|`). Randomness only through an explicit :class:`torch.Generator`.
-
-References: Golub & Van Loan, *Matrix Computations*, ch. 10; Ubaru, Chen & Saad 2017 (SLQ);
-Hutchinson 1989; Yao et al. 2020 (PyHessian), https://arxiv.org/abs/1912.07145
+A Ritz value counts as converged when its residual :math:`\|Ax - \theta x\|` is at most
+``tol`` times :math:`\max_i|\theta_i|`. Randomness only through an explicit
+:class:`torch.Generator`. The algorithms, their convergence and their costs: docs/diagnostics.md
+("Lanczos", "Hutchinson's trace estimator", "Spectral density").
 """
 
 from __future__ import annotations
@@ -176,29 +171,20 @@ def lanczos(
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
 ) -> LanczosResult:
-    r"""Lanczos tridiagonalisation of a symmetric operator, with full reorthogonalisation.
+    r"""Lanczos tridiagonalization of a symmetric operator, with full reorthogonalization.
 
-    From :math:`q_1 = s/\|s\|` (``start``, or a Gaussian vector from ``generator``) it builds an
-    orthonormal basis :math:`Q_m` of the Krylov space
-    :math:`\mathcal K_m = \mathrm{span}\{q_1, Aq_1, \dots, A^{m-1}q_1\}` and the tridiagonal
-    :math:`T_m = Q_m^\top A Q_m` (diagonal :math:`\alpha`, off-diagonal :math:`\beta`):
+    Builds an orthonormal basis :math:`Q_m` of the Krylov space of the start vector :math:`s`
+    (``start``, or a Gaussian vector from ``generator``) and :math:`T_m = Q_m^\top A Q_m`; the
+    eigenvalues of :math:`T_m` are the Ritz values. Every new basis vector is re-orthogonalized
+    against all previous ones (twice), so no spurious copies of converged eigenvalues appear (see
+    docs/diagnostics.md, "Lanczos").
 
-    .. math::
-        \beta_j q_{j+1} = A q_j - \alpha_j q_j - \beta_{j-1} q_{j-1}, \qquad
-        \alpha_j = q_j^\top A q_j,
-
-    re-orthogonalising :math:`q_{j+1}` against all previous :math:`q_i` twice, so no ghost
-    eigenvalues appear. The eigenvalues of :math:`T_m` (``torch.linalg.eigh``) are the Ritz values;
-    the extreme ones converge first, at both ends of the spectrum.
-
-    Stops after ``max_iterations`` products, when the requested Ritz values (``k`` at the end(s)
-    named by ``which``) have residual :math:`\le` ``tol`` :math:`\cdot\max_i|\theta_i|`, or when the
-    Krylov space becomes invariant (then the Ritz values are exact eigenvalues; eigenvalues whose
-    eigenvectors are orthogonal to the start vector are never found, which for a random start
-    happens with probability zero). At most :math:`n` iterations are possible. The tolerance is
-    checked after every iteration up to 40, then every :math:`\lfloor m/20\rfloor` iterations
-    (the eigendecomposition of :math:`T_m` costs :math:`O(m^3)`); :func:`ritz_extremes` gives the
-    extreme Ritz values after every iteration.
+    Stops after ``max_iterations`` products (at most :math:`n`), when the requested Ritz values
+    (``k`` at the end(s) named by ``which``) have residual :math:`\le` ``tol``
+    :math:`\cdot\max_i|\theta_i|`, or when the Krylov space becomes invariant (the Ritz values are
+    then exact). The tolerance is checked after every iteration up to 40, then every
+    :math:`\lfloor m/20\rfloor` iterations; :func:`ritz_extremes` gives the extreme Ritz values
+    after every iteration.
 
     Args:
         matvec: :math:`v\mapsto Av`, with :math:`A` symmetric, for ``v`` of shape ``(dim,)``.
@@ -454,14 +440,11 @@ def power_iteration(
     ``tol`` :math:`\cdot(|\mu_{t-1}| + 10^{-6})` or ``max_iterations`` products (per
     eigenvalue). It returns :math:`\mu + s`.
 
-    Power iteration finds the eigenvalues of :math:`A` farthest from the shift :math:`s`
-    (largest :math:`|\lambda - s|`), at a rate set by the ratio of the two largest
-    :math:`|\lambda-s|`. With :math:`s = 0` that is the largest-*magnitude* eigenvalue, which for
-    an indefinite matrix may be negative; with :math:`s = \lambda_{\max}` (known to be the largest
-    algebraic eigenvalue) it converges to :math:`\lambda_{\min}` (DIAGNOSTICS.md §6.2). The
-    stopping rule measures the change between iterations, not the error; it can stop early far
-    from the eigenvalue when convergence is slow. Kept as the baseline that
-    ``benchmarks/bench_hessian.py`` compares :func:`lanczos` with.
+    It finds the eigenvalues of :math:`A` farthest from the shift (largest :math:`|\lambda - s|`):
+    with :math:`s = 0` the largest-*magnitude* one, with :math:`s = \lambda_{\max}` the smallest
+    algebraic one. The stopping rule measures the change between iterations, not the error (see
+    docs/diagnostics.md, "Lanczos"). Kept as the baseline that ``benchmarks/bench_hessian.py``
+    compares :func:`lanczos` with.
 
     Args:
         matvec, dim: the operator and its size.
@@ -560,10 +543,9 @@ def hutchinson_trace(
 ) -> TraceEstimate:
     r"""Hutchinson's estimator :math:`\operatorname{tr}A\approx\frac1s\sum_{i=1}^s v_i^\top Av_i`.
 
-    With i.i.d. probes :math:`v_i` of :math:`\mathrm E[vv^\top] = I` the estimator is unbiased.
-    The variance of one sample is :math:`2\sum_{i\ne j}A_{ij}^2` for Rademacher probes
-    (entries :math:`\pm1`; exact for diagonal :math:`A`) and :math:`2\|A\|_F^2` for Gaussian ones.
-    The standard error reported is the sample estimate of :math:`\sqrt{\mathrm{Var}/s}`.
+    Unbiased for i.i.d. probes with :math:`\mathrm E[vv^\top] = I`; the standard error reported
+    is the sample estimate of :math:`\sqrt{\mathrm{Var}/s}` (the variances of the two probe
+    distributions: docs/diagnostics.md, "Hutchinson's trace estimator").
 
     Args:
         matvec, dim: the operator and its size.

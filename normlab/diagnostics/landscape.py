@@ -1,23 +1,16 @@
 r"""Loss-landscape smoothness along the gradient and BN's gradient identity (Santurkar et al.).
 
 Santurkar, Tsipras, Ilyas & Madry, "How Does Batch Normalization Help Optimization?", NeurIPS 2018,
-https://arxiv.org/abs/1805.11604, Sec. 3.1 (Fig. 4) and Sec. 4 (Thm 4.1). Conventions follow
-DIAGNOSTICS.md §2.4-2.5:
+https://arxiv.org/abs/1805.11604, Sec. 3.1 (Fig. 4) and Sec. 4 (Thm 4.1):
 
 * :func:`loss_landscape` probes along the current gradient (or a given update direction) at a set
-  of step sizes: the loss band ("Lipschitzness of the loss"), the change of the gradient ("gradient
-  predictiveness") and the effective :math:`\beta`-smoothness.
-* :func:`bn_gradient_bound` evaluates both sides of Thm 4.1 for one BN layer of a model. The
-  paper states an inequality; with :math:`\epsilon = 0` and both correction terms scaled by
-  :math:`1/m` it is an *identity* (DIAGNOSTICS.md §2.5 [D]), because the Jacobian of BN with
-  respect to its input is :math:`\frac{\gamma}{\sigma}(I - \frac1m\mathbf 1\mathbf 1^\top -
-  \frac1m\hat y\hat y^\top)`, an orthogonal projection times :math:`\gamma/\sigma`. Some
-  transcriptions print :math:`1/\sqrt m` on the last term; that version is false on random data.
+  of step sizes: the loss band, the change of the gradient ("gradient predictiveness") and the
+  effective :math:`\beta`-smoothness.
+* :func:`bn_gradient_bound` evaluates both sides of Thm 4.1 for one BN layer of a model (with
+  :math:`1/m` on both correction terms; with :math:`\epsilon = 0` the two sides are equal).
 
-Departures from the paper: the probe batch is the batch passed in (the paper does not say which
-batch it used); ``mode`` is explicit; BN's :math:`\epsilon` enters :math:`\sigma^2` as
-:math:`\sigma^2+\epsilon` (with :math:`\epsilon>0` the identity becomes the inequality, see
-:func:`bn_gradient_bound`).
+Both use first derivatives only. The protocol, the departures from the paper and the proof that
+Thm 4.1 is an identity at :math:`\epsilon = 0`: docs/diagnostics.md ("Loss landscape").
 """
 
 from __future__ import annotations
@@ -124,10 +117,8 @@ def loss_landscape(
         \text{change}(\eta) = \|\nabla L(\theta+\eta d) - g\|_2, \qquad
         \beta_{\text{eff}} = \max_{\eta\in S}\frac{\|\nabla L(\theta+\eta d) - g\|_2}{\eta\|d\|_2}.
 
-    Santurkar et al. use :math:`S = \{\tfrac12, 1, 2, 4\}\times` the learning rate for their VGG
-    (up to 0.4) and :math:`[\tfrac1{100}, 30]\times` lr for the deep linear network.
-    :math:`\beta_{\text{eff}}` is a lower bound on the smoothness constant along the line; for a
-    quadratic :math:`L = \frac12\theta^\top A\theta` it equals :math:`\|Ag\|/\|g\|`.
+    :math:`\beta_{\text{eff}}` is a lower bound on the smoothness constant along the line. The
+    step sizes of the paper and the protocol: docs/diagnostics.md ("Loss landscape").
 
     Args:
         model, loss_fn, batch, mode, params, dtype: as in
@@ -237,13 +228,10 @@ def bn_gradient_bound(
         - \tfrac1m\langle\mathbf 1,\nabla_{z_j}L\rangle^2
         - \tfrac1m\langle\nabla_{z_j}L,\hat y_j\rangle^2\Big).
 
-    Since :math:`\nabla_{y}\hat L = \frac{\gamma}{s}(I - \frac1m\mathbf 1\mathbf 1^\top -
-    \frac1m\hat y\hat y^\top)\,g` with :math:`s^2 = \sigma^2+\epsilon`: for :math:`\epsilon = 0`,
-    :math:`\|\hat y\|^2 = m` and the matrix in brackets is an orthogonal projection, so the two
-    sides are **equal**. For :math:`\epsilon > 0`,
-    :math:`\|\nabla_y\hat L\|^2 = \frac{\gamma^2}{s^2}(\|g\|^2 - \frac1m\langle\mathbf 1,g\rangle^2
-    - \frac{2-\rho}{m}\langle g,\hat y\rangle^2)` with :math:`\rho = \sigma^2/s^2 \le 1`, so the
-    inequality holds (strictly when :math:`\langle g,\hat y\rangle \ne 0`).
+    Here :math:`\sigma_j^2` is taken as :math:`\sigma_j^2 + \epsilon` with the layer's
+    :math:`\epsilon`. For :math:`\epsilon = 0` the two sides are equal; for :math:`\epsilon > 0`
+    the inequality is strict unless :math:`\langle\nabla_{z_j}L, \hat y_j\rangle = 0` (proof:
+    docs/diagnostics.md, "Loss landscape").
 
     The model is evaluated in training mode (the theorem is about batch statistics) through
     ``functional_call`` with cloned buffers; a temporary forward hook on ``layer`` reads its input

@@ -1,4 +1,4 @@
-r"""BNP experiments (issue 4): batch size, online learning, Hessian conditioning.
+r"""BNP experiments: batch size, online learning, Hessian conditioning.
 
 - ``bnp-batch-size``: none, BN, BNP, and GN / Batch Renorm as small-batch baselines, for batch
   sizes 1 to 64 at a fixed number of epochs: final test accuracy against batch size, and training
@@ -10,39 +10,29 @@ r"""BNP experiments (issue 4): batch size, online learning, Hessian conditioning
 
 **Learning rates.** One rule for every batch size: :math:`\eta(b) = \eta_{64}\,(b/64)^{1/2}`
 (square-root scaling from a base rate at batch size 64; ``lr_exponent`` changes the power).
-BNP multiplies each weight's step by :math:`1/\sigma^2` of its input (ALGORITHMS.md §1.7), so it
-has its own base rate (``bnp_lr``); every other method uses ``lr``. The defaults come from a
-small grid on MNIST-10k (``benchmarks/bench_bnp.py``) and digits.
+BNP multiplies each weight's step by :math:`1/\sigma^2` of its input, so it has its own base
+rate (``bnp_lr``); every other method uses ``lr``. The defaults come from a small grid on
+MNIST-10k (``benchmarks/bench_bnp.py``) and digits.
 
-**Condition number** (``bnp-conditioning``). For a symmetric matrix with eigenvalues
-:math:`\lambda_i`, :math:`\kappa = \max_i |\lambda_i| / \min\{|\lambda_i| : |\lambda_i| > \tau
-\max_j |\lambda_j|\}` with :math:`\tau` = ``rel_tol`` (default 1e-11): eigenvalues below the
-threshold are zeros in exact arithmetic (the softmax's shift invariance, pixels that are
-constant on the batch, dead ReLUs), which float64 puts below about 1e-14 of the largest (on the
-digits MLP no eigenvalue lies between 1e-14 and 1e-10 relative); they are left out, everything
-else counts, negative curvature included (through :math:`|\lambda|`). Inputs that are nearly
-constant on the batch (a pixel lit in one image of 256) give genuinely tiny eigenvalues, so
-:math:`\kappa(H)` is large; that is the ill-conditioning BNP's variance scaling addresses, up to
-its floor. The positive-part number (:math:`\lambda_{\max}` over the
-smallest eigenvalue above :math:`\tau\lambda_{\max}`) is recorded as well. :math:`H` is the dense
-Hessian (``torch.autograd.functional.hessian``, float64) of the mean cross-entropy over a fixed
+**Conditioning** (``bnp-conditioning``). :math:`H` is the dense float64 Hessian
+(:func:`normlab.diagnostics.dense_hessian`, training mode) of the mean cross-entropy over a fixed
 batch of ``hessian_samples`` training samples with respect to every parameter; :math:`P` is
-block-diagonal with one block :func:`~normlab.functional.precondition.preconditioner_factor`
-per output unit of every ``nn.Linear``, built from the exact mean and variance of that layer's
-input on the same batch (BNP's ``eps`` = 1e-5, and each variance floor of ``floors``: 1e-3,
-the preconditioner's default, and 0.1, the experiments' and benchmark's choice on MNIST).
-:math:`P^\top H P` is the Hessian in the input-normalized parametrization, which the BNP step
-descends. Both are also computed per layer (the diagonal block of the layer's weights and
-biases). The numbers are recorded at every evaluation of a training run with no normalization
-and one with BNP.
+:func:`normlab.diagnostics.bnp_reparametrization` built from the exact input moments of every
+``nn.Linear`` on the same batch (:func:`normlab.diagnostics.layer_input_moments`), with the
+preconditioner's ``eps`` and each variance floor of ``floors``. Both matrices, whole and per
+layer (the diagonal block of the layer's weight and bias), are summarized by
+:func:`normlab.diagnostics.matrix_condition_number` with the zero threshold ``rel_tol``, at every
+evaluation of a run with no normalization and one with BNP. Definitions and the choice of the
+threshold: docs/diagnostics.md ("Condition numbers", "BNP's normalized parametrization").
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +40,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from normlab.diagnostics import (
+    ParameterLayout,
+    bnp_reparametrization,
+    dense_hessian,
+    matrix_condition_number,
+)
+from normlab.diagnostics import layer_input_moments as _layer_input_moments
 from normlab.experiments.core import (
     Experiment,
     RunContext,
@@ -61,19 +58,15 @@ from normlab.experiments.core import (
     run_cells,
     savefig,
 )
-from normlab.functional.precondition import preconditioner_factor
+from normlab.optim import BNPreconditioner
 from normlab.train import TrainConfig
 
 __all__ = [
     "BnpBatchSizeConfig",
     "BnpConditioningConfig",
     "BnpOnlineConfig",
-    "condition_number",
     "hessian_conditioning",
-    "layer_input_moments",
-    "loss_hessian",
     "lr_for",
-    "normalized_parametrization",
     "php_key",
 ]
 
@@ -91,6 +84,16 @@ def _base_lr(method: str, lr: float, bnp_lr: float) -> float:
 
 def _bnp_options(method: str, floor: float) -> dict[str, Any]:
     return {"floor": floor} if method == "bnp" else {}
+
+
+def _bnp_eps_floor(cell_cfg: TrainConfig | None) -> tuple[float, float]:
+    """``(eps, floor)`` of BNP in this cell: BNPreconditioner's defaults, overridden by the cell's
+    ``method_options`` (``None``: the defaults)."""
+    params = inspect.signature(BNPreconditioner).parameters
+    options = {"eps": params["eps"].default, "floor": params["floor"].default}
+    if cell_cfg is not None:
+        options.update({k: v for k, v in cell_cfg.method_options.items() if k in options})
+    return float(options["eps"]), float(options["floor"])
 
 
 def _num_train(ctx: RunContext, dataset: str, root: str | None, seed: int) -> int:
@@ -114,7 +117,7 @@ class BnpBatchSizeConfig:
     epochs: int = 5  # the same for every batch size (b=1 makes 64x the steps of b=64)
     lr: float = 0.1  # base learning rate at batch size 64, every method but bnp
     bnp_lr: float = 0.1  # base learning rate at batch size 64 for bnp
-    bnp_floor: float = 0.1  # BNPreconditioner variance floor (see the module docstring)
+    bnp_floor: float = 0.1  # BNPreconditioner variance floor
     lr_exponent: float = 0.5  # lr(b) = base * (b / 64) ** lr_exponent
     optimizer: str = "sgd"
     evals_per_epoch: int = 4  # points on the loss curves
@@ -353,32 +356,6 @@ def plot_online(run_dir: Path) -> list[Path]:
 # --------------------------------------------------------------------------- bnp-conditioning
 
 
-def condition_number(matrix: Tensor, rel_tol: float = 1e-11) -> dict[str, float]:
-    r"""Condition numbers of a symmetric matrix (see the module docstring).
-
-    Returns ``{"cond": max|l| / min{|l| > rel_tol max|l|}, "cond_pos": l_max / min{l >
-    rel_tol l_max}, "lambda_max": max|l|, "negative_fraction": share of eigenvalues below
-    -rel_tol max|l|}``; ``cond_pos`` is ``nan`` when no eigenvalue is positive.
-    """
-    if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
-        raise ValueError(f"condition_number expected a square matrix, got {tuple(matrix.shape)}")
-    if not (0 < rel_tol < 1):
-        raise ValueError(f"rel_tol must be in (0, 1), got {rel_tol!r}")
-    eig = torch.linalg.eigvalsh(matrix.to(torch.float64))
-    scale = float(eig.abs().max())
-    if scale == 0.0:
-        return {"cond": math.nan, "cond_pos": math.nan, "lambda_max": 0.0, "negative_fraction": 0.0}
-    kept = eig.abs()[eig.abs() > rel_tol * scale]
-    top = float(eig.max())
-    pos = eig[eig > rel_tol * top] if top > 0 else eig[:0]
-    return {
-        "cond": scale / float(kept.min()),
-        "cond_pos": top / float(pos.min()) if len(pos) else math.nan,
-        "lambda_max": scale,
-        "negative_fraction": float((eig < -rel_tol * scale).double().mean()),
-    }
-
-
 def _linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     others = [
@@ -394,90 +371,34 @@ def _linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return layers
 
 
-@torch.no_grad()
+# Compatibility names (tests/test_bnp_method.py imports them): thin wrappers over
+# normlab.diagnostics, which holds the one implementation of each.
+
+
+def condition_number(matrix: Tensor, rel_tol: float = 1e-11) -> dict[str, float]:
+    """``asdict(normlab.diagnostics.matrix_condition_number(matrix, rel_tol))``."""
+    return asdict(matrix_condition_number(matrix, rel_tol))
+
+
 def layer_input_moments(model: nn.Module, x: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
-    """Exact float64 mean and biased variance of every ``nn.Linear``'s input when ``model``
-    runs on the batch ``x`` (per input feature, over all leading dimensions), keyed by module
-    name. Float64 copies of the parameters are used; the model is not changed (run it in eval
-    mode or inside ``BNPreconditioner.paused()``, or a preconditioner records the forward)."""
-    layers = _linear_layers(model)
-    seen: dict[str, tuple[Tensor, Tensor]] = {}
-    handles = []
-
-    def make(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            rows = args[0].reshape(-1, args[0].shape[-1]).double()
-            seen[name] = (rows.mean(0), rows.var(0, correction=0))
-
-        return hook
-
-    try:
-        for name, layer in layers:
-            handles.append(layer.register_forward_pre_hook(make(name)))
-        params = {n: p.detach().double() for n, p in model.named_parameters()}
-        torch.func.functional_call(model, params, (x.double(),))
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
+    """:func:`normlab.diagnostics.layer_input_moments` in training mode, float64."""
+    return _layer_input_moments(model, x, mode="train", dtype=torch.float64)
 
 
 def normalized_parametrization(
-    model: nn.Module,
-    moments: dict[str, tuple[Tensor, Tensor]],
-    *,
-    eps: float = 1e-5,
-    floor: float = 1e-3,
+    model: nn.Module, moments: dict[str, tuple[Tensor, Tensor]], *, eps: float, floor: float
 ) -> Tensor:
-    r"""The matrix :math:`P` with :math:`\theta = P\,\vartheta` mapping BNP's input-normalized
-    parameters to the model's, over the flat vector of ``model.parameters()`` (in order).
-
-    Every ``nn.Linear`` named in ``moments`` (input ``(mean, var)``) gets, for each output unit
-    :math:`i`, the block :func:`~normlab.functional.precondition.preconditioner_factor` on the
-    coordinates :math:`(W_{i,:}, b_i)`; every other coordinate is left alone (identity).
-    :math:`P P^\top g` is the BNP-preconditioned gradient (``BNPreconditioner`` with these
-    statistics), and :math:`P^\top H P` the Hessian in the normalized parametrization.
-    """
-    named = dict(model.named_parameters())
-    offsets, total = {}, 0
-    for name, p in named.items():
-        offsets[name] = total
-        total += p.numel()
-    out = torch.eye(total, dtype=torch.float64)
-    modules = dict(model.named_modules())
-    for name, (mean, var) in moments.items():
-        layer = modules[name]
-        if not isinstance(layer, nn.Linear) or layer.bias is None:
-            raise ValueError(f"{name!r} must be an nn.Linear with a bias")
-        m, n = layer.weight.shape
-        block = preconditioner_factor(mean.double(), var.double(), eps=eps, floor=floor)
-        w0 = offsets[f"{name}.weight" if name else "weight"]
-        b0 = offsets[f"{name}.bias" if name else "bias"]
-        rows = torch.arange(m).unsqueeze(1)  # (m, 1)
-        idx = torch.cat(
-            [w0 + rows * n + torch.arange(n).unsqueeze(0), b0 + rows], dim=1
-        )  # (m, n + 1): unit i's weights, then its bias
-        out[idx.unsqueeze(2), idx.unsqueeze(1)] = block  # (m, n+1, n+1) <- (n+1, n+1)
-    return out
+    """The dense :math:`P` of :func:`normlab.diagnostics.bnp_reparametrization` over every
+    parameter of ``model`` (float64)."""
+    layout = ParameterLayout.of(list(model.named_parameters()))
+    apply_p, _ = bnp_reparametrization(layout, moments, eps=eps, floor=floor)
+    return apply_p(torch.eye(layout.dim, dtype=torch.float64))
 
 
 def loss_hessian(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    """Dense float64 Hessian of the mean cross-entropy of ``model`` on ``(x, y)`` with respect to
-    the flat vector of ``model.parameters()`` (in order; symmetrized). The model is not
-    changed (``torch.func.functional_call`` on float64 copies)."""
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    sizes = [math.prod(s) for s in shapes]
-    theta = torch.cat([p.detach().double().reshape(-1) for p in model.parameters()])
-    xd = x.double()
-
-    def loss(flat: Tensor) -> Tensor:
-        parts = flat.split(sizes)
-        params = {n: t.view(s) for n, t, s in zip(names, parts, shapes, strict=True)}
-        return F.cross_entropy(torch.func.functional_call(model, params, (xd,)), y)
-
-    hess = torch.autograd.functional.hessian(loss, theta, vectorize=True)
-    return 0.5 * (hess + hess.T)
+    """:func:`normlab.diagnostics.dense_hessian` of the mean cross-entropy, training mode,
+    float64."""
+    return dense_hessian(model, F.cross_entropy, (x, y), mode="train", dtype=torch.float64)
 
 
 def php_key(floor: float) -> str:
@@ -490,33 +411,42 @@ def hessian_conditioning(
     x: Tensor,
     y: Tensor,
     *,
-    eps: float = 1e-5,
+    eps: float | None = None,
     floors: Sequence[float] = (1e-3,),
     rel_tol: float = 1e-11,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    r"""Condition numbers (:func:`condition_number`) of the cross-entropy Hessian :math:`H` of
-    ``model`` on ``(x, y)``, and of :math:`P^\top H P` (:func:`normalized_parametrization`) for
-    each variance floor in ``floors``: for the whole parameter vector (``"all"``) and per
-    ``nn.Linear`` (its diagonal block, keyed by module name). Each entry maps ``"H"`` and
-    :func:`php_key` ``(floor)`` to the numbers. Float64; the model is not changed.
+    r"""Condition numbers (:func:`normlab.diagnostics.matrix_condition_number`, as dicts) of the
+    cross-entropy Hessian :math:`H` of ``model`` on ``(x, y)`` (training mode), and of
+    :math:`P^\top H P` (:func:`normlab.diagnostics.bnp_reparametrization` with ``eps``, default
+    the preconditioner's, and each variance floor in ``floors``): for the whole parameter vector
+    (``"all"``) and per ``nn.Linear`` (its diagonal block, keyed by module name). Each entry maps
+    ``"H"`` and :func:`php_key` ``(floor)`` to the numbers. Float64; the model is not changed.
     """
+    if eps is None:
+        eps = _bnp_eps_floor(None)[0]
     layers = _linear_layers(model)
     names = [n for n, _ in model.named_parameters()]
     sizes = [p.numel() for p in model.parameters()]
-    hess = loss_hessian(model, x, y)
-    moments = layer_input_moments(model, x)
+    hess = dense_hessian(model, F.cross_entropy, (x, y), mode="train", dtype=torch.float64)
+    moments = _layer_input_moments(model, x, mode="train", dtype=torch.float64)
+    layout = ParameterLayout.of(list(model.named_parameters()))
     offsets = dict(zip(names, torch.tensor([0, *sizes]).cumsum(0).tolist(), strict=False))
     blocks = {"all": slice(0, sum(sizes))}
     for name, layer in layers:  # a Linear's weight then bias: contiguous
         blocks[name] = slice(
             offsets[f"{name}.weight"], offsets[f"{name}.bias"] + layer.out_features
         )
-    result = {part: {"H": condition_number(hess[b, b], rel_tol)} for part, b in blocks.items()}
+
+    def numbers(matrix: Tensor) -> dict[str, float]:
+        return asdict(matrix_condition_number(matrix, rel_tol))
+
+    result = {part: {"H": numbers(hess[b, b])} for part, b in blocks.items()}
     for floor in floors:
-        p = normalized_parametrization(model, moments, eps=eps, floor=floor)
+        apply_p, _ = bnp_reparametrization(layout, moments, eps=eps, floor=floor)
+        p = apply_p(torch.eye(layout.dim, dtype=torch.float64))
         pre = p.T @ hess @ p
         for part, b in blocks.items():
-            result[part][php_key(floor)] = condition_number(pre[b, b], rel_tol)
+            result[part][php_key(floor)] = numbers(pre[b, b])
     return result
 
 
@@ -530,7 +460,7 @@ class BnpConditioningConfig:
     epochs: int = 5
     lr: float = 0.1  # for none
     bnp_lr: float = 0.01
-    bnp_floor: float = 1e-3  # of the bnp training run (BNPreconditioner's default)
+    bnp_floor: float = 1e-3  # of the bnp training run
     floors: tuple[float, ...] = (1e-3, 0.1)  # P^T H P is measured for each of these floors
     optimizer: str = "sgd"
     eval_every: int = 11  # steps between Hessian evaluations (digits: 22 steps per epoch)
@@ -548,11 +478,13 @@ def run_conditioning(cfg: BnpConditioningConfig, out: Path, ctx: RunContext) -> 
     y_h = data.y_train[: cfg.hessian_samples]
 
     def on_eval(name: str) -> Callable[[nn.Module, dict[str, Any]], dict[str, Any]]:
+        eps, _ = _bnp_eps_floor(cells[name])
+
         def measure(model: nn.Module, record: dict[str, Any]) -> dict[str, Any]:
             del record
             return {
                 "conditioning": hessian_conditioning(
-                    model, x_h, y_h, floors=cfg.floors, rel_tol=cfg.rel_tol
+                    model, x_h, y_h, eps=eps, floors=cfg.floors, rel_tol=cfg.rel_tol
                 )
             }
 

@@ -1,15 +1,16 @@
 r"""``cai-ols``: BN-GD on least squares converges over a far wider learning-rate range than GD.
 
 Cai, Li & Shen, "A Quantitative Analysis of the Effect of Batch Normalization on Gradient
-Descent", ICML 2019 (https://arxiv.org/abs/1810.00122); DIAGNOSTICS.md §3. On the
+Descent", ICML 2019 (https://arxiv.org/abs/1810.00122). On the
 ``ols-heterogeneous`` regression data (centred; full batch, deterministic), plain gradient descent
 on :math:`J_0(w) = \tfrac12\mathrm E[(y - x^\top w)^2]` converges only for
 :math:`\varepsilon < 2/\lambda_{\max}(H)`, while BN-GD, gradient descent on the batch-normalized
 model :math:`J(a, w) = \tfrac12\mathrm E[(y - a\,x^\top w/\|w\|_H)^2]` (full-batch statistics,
 :math:`\epsilon = 0`), converges for every weight learning rate :math:`\varepsilon`: the scale
 invariance makes :math:`\|w_k\|` grow until the effective step :math:`\varepsilon/\|w_k\|^2` is
-small enough. The maths is in :mod:`normlab.diagnostics.theory`
-(:func:`~normlab.diagnostics.theory.ols_gd`, :func:`~normlab.diagnostics.theory.bn_ols_gd`).
+small enough. The maths is in :mod:`normlab.diagnostics.ols`
+(:func:`~normlab.diagnostics.ols_gd`, :func:`~normlab.diagnostics.bn_ols_gd`) and
+docs/diagnostics.md ("BN-GD on least squares").
 
 For each :math:`\varepsilon` of a log grid the experiment records the iterations until the relative
 excess loss :math:`(J - J^*)/(J_0(0) - J^*)` falls to ``tol`` (both methods measured on the same
@@ -17,7 +18,7 @@ predictor, :math:`\tilde w = a\,w/\|w\|_H` for BN-GD, and from the same :math:`w
 vector). It also checks the scaling law (runs with :math:`(\varepsilon, c\,w_0)` and
 :math:`(\varepsilon/c^2, w_0)` give the same losses) and reports :math:`\kappa(H)` and Cai et al.'s
 effective :math:`\kappa^*`. The defaults (:math:`d = 100`, feature scales 0.3..3, so
-:math:`\kappa(H) \approx 100`) follow DIAGNOSTICS.md §3.3's pilot.
+:math:`\kappa(H) \approx 100`) are those of a pilot run that separates the two methods.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 
 from normlab.data import load_dataset
-from normlab.diagnostics.theory import OLSTrace, bn_ols_gd, ols_gd, ols_problem
+from normlab.diagnostics import OLSTrace, bn_ols_gd, ols_gd, ols_problem
 from normlab.experiments.core import (
     Experiment,
     RunContext,

@@ -1,43 +1,35 @@
 r"""``gradient-flow``: per-layer gradient norms across depth, none vs BN vs FN vs BNP.
 
-DIAGNOSTICS.md §8 (after Cabana & Lago-Fernández 2021, "Backward Gradient Normalization in Deep
-Neural Networks", https://arxiv.org/abs/2106.09475). A deep MLP (default 30 hidden layers of 32
-sigmoid units, PyTorch's default initialization) on digits: the Frobenius norm
+After Cabana & Lago-Fernández 2021, "Backward Gradient Normalization in Deep Neural Networks"
+(https://arxiv.org/abs/2106.09475). A deep MLP (default 30 hidden layers of 32 sigmoid units,
+PyTorch's default initialization) on digits: the Frobenius norm
 :math:`\|\partial L/\partial W_l\|_F` of every weight against its depth :math:`l`
 (:func:`normlab.diagnostics.gradient_flow`, training mode, one fixed batch of training samples),
 at initialization and after ``steps`` SGD steps, for each method in ``methods`` that is
-registered when the experiment runs (the others get a row saying so). Without normalization the
-sigmoid's derivative (at most 1/4) shrinks the backpropagated signal layer by layer, so the
-profile falls by orders of magnitude toward the input; BN re-scales every layer's input and keeps
-it level.
+registered when the experiment runs (the others get a row saying so).
 
-**BNP.** A ``bnp`` model has no normalization layer: its forward and its raw gradients at
-initialization are those of the plain network (same seed, same weights). What BNP changes is the
-*update*, the preconditioned gradient :math:`\tilde G_W = (G_W - g_b\mu^\top)D^{-2}` of every
-``nn.Linear`` (:func:`normlab.functional.precondition.precondition_linear`), so for ``bnp`` the
-profile of the preconditioned gradients is recorded as well (and is the one the report and the
-solid line show; the raw one is dashed). The preconditioner needs statistics of each layer's
-input, i.e. a forward first: here they are the exact mean and biased variance of each layer's
-input on the probe batch (what :class:`~normlab.optim.BNPreconditioner` with its defaults,
-``eps=1e-5``, ``floor=1e-3``, ``use_current_batch=True``, uses at its first step), not the run's
-running averages, so the init and trained profiles are measured the same way.
+**BNP.** A ``bnp`` model has no normalization layer, so its raw gradients at initialization are
+those of the plain network; what BNP changes is the update. For ``bnp`` the profile of the
+preconditioned gradients (:func:`normlab.diagnostics.preconditioned_gradient_norms`, with the
+exact input moments of each layer on the probe batch and the ``eps``/``floor`` the run trains
+with) is recorded as well; it is the one the report and the solid line show (the raw one is
+dashed). See docs/diagnostics.md ("Gradient flow").
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from normlab.diagnostics import gradient_flow, preserve_state
+from normlab.diagnostics import gradient_flow, preconditioned_gradient_norms
 from normlab.experiments.core import (
     Experiment,
     RunContext,
@@ -48,16 +40,13 @@ from normlab.experiments.core import (
     run_cells,
     savefig,
 )
-from normlab.functional.precondition import linear_input_moments, precondition_linear
 from normlab.methods import list_methods
+from normlab.optim import BNPreconditioner
 from normlab.train import TrainConfig
 
-__all__ = ["BNP_EPS", "BNP_FLOOR", "GradientFlowConfig", "preconditioned_gradient_norms"]
+__all__ = ["GradientFlowConfig"]
 
 log = logging.getLogger(__name__)
-
-BNP_EPS = 1e-5  # BNPreconditioner's default eps
-BNP_FLOOR = 1e-3  # BNPreconditioner's default variance floor
 
 
 @dataclass(frozen=True)
@@ -76,62 +65,16 @@ class GradientFlowConfig:
     seed: int = 0
 
 
-def preconditioned_gradient_norms(
-    model: nn.Module,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
-    batch: tuple[Tensor, Tensor],
-    *,
-    eps: float = BNP_EPS,
-    floor: float = BNP_FLOOR,
-) -> dict[str, float]:
-    r"""Frobenius norms of BNP-preconditioned weight gradients, per ``nn.Linear`` weight name.
-
-    One training-mode forward/backward on ``batch`` through ``functional_call`` (parameters are
-    copies; the model is left unchanged, see :func:`normlab.diagnostics.preserve_state`), with
-    temporary forward pre-hooks reading each ``nn.Linear``'s input; then
-    :func:`~normlab.functional.precondition.precondition_linear` with that input's exact mean and
-    biased variance (a layer without bias gets only the :math:`D^{-2}` scaling, as in
-    :class:`~normlab.optim.BNPreconditioner`).
-    """
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    inputs: dict[str, Tensor] = {}
-    handles = []
-    with preserve_state(model, "train"):
-        try:
-            for name, layer in linears.items():
-                handles.append(
-                    layer.register_forward_pre_hook(
-                        lambda _m, args, name=name: inputs.__setitem__(name, args[0].detach())
-                    )
-                )
-            params = {
-                n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()
-            }
-            buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-            with torch.enable_grad():
-                out = torch.func.functional_call(model, (params, buffers), (batch[0],))
-                loss = loss_fn(out, batch[1])
-                values = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-            grads = dict(zip(params, values, strict=True))
-        finally:
-            for h in handles:
-                h.remove()
-    norms = {}
-    for name, layer in linears.items():
-        prefix = f"{name}." if name else ""
-        gw = grads.get(f"{prefix}weight")
-        if gw is None or name not in inputs:
-            continue
-        gb = grads.get(f"{prefix}bias") if layer.bias is not None else None
-        if gb is None and layer.bias is not None:
-            gb = torch.zeros_like(layer.bias)
-        mom = linear_input_moments(inputs[name])
-        new_w, _ = precondition_linear(gw, gb, mom.mean, mom.var, eps=eps, floor=floor)
-        norms[f"{prefix}weight"] = float(torch.linalg.vector_norm(new_w))
-    return norms
+def _bnp_eps_floor(cell_cfg: TrainConfig) -> tuple[float, float]:
+    """``(eps, floor)`` of BNP in this cell: BNPreconditioner's defaults, overridden by the cell's
+    ``method_options``."""
+    params = inspect.signature(BNPreconditioner).parameters
+    options = {"eps": params["eps"].default, "floor": params["floor"].default}
+    options.update({k: v for k, v in cell_cfg.method_options.items() if k in options})
+    return float(options["eps"]), float(options["floor"])
 
 
-def _probe(batch: tuple[Tensor, Tensor], precondition: bool):
+def _probe(batch: tuple[Tensor, Tensor], bnp_eps_floor: tuple[float, float] | None):
     def measure(model: nn.Module, record: dict[str, Any]) -> dict[str, Any]:
         del record
         flow = gradient_flow(model, F.cross_entropy, batch, mode="train")
@@ -143,8 +86,11 @@ def _probe(batch: tuple[Tensor, Tensor], precondition: bool):
                 "loss": flow.loss,
             }
         }
-        if precondition:
-            pre = preconditioned_gradient_norms(model, F.cross_entropy, batch)
+        if bnp_eps_floor is not None:
+            eps, floor = bnp_eps_floor
+            pre = preconditioned_gradient_norms(
+                model, F.cross_entropy, batch, mode="train", eps=eps, floor=floor
+            )
             out["flow"]["preconditioned_grad_norms"] = [pre.get(n, math.nan) for n in flow.names]
         return out
 
@@ -183,7 +129,12 @@ def run(cfg: GradientFlowConfig, out: Path, ctx: RunContext) -> dict[str, Any]:
                 seed=cfg.seed,
             )
     summaries = run_cells(
-        cells, out, ctx, on_eval=lambda name: _probe(batch, name.startswith("bnp/"))
+        cells,
+        out,
+        ctx,
+        on_eval=lambda name: _probe(
+            batch, _bnp_eps_floor(cells[name]) if name.startswith("bnp/") else None
+        ),
     )
     return {
         "methods": methods,

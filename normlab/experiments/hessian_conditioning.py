@@ -3,39 +3,28 @@ r"""``hessian-conditioning``: extreme Hessian eigenvalues and condition number o
 For each method in ``methods`` that is registered when the experiment runs (none, BN, BNP, FN by
 default; the others get a row saying so), a small MLP on digits is trained with SGD through
 :func:`normlab.train.train`, and at every evaluation ``on_eval`` runs
-:func:`normlab.diagnostics.hessian_spectrum` on the **training-mode** Hessian (BN with batch
-statistics) of the cross-entropy on one fixed batch of training samples (float64, at most
-``lanczos_iterations`` Hessian-vector products), recording :math:`\lambda_{\max}`,
-:math:`\lambda_{\min}`, normlab's condition number (:math:`\lambda_{\max}/\lambda_{\min}` if
-:math:`\lambda_{\min} > 0`, else infinite; DIAGNOSTICS.md §6.2) and the negative-curvature ratio
-:math:`\lambda_{\min}/\lambda_{\max}`, which stays informative while the Hessian is indefinite.
+:func:`normlab.diagnostics.hessian_spectrum` on the **training-mode** Hessian of the
+cross-entropy on one fixed batch of training samples (float64, at most ``lanczos_iterations``
+Hessian-vector products), recording :math:`\lambda_{\max}`, :math:`\lambda_{\min}`,
+:func:`normlab.diagnostics.condition_number`, the negative-curvature ratio
+:math:`\lambda_{\min}/\lambda_{\max}` and the density-based :math:`\kappa_q`
+(:func:`positive_quantile` of :func:`normlab.diagnostics.hessian_density`), with Lanczos's
+``converged`` flag.
 
 * **BN** (and any method whose layers make rows of a weight scale- or shift-invariant): the
-  Hessian is singular along those directions, so the spectrum is also taken on their orthogonal
-  complement (``restrict=True``; :func:`~normlab.diagnostics.invariant_directions`), the
-  "condition number on a subspace" of the BNP paper and Cai et al.'s :math:`\kappa^*`.
-* **BNP** has no normalization layer; its claim is about the Hessian in the input-normalized
-  parametrization, :math:`P^\top H P` (DIAGNOSTICS.md §6.3), which is what BNP's preconditioned
-  SGD descends. It is computed matrix-free
-  (:func:`~normlab.diagnostics.theory.bnp_reparametrization` around the same Hessian operator,
-  then :func:`~normlab.diagnostics.lanczos`), with :math:`P`
-  built from the exact mean and biased variance of each ``nn.Linear``'s input on the same batch
-  (BNPreconditioner's ``eps=1e-5`` and ``floor=1e-3``), i.e. the statistics BN would use in
-  training mode, not the run's running averages (``on_eval`` does not see the training hook).
+  spectrum is also taken on the complement of those directions (``restrict=True``).
+* **BNP**: the spectrum of :math:`P^\top H P`, the Hessian in BNP's input-normalized
+  parametrization (:func:`preconditioned_spectrum`), with :math:`P` built from the exact input
+  moments of every ``nn.Linear`` on the same batch and the ``eps``/``floor`` the run trains with.
 
-The positive-definite condition number is infinite whenever the Hessian has a negative
-eigenvalue, which in these runs is all of training. So each matrix also gets the density-based
-condition number DIAGNOSTICS.md §6.2 suggests, :math:`\kappa_q = \lambda_{\max}/\lambda_q` with
-:math:`\lambda_q` the ``quantile`` (default 0.1) of the positive part of its spectrum, estimated
-by stochastic Lanczos quadrature (:func:`~normlab.diagnostics.hessian_density`, one Rademacher
-probe, ``lanczos_iterations`` steps; :func:`positive_quantile`); it is a coarse estimate (a
-quadrature with that many nodes), comparable across methods measured the same way.
-:func:`~normlab.diagnostics.hessian_spectrum`'s ``converged`` flag is recorded with each
-measurement (Lanczos is capped for speed).
+A method whose layers are not twice differentiable in training mode (FN) is refused by the
+diagnostics, and its cell records the error. Definitions: docs/diagnostics.md ("Hessian
+spectrum", "Condition numbers", "BNP's normalized parametrization").
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -48,17 +37,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normlab.diagnostics import (
+    SecondDerivativeError,
     SpectralDensity,
+    bnp_reparametrization,
     condition_number,
     hessian_density,
     hessian_operator,
     hessian_spectrum,
     invariant_directions,
     lanczos,
-    preserve_state,
+    layer_input_moments,
     spectral_density,
 )
-from normlab.diagnostics.theory import bnp_reparametrization
 from normlab.experiments.core import (
     Experiment,
     RunContext,
@@ -69,21 +59,17 @@ from normlab.experiments.core import (
     run_cells,
     savefig,
 )
-from normlab.functional.precondition import linear_input_moments
 from normlab.methods import list_methods
+from normlab.optim import BNPreconditioner
 from normlab.train import TrainConfig
 
 __all__ = [
     "HessianConditioningConfig",
-    "linear_input_statistics",
     "positive_quantile",
     "preconditioned_spectrum",
 ]
 
 log = logging.getLogger(__name__)
-
-BNP_EPS = 1e-5  # BNPreconditioner's defaults
-BNP_FLOOR = 1e-3
 
 
 @dataclass(frozen=True)
@@ -105,38 +91,13 @@ class HessianConditioningConfig:
     seed: int = 0
 
 
-def linear_input_statistics(model: nn.Module, inputs: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
-    r"""Exact float64 mean and biased variance of every ``nn.Linear``'s input, training mode.
-
-    One forward of ``inputs`` through ``functional_call`` with copies of the parameters and
-    buffers under :func:`~normlab.diagnostics.preserve_state` (the model is left unchanged);
-    temporary forward pre-hooks read the inputs and are removed before returning.
-    """
-    seen: dict[str, tuple[Tensor, Tensor]] = {}
-    handles = []
-
-    def hook(name: str):
-        def record(_m: nn.Module, args: tuple[Any, ...]) -> None:
-            mom = linear_input_moments(args[0].detach().double())
-            seen[name] = (mom.mean, mom.var)
-
-        return record
-
-    with preserve_state(model, "train"), torch.no_grad():
-        try:
-            for name, layer in model.named_modules():
-                if isinstance(layer, nn.Linear):
-                    handles.append(layer.register_forward_pre_hook(hook(name)))
-            params = {n: p.detach().double() for n, p in model.named_parameters()}
-            buffers = {
-                n: b.detach().clone().double() if b.is_floating_point() else b.detach().clone()
-                for n, b in model.named_buffers()
-            }
-            torch.func.functional_call(model, (params, buffers), (inputs.double(),))
-        finally:
-            for h in handles:
-                h.remove()
-    return seen
+def _bnp_eps_floor(cell_cfg: TrainConfig) -> tuple[float, float]:
+    """``(eps, floor)`` of BNP in this cell: BNPreconditioner's defaults, overridden by the cell's
+    ``method_options``."""
+    params = inspect.signature(BNPreconditioner).parameters
+    options = {"eps": params["eps"].default, "floor": params["floor"].default}
+    options.update({k: v for k, v in cell_cfg.method_options.items() if k in options})
+    return float(options["eps"]), float(options["floor"])
 
 
 def positive_quantile(density: SpectralDensity, q: float) -> float | None:
@@ -145,9 +106,9 @@ def positive_quantile(density: SpectralDensity, q: float) -> float | None:
     The quadrature nodes :math:`\theta_k` with weights :math:`w_k` (pooled over probes) estimate
     the spectral measure; keeping the nodes above :math:`10^{-8}\max_k|\theta_k|` and
     renormalizing their weights, this is the smallest node whose cumulative weight reaches
-    :math:`q`. ``None`` if no node is positive. :math:`\lambda_{\max}/\lambda_q` is the
-    density-based condition number DIAGNOSTICS.md §6.2 suggests for indefinite Hessians with many
-    near-zero eigenvalues (:math:`q = 0.1`: the 10th percentile of the positive mass).
+    :math:`q`. ``None`` if no node is positive. :math:`\lambda_{\max}/\lambda_q` is a
+    density-based condition number for indefinite Hessians with many near-zero eigenvalues; see
+    docs/diagnostics.md ("Condition numbers").
     """
     if not 0.0 < q <= 1.0:
         raise ValueError(f"q must be in (0, 1], got {q!r}")
@@ -195,18 +156,20 @@ def preconditioned_spectrum(
     max_iterations: int,
     tol: float,
     quantile: float = 0.1,
-    eps: float = BNP_EPS,
-    floor: float = BNP_FLOOR,
+    eps: float,
+    floor: float,
 ) -> dict[str, Any]:
     r"""Extreme eigenvalues (Lanczos, Gaussian start seeded with 0) and the positive-quantile
     condition number (stochastic Lanczos quadrature, one Rademacher probe) of
-    :math:`P^\top H P`: training mode, float64, cross-entropy on ``batch``, :math:`P` from each
-    biased ``nn.Linear``'s input statistics on ``batch``. The model is left unchanged."""
+    :math:`P^\top H P`: training mode, float64, cross-entropy on ``batch``, :math:`P` from the
+    input moments on ``batch`` of every ``nn.Linear`` with a bias, with the preconditioner's
+    ``eps`` and ``floor``. The model is left unchanged."""
     op = hessian_operator(model, F.cross_entropy, batch, mode="train", dtype=torch.float64)
     linears = {
         n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.bias is not None
     }
-    stats = {n: s for n, s in linear_input_statistics(model, batch[0]).items() if n in linears}
+    moments = layer_input_moments(model, batch[0], mode="train", dtype=torch.float64)
+    stats = {n: s for n, s in moments.items() if n in linears}
     apply_p, apply_pt = bnp_reparametrization(op.layout, stats, eps=eps, floor=floor)
 
     def matvec(v: Tensor) -> Tensor:
@@ -222,7 +185,12 @@ def preconditioned_spectrum(
     return _entry(lam_max, lam_min, result.converged, result.iterations, 0, density, quantile)
 
 
-def _probe(batch: tuple[Tensor, Tensor], cfg: HessianConditioningConfig, method: str):
+def _probe(
+    batch: tuple[Tensor, Tensor],
+    cfg: HessianConditioningConfig,
+    method: str,
+    bnp_eps_floor: tuple[float, float],
+):
     def spectrum(model: nn.Module, restrict: bool) -> dict[str, Any]:
         common = {"mode": "train", "restrict": restrict, "dtype": torch.float64}
         s = hessian_spectrum(
@@ -239,14 +207,19 @@ def _probe(batch: tuple[Tensor, Tensor], cfg: HessianConditioningConfig, method:
 
     def measure(model: nn.Module, record: dict[str, Any]) -> dict[str, Any]:
         del record
-        out = {"H": spectrum(model, False)}
+        try:
+            out = {"H": spectrum(model, False)}
+        except SecondDerivativeError as exc:  # e.g. FN: its backward is differentiable once
+            log.info("hessian-conditioning: %s not measured: %s", method, exc)
+            return {"hessian_error": str(exc).splitlines()[0]}
         dirs = invariant_directions(model, batch[0], mode="train", dtype=torch.float64)
         if dirs.count > 0:
             out["H_restricted"] = spectrum(model, True)
         if method == "bnp":
+            eps, floor = bnp_eps_floor
             out["PHP"] = preconditioned_spectrum(
                 model, batch, max_iterations=cfg.lanczos_iterations, tol=cfg.tol,
-                quantile=cfg.quantile,
+                quantile=cfg.quantile, eps=eps, floor=floor,
             )  # fmt: skip
         return {"hessian": out}
 
@@ -282,7 +255,9 @@ def run(cfg: HessianConditioningConfig, out: Path, ctx: RunContext) -> dict[str,
         )
         for m in methods
     }
-    summaries = run_cells(cells, out, ctx, on_eval=lambda name: _probe(batch, cfg, name))
+    summaries = run_cells(
+        cells, out, ctx, on_eval=lambda name: _probe(batch, cfg, name, _bnp_eps_floor(cells[name]))
+    )
     return {
         "methods": methods,
         "not_registered": missing,
@@ -312,6 +287,10 @@ def report(results: dict[str, Any]) -> str:
             rows.append([m, "-", "-", cell_text(cell), "", "", "", "", ""])
             continue
         ev = [e for e in cell["evaluations"] if "hessian" in e]
+        if not ev:
+            errors = [e["hessian_error"] for e in cell["evaluations"] if "hessian_error" in e]
+            why = errors[0] if errors else "no evaluation"
+            rows.append([m, "-", "not measured", why[:60], "", "", "", "", ""])
         for e in (ev[0], ev[-1]) if len(ev) > 1 else ev:
             for which, h in e["hessian"].items():
                 rows.append(

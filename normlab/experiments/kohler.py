@@ -2,14 +2,15 @@ r"""``kohler-halfspace``: length-direction decoupled gradient descent (GDNP) vs 
 
 Kohler, Daneshmand, Lucchi, Hofmann, Zhou & Neymeyr, "Exponential convergence rates for Batch
 Normalization: the power of length-direction decoupling in non-convex optimization", AISTATS 2019
-(https://arxiv.org/abs/1805.10694); DIAGNOSTICS.md §4. Batch normalization reparametrizes a unit
+(https://arxiv.org/abs/1805.10694). Batch normalization reparametrizes a unit
 as :math:`\tilde w = g\,w/\|w\|_S`; GDNP optimizes the length :math:`g` by bisection and the
 direction :math:`w` by gradient steps, and converges linearly at a rate set by
 :math:`\kappa(S)`, :math:`S = \mathrm E[xx^\top]`, whatever the curvature of the loss (the paper's
 bound: :math:`\|\nabla f\|_{S^{-1}}` contracts by :math:`1 - \mu/L` per direction step, with
 :math:`\mu, L` the extreme eigenvalues of :math:`S`). The maths is in
-:mod:`normlab.diagnostics.theory` (:func:`~normlab.diagnostics.theory.gdnp`,
-:func:`~normlab.diagnostics.theory.halfspace_gd`).
+:mod:`normlab.diagnostics.halfspace` (:func:`~normlab.diagnostics.gdnp`,
+:func:`~normlab.diagnostics.halfspace_gd`) and docs/diagnostics.md ("Length-direction
+decoupling on halfspaces").
 
 **Problem.** The ``gaussian-halfspace`` data (:math:`x \sim \mathcal N(0, \Sigma)`,
 :math:`\kappa(\Sigma) = 100`, :math:`d = 50`, labels from a teacher halfspace) with the logistic
@@ -26,7 +27,7 @@ default a fraction ``label_noise`` of the training labels is flipped (seeded), w
 GD runs with constant learning rates ``gd_lrs`` (in units of :math:`1/L`; :math:`4/L` is
 :math:`1/L_f`, the step the logistic loss's smoothness :math:`L_f = L/4` guarantees), GDNP with
 step multipliers ``gdnp_step_scales`` (its step rule is normlab's reconstruction of Kohler et
-al.'s Algorithm 1, see :func:`~normlab.diagnostics.theory.gdnp`). Each method is reported at its
+al.'s Algorithm 1, see :func:`~normlab.diagnostics.gdnp`). Each method is reported at its
 best setting (smallest final gradient norm) and at every setting in the figure. Rates are
 per-iteration contraction factors of :math:`\|\nabla f\|_{S^{-1}}` fitted over the second half
 of each run (above a 1e-12 floor); the predictions are :math:`1 - \mu/L` (GDNP) and, for GD near
@@ -46,7 +47,7 @@ from typing import Any
 import torch
 
 from normlab.data import load_dataset
-from normlab.diagnostics.theory import (
+from normlab.diagnostics import (
     HalfspaceProblem,
     HalfspaceTrace,
     gdnp,

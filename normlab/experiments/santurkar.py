@@ -1,8 +1,8 @@
 r"""``santurkar-landscape``: does BN train faster through a smoother landscape or less ICS?
 
 Santurkar, Tsipras, Ilyas & Madry, "How Does Batch Normalization Help Optimization?", NeurIPS 2018
-(https://arxiv.org/abs/1805.11604); DIAGNOSTICS.md §2.3-2.4 and §2.8 (b). A deep MLP (a
-VGG stand-in as in §2.8: hidden layers of 128 ReLUs on digits) is trained with and without BN by
+(https://arxiv.org/abs/1805.11604), Sec. 2-3. A deep MLP (a VGG stand-in: hidden layers of
+128 ReLUs on digits) is trained with and without BN by
 plain SGD through :func:`normlab.train.train`; at every evaluation, on one fixed training batch
 with BN in training mode (batch statistics), ``on_eval`` measures
 
