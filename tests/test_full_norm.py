@@ -256,6 +256,61 @@ def test_batch_size_one_trains(estimator, cls, shape):
     assert layer.running_var.min() >= 0
 
 
+@pytest.mark.parametrize(
+    ("cls", "shape"), [(FullNorm1d, (1, 4)), (FullNorm1d, (1, 4, 1)), (FullNorm2d, (1, 4, 1, 1))]
+)
+def test_one_value_per_channel_keeps_the_prior_variance(cls, shape):
+    # A single value per channel has no observable variance: the debiased first step (alpha = 1)
+    # takes its mean and keeps the prior variance instead of setting the variance to 0 (which
+    # made eval amplify by 1/sqrt(eps)); later steps use the ordinary update with a batch
+    # variance of 0: var' = (1 - a) var + a (1 - a) (x - mean)^2.
+    layer = _layer(cls, 4, alpha=0.1, estimator="batch")
+    prior_mean, prior_var = _randn(4, seed=310), _randn(4, seed=311).abs() + 0.5
+    with torch.no_grad():
+        layer.running_mean.copy_(prior_mean)
+        layer.running_var.copy_(prior_var)
+    x0 = _randn(*shape, seed=312, scale=300.0)
+    layer(x0)
+    v0 = x0.reshape(4)
+    torch.testing.assert_close(layer.running_mean, v0, atol=0, rtol=0)
+    torch.testing.assert_close(layer.running_var, prior_var, atol=0, rtol=0)
+    layer.eval()
+    xe = _randn(8, *shape[1:], seed=313, scale=300.0)
+    c = (1, 4) + (1,) * (len(shape) - 2)
+    want = (xe - v0.reshape(c)) / torch.sqrt(prior_var + layer.eps).reshape(c)
+    want = want * layer.weight.detach().reshape(c) + layer.bias.detach().reshape(c)
+    torch.testing.assert_close(layer(xe), want, atol=1e-10, rtol=1e-12)
+    layer.train()
+    x1 = _randn(*shape, seed=314, scale=300.0)
+    layer(x1)  # alpha_1 = max(0.1, 1/2)
+    v1 = x1.reshape(4)
+    torch.testing.assert_close(layer.running_mean, (v0 + v1) / 2, atol=1e-10, rtol=0)
+    want_var = 0.5 * prior_var + 0.25 * (v1 - v0) ** 2
+    torch.testing.assert_close(layer.running_var, want_var, atol=0, rtol=1e-12)
+
+
+def test_one_value_per_channel_at_alpha_one_never_zeroes_the_variance():
+    fn = FullNorm1d(3, alpha=1.0, estimator="autograd").to(F64)
+    prior = fn.running_var.clone()
+    for step in range(3):
+        x = _randn(1, 3, seed=320 + step, scale=5.0).requires_grad_()
+        out = fn(x)
+        # The output is beta (x is its own mean) and its gradient w.r.t. x is 0.
+        torch.testing.assert_close(out, fn.bias.detach().reshape(1, 3), atol=1e-12, rtol=0)
+        (gx,) = torch.autograd.grad(out, x, _randn(1, 3, seed=330 + step))
+        torch.testing.assert_close(gx, torch.zeros_like(gx), atol=1e-12, rtol=0)
+        torch.testing.assert_close(fn.running_var, prior, atol=0, rtol=0)
+    # The functional update: a copy of the prior, not the prior tensor itself.
+    hist_mean, hist_var = _history(3)
+    mean, var, _bm, bv = fnf.full_norm_update(_randn(1, 3, seed=340), hist_mean, hist_var, 1.0)
+    assert torch.equal(var, hist_var) and var.data_ptr() != hist_var.data_ptr()
+    assert torch.equal(bv, torch.zeros(3, dtype=F64))
+    # Two values per channel: the ordinary update (the batch's own biased variance).
+    x2 = _randn(2, 3, seed=341)
+    _m, var2, _bm2, bv2 = fnf.full_norm_update(x2, hist_mean, hist_var, 1.0)
+    torch.testing.assert_close(var2, x2.var(0, unbiased=False), atol=1e-14, rtol=0)
+
+
 def test_batch_size_one_adaptive_is_running():
     # One sample cannot be tested (rho = 1) and its own factor is fully self-correlated, so the
     # adaptive estimator uses the running factor from earlier batches: the "running" backward.
@@ -547,6 +602,68 @@ def test_nan_batch_raises_and_leaves_state_unchanged():
             assert torch.equal(v, before[k]), k
 
 
+def test_nan_batch_at_batch_size_one_raises():
+    # One value per channel at alpha = 1 keeps the prior variance, so the NaN shows in the mean.
+    layer = FullNorm1d(3).to(F64)
+    x = _randn(1, 3, seed=802)
+    x[0, 2] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        layer(x)
+    assert int(layer.num_batches_tracked) == 0
+    assert torch.equal(layer.running_mean, torch.zeros(3, dtype=F64))
+
+
+@pytest.mark.parametrize("estimator", ["running", "adaptive"])
+def test_guarded_non_finite_batch_keeps_every_estimate(estimator):
+    # The non-raising policy of the shared base (accelerators' default): the estimates are kept
+    # on the device and counted, and the NaN gradients that follow leave the running outer factor
+    # and its count unchanged.
+    layer = _layer(FullNorm1d, 3, estimator=estimator, alpha=0.3)
+    layer.raise_on_non_finite = False
+    for step in range(2):
+        layer(_randn(4, 3, seed=810 + step)).pow(2).sum().backward()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = _randn(4, 3, seed=812)
+    x[1, 0] = float("nan")
+    out = layer(x)
+    out.pow(2).sum().backward()
+    assert int(layer.non_finite_batches) == 1
+    for k, v in layer.state_dict().items():
+        if k not in ("weight", "bias"):
+            assert torch.equal(v, before[k]), k
+    assert torch.isfinite(layer.outer_factor).all()
+    # A later finite batch trains normally.
+    layer(_randn(4, 3, seed=813)).pow(2).sum().backward()
+    assert int(layer.num_batches_tracked) == int(before["num_batches_tracked"]) + 1
+    assert int(layer.outer_steps) == int(before["outer_steps"]) + 1
+    assert torch.isfinite(layer.outer_factor).all()
+
+
+def test_shared_base_state_dict_versioning_and_repr():
+    from normlab.nn._base import NormBase
+
+    layer = FullNorm2d(3, estimator="running", alpha=0.2)
+    assert isinstance(layer, NormBase)
+    # A state dict saved before num_batches_tracked existed (version 1) loads with the counter
+    # at zero, as for torch's BatchNorm.
+    trained = _layer(FullNorm2d, 3, estimator="running", alpha=0.2)
+    trained(_randn(2, 3, 2, 2, seed=820)).sum().backward()
+    sd = trained.state_dict()
+    del sd["num_batches_tracked"]
+    sd._metadata[""]["version"] = 1
+    layer.load_state_dict(sd)
+    assert int(layer.num_batches_tracked) == 0
+    assert torch.equal(layer.running_var, trained.running_var.float())
+    assert "non_finite_batches" not in layer.state_dict()
+    assert repr(layer) == (
+        "FullNorm2d(3, eps=1e-05, affine=True, alpha=0.2, alpha_decay=0.0, debias=True, "
+        "estimator='running', outer_momentum=0.01)"
+    )
+    layer.reset_parameters()
+    assert int(layer.outer_steps) == 0 and not layer.outer_factor.any()
+    assert torch.equal(layer.running_var, torch.ones(3))
+
+
 def test_input_errors():
     layer = FullNorm2d(3)
     with pytest.raises(ValueError, match="4D"):
@@ -609,6 +726,64 @@ def test_dtypes_and_half_precision_statistics():
     out.float().sum().backward()
     assert xb.grad.dtype == torch.bfloat16
     torch.testing.assert_close(layer_b.running_mean, layer.running_mean, atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_half_precision_matches_float32_with_large_inputs(dtype, estimator):
+    # Inputs of std 300: the variance (9e4) overflows float16. The half layer keeps float32
+    # estimates and computes in float32, so it matches the float32 layer (same half-rounded
+    # weights, same half-rounded inputs) within the output dtype's rounding, on every step and
+    # in eval.
+    half = _layer(FullNorm2d, 4, alpha=0.3, estimator=estimator).to(dtype)
+    ref = copy.deepcopy(half).float()
+    for name in ("running_mean", "running_var", "outer_factor"):
+        assert getattr(half, name).dtype == torch.float32, name
+    assert half.weight.dtype == dtype
+    ulp = torch.finfo(dtype).eps
+    for step in range(4):
+        x = _randn(6, 4, 3, 3, seed=960 + step, scale=300.0, shift=40.0).to(dtype)
+        g = _randn(6, 4, 3, 3, seed=970 + step).to(dtype)
+        xh, xr = x.clone().requires_grad_(), x.float().requires_grad_()
+        out_h, out_r = half(xh), ref(xr)
+        assert out_h.dtype == dtype
+        torch.testing.assert_close(
+            out_h.float(), out_r, atol=4 * ulp * float(out_r.detach().abs().max()), rtol=0
+        )
+        (gh,) = torch.autograd.grad(out_h, xh, g)
+        (gr,) = torch.autograd.grad(out_r, xr, g.float())
+        assert gh.dtype == dtype
+        torch.testing.assert_close(gh.float(), gr, atol=4 * ulp * float(gr.abs().max()), rtol=0)
+        torch.testing.assert_close(half.running_mean, ref.running_mean, atol=0, rtol=1e-6)
+        torch.testing.assert_close(half.running_var, ref.running_var, atol=0, rtol=1e-6)
+        torch.testing.assert_close(half.outer_factor, ref.outer_factor, atol=1e-6, rtol=1e-5)
+    assert float(half.running_var.min()) > 6e4  # above float16's largest finite value
+    # A later batch of ordinary scale is accepted (an overflowed estimate refused every batch).
+    x = _randn(6, 4, 3, 3, seed=980).to(dtype)
+    assert torch.isfinite(half(x).float()).all()
+    ref(x.float())
+    half.eval(), ref.eval()
+    xe = _randn(5, 4, 3, 3, seed=981, scale=300.0).to(dtype)
+    out_e = ref(xe.float())
+    torch.testing.assert_close(
+        half(xe).float(), out_e, atol=4 * ulp * float(out_e.detach().abs().max()), rtol=0
+    )
+
+
+def test_half_precision_buffers_stay_float32():
+    layer = FullNorm1d(3, dtype=torch.float16)
+    assert layer.weight.dtype == torch.float16
+    assert layer.running_var.dtype == torch.float32 and layer.outer_factor.dtype == torch.float32
+    with torch.no_grad():
+        layer.running_var.fill_(1e5)  # not representable in float16
+    for cast in (lambda m: m.half(), lambda m: m.to(torch.bfloat16), lambda m: m.float()):
+        cast(layer)
+        assert layer.running_var.dtype == torch.float32
+        assert torch.equal(layer.running_var, torch.full((3,), 1e5))
+    layer.double()
+    assert layer.running_var.dtype == F64 and layer.weight.dtype == F64
+    sd = FullNorm1d(3).half().state_dict()
+    assert sd["running_var"].dtype == torch.float32 and sd["weight"].dtype == torch.float16
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)

@@ -1,118 +1,35 @@
-r"""Full Normalization (FN) trained by multilevel compositional SGD (MCSGD), as pure functions.
+r"""Full Normalization (FN) trained by multilevel compositional SGD, as pure functions.
 
 Lian & Liu, "Revisit Batch Normalization: New Understanding and Refinement via Composition
-Optimization" (AISTATS 2019, arXiv 1810.06177). Only the abstract and the seed text
-(``shared/seeds/002``) are available; tags below are those of ``shared/ALGORITHMS.md``:
-[B] seed text, [R] recalled, [V] derived and checked numerically, [D] normlab's own choice.
+Optimization" (AISTATS 2019). FN normalizes each channel with running estimates
+:math:`(\hat\mu, \hat\sigma^2)` of the mean and *biased* variance of its input over the whole
+dataset. What FN is, the step-size schedule, the compositional gradient, every estimator and the
+measurements are in docs/algorithms/fn.md; this module holds the contract.
 
-**Objective [B, V].** BN minimizes :math:`F_{BN} = E_B[\ell(B; S(B))]`, which depends on how batches
-are built. FN normalizes every layer with the statistics of the *whole dataset*,
-:math:`F_{FN} = E_\xi[\ell(\xi; S(D))]`: a nested composition of expectations, whose ordinary
-mini-batch gradient is biased. MCSGD keeps running estimates of the inner expectations (the
-per-channel mean and second moment) and differentiates at the estimates [B: "estimate the
-expectation from the current samples and historical record"; R for the exact form].
-
-**Forward (ALGORITHMS.md 2.5) [R/D].** Per channel, with :math:`m, \sigma_B^2` the batch mean and
-biased variance and step size :math:`\alpha_k` (:func:`alpha_schedule`):
+Conventions: channels are dimension 1, statistics reduce over every other dimension (``M``
+values per channel), :math:`\epsilon` is inside the square root, and the training forward first
+updates the estimates with the batch, then normalizes with the *updated* ones:
 
 .. math::
-    \hat\mu \leftarrow (1-\alpha_k)\hat\mu + \alpha_k m,\qquad
-    \hat\nu \leftarrow (1-\alpha_k)\hat\nu + \alpha_k q,\qquad
-    \hat\sigma^2 = \hat\nu - \hat\mu^2,\qquad
-    y = (x-\hat\mu)/\sqrt{\hat\sigma^2+\epsilon}
+    \hat\mu' = \hat\mu + \alpha (m - \hat\mu),\qquad
+    \hat\sigma'^2 = (1-\alpha)\hat\sigma^2 + \alpha\sigma_B^2 + \alpha(1-\alpha)(m-\hat\mu)^2,
+    \qquad y = \gamma\,\frac{x - \hat\mu'}{\sqrt{\hat\sigma'^2+\epsilon}} + \beta
 
-(:math:`q` the batch second moment). The estimates are kept as :math:`(\hat\mu, \hat\sigma^2)` and
-updated by the algebraically identical :math:`\hat\sigma^2 \leftarrow (1-\alpha)\hat\sigma^2 +
-\alpha\sigma_B^2 + \alpha(1-\alpha)(m-\hat\mu)^2` [V], which has no cancellation in float32.
-The output uses the *updated* estimates (the current batch is part of them); inference uses the same
-estimates, so eval equals train on the same input once the estimates are fixed [B].
+(:math:`m, \sigma_B^2` the batch mean and biased variance). A batch with one value per channel
+(``M == 1``) has no observable variance: at :math:`\alpha = 1` it leaves the variance estimate
+at its prior instead of setting it to 0. Statistics of float16/bfloat16 inputs are computed in
+float32 and returned in float32; outputs and input gradients have the input's dtype.
 
-**Backward.** With :math:`g = \partial L/\partial\,\text{out}` (before :math:`\gamma`),
-:math:`s = \sqrt{\hat\sigma^2+\epsilon}` and the *outer factor* of the statistics, per value,
+Backward (``estimator``), with :math:`b = (\overline{g}, \overline{g\,y})` the batch's own outer
+factor: ``"batch"`` (:math:`c = b`), ``"autograd"`` (:math:`c = \alpha b`, the true gradient of
+the forward, history constant), ``"none"`` (:math:`c = 0`), ``"running"`` and ``"adaptive"``
+(a running outer factor from earlier batches, see :func:`outer_correction`); then
+:math:`\partial L/\partial x = \frac{\gamma}{s}(g - c_u - y\,c_v)`. Only ``"autograd"`` is
+twice differentiable (:data:`TWICE_DIFFERENTIABLE`); differentiating another estimator's
+backward raises ``RuntimeError``.
 
-.. math::
-    c_u \approx \overline{g},\qquad c_v \approx \overline{g\,y}
-    \quad\Big(\tfrac{\partial L}{\partial\hat\mu} = -\tfrac{\gamma M c_u}{s},\;
-    \tfrac{\partial L}{\partial\hat\sigma^2} = -\tfrac{\gamma M c_v}{2 s^2}\Big),
-
-every estimator returns
-
-.. math::
-    \frac{\partial L}{\partial x_i} = \frac{\gamma}{s}\big(g_i - c_u - y_i c_v\big),\qquad
-    \frac{\partial L}{\partial\gamma} = \textstyle\sum g\,y,\qquad
-    \frac{\partial L}{\partial\beta} = \textstyle\sum g,
-
-the sampled Jacobians :math:`\partial m/\partial x_i = 1/M`,
-:math:`\partial\sigma^2/\partial x_i = 2(x_i-\hat\mu)/M` applied to an estimate of the outer factor
-(:math:`M` values per channel) [V]. The estimators differ only in :math:`(c_u, c_v)`; with
-:math:`b = (\overline{g}, \overline{g y})` the current batch's own outer factor:
-
-* ``"batch"``: :math:`c = b`, unscaled: ALGORITHMS.md 2.6, the reconstruction of the seed's
-  "Algorithm 4" [V for the formula, R that it is the paper's]. At :math:`\alpha = 1` it is BN's
-  backward exactly.
-* ``"autograd"``: :math:`c = \alpha b`: the exact gradient of the forward through the moving average
-  (history held constant) [V].
-* ``"none"``: :math:`c = 0`: stop-gradient through the estimates ("EMA normalization").
-* ``"running"``: :math:`c = \alpha b + (1-\alpha)\,\tilde c`: the current batch's share of the
-  estimate is differentiated exactly, and the history's share uses :math:`\tilde c`, a running
-  average of *earlier* batches' outer factors (step ``outer_momentum``, debiased), clipped per
-  channel to the current batch's magnitude :math:`|b|` so that the correction never exceeds the
-  batch one. Inner and outer quantities thus come from different samples, as in compositional SGD
-  [D, in the spirit of Online Normalization's backward control process, ALGORITHMS.md 4, which is
-  such a running average taken over a stream of samples].
-* ``"adaptive"`` (the layers' default) [D]:
-  :math:`c = \lambda_b b + \lambda_r \tilde c` with
-  :math:`\lambda_b = \alpha + (1-\alpha)\rho(1 - 1/N)` and :math:`\lambda_r = (1-\alpha)\rho/N`
-  (:math:`N` samples in the batch). :math:`\rho\in[0,1]` tests whether the batch looks like a
-  random sample of the data the estimates describe (:func:`batch_representativeness`). The
-  history's share of the estimate is differentiated with sampled Jacobians only to the degree that
-  the batch is a fair sample, and within that share each sample's own :math:`1/N` part of the outer
-  factor (the self-correlation that makes BN degenerate at small :math:`N`) is replaced by the
-  running factor. Measured on the MNIST MLP of the ``FullNorm1d`` docstring: shuffled batches of
-  64 give :math:`\rho` of 0.5-1 on average per layer once training settles (less in the first
-  epoch, while the estimates lag behind fast-moving parameters), so the estimator is close to
-  ``"batch"``; single-label batches give :math:`\rho` of 0.02-0.05 (90% below 0.075), close to
-  ``"autograd"``; one sample cannot be tested, :math:`\rho = 1` and :math:`N = 1` give exactly
-  ``"running"``.
-
-Why not the plain ``"batch"`` estimator everywhere: on a single-label batch :math:`b` is the
-*class-specific* mean gradient, and :math:`g - \overline{g}` projects out exactly the
-between-class signal, so training fails (measured: ``FullNorm1d`` docstring). At batch size 1 it
-is worse: :math:`c = b` turns a sample's gradient into :math:`-y^2 g`. Why the running factor is not
-the main ingredient: along a training run with the exact full-dataset outer factor :math:`D`
-recorded (MNIST MLP of the ``FullNorm1d`` docstring, single-label batches, learning rate 0.1),
-:math:`|D|` is 3.5-12x smaller than a batch's :math:`|b|` and changes from step to step; running
-averages of past :math:`b` (step 0.001 to 0.3, with or without the current batch) estimate it no
-better than zero (relative error 1.02-5.0; the best multiple of them is :math:`\le 0.06` in every
-layer) [V, normlab's measurement]. The batch estimator works on shuffled batches not because
-:math:`b \approx D` but because it projects each batch's gradient off the directions (the shift
-and the scale of a channel's input) that the normalization undoes, which would otherwise drift
-while the estimates lag behind; ``"adaptive"`` keeps that projection where the batch is a fair
-sample and drops it where it would remove the signal.
-
-What each backward is the gradient *of* (checked with ``gradcheck`` in the tests) [V]. With
-weights :math:`(\lambda_b, \lambda_r)` = (1, 0) for ``"batch"``, (0, 0) for ``"none"``,
-(:math:`\alpha`, 0) for ``"autograd"``, (:math:`\alpha`, :math:`1-\alpha`) for ``"running"`` and
-the ones above for ``"adaptive"``, the backward is the gradient of the *sampled-Jacobian
-surrogate*
-
-.. math::
-    x \mapsto \big\langle G,\ \mathrm{normalize}\big(x;\ \hat\mu_0 + \lambda_b (m(x)-m_0),\
-        \hat\nu_0 + \lambda_b (q(x)-q_0)\big)\big\rangle
-    - \lambda_r \sum_i \frac{\gamma}{s}\Big(\tilde c_u x_i + \tilde c_v
-        \frac{(x_i-\hat\mu_0)^2}{2s}\Big)
-
-for the upstream gradient :math:`G`, where :math:`(\hat\mu_0, \hat\nu_0)` are the updated
-estimates, :math:`(m_0, q_0)` the batch moments at the evaluation point and :math:`\tilde c`,
-:math:`\rho`, :math:`\gamma` in the second term are held constant. The second term is
-:math:`\langle\hat D, (m(x), q(x))\rangle`, the sampled inner functions against a fixed estimate of
-the outer factor. For ``"autograd"`` the first term is the forward itself (the moving average
-of :math:`x`), so its backward is the true gradient of the layer.
-
-Departures: the paper's exact weighting, schedules and second-moment-vs-variance choice are unknown
-(ALGORITHMS.md 7); ``"running"`` and ``"adaptive"`` are normlab's. The backward is once
-differentiable in training mode (the eval-mode map is an affine function, differentiable to any
-order). Statistics of half-precision inputs are computed in float32.
+With a ``torch.distributed`` process group, the forward's batch moments and the backward's outer
+factor are those of the concatenation of every rank's batch (one packed all-reduce each).
 """
 
 from __future__ import annotations
@@ -120,13 +37,15 @@ from __future__ import annotations
 from typing import Literal, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from normlab.functional.batch_norm import batch_norm_eval, channel_shape, reduce_dims
+from normlab.functional.distributed import all_reduce_packed
 
 __all__ = [
     "ESTIMATORS",
+    "TWICE_DIFFERENTIABLE",
     "Estimator",
     "FullNormStats",
     "FullNormTrainFn",
@@ -134,6 +53,7 @@ __all__ = [
     "alpha_schedule",
     "batch_outer_factor",
     "batch_representativeness",
+    "check_process_group",
     "full_norm_backward",
     "full_norm_eval",
     "full_norm_train",
@@ -144,8 +64,12 @@ __all__ = [
 
 Estimator = Literal["adaptive", "batch", "running", "autograd", "none"]
 ESTIMATORS: tuple[str, ...] = ("adaptive", "batch", "running", "autograd", "none")
+#: Estimators whose training-mode backward is the true gradient of the forward, so that
+#: differentiating it again (double backward, Hessian-vector products) is exact.
+TWICE_DIFFERENTIABLE: tuple[str, ...] = ("autograd",)
 # Estimators that keep a running outer factor (updated by the backward).
 _STATEFUL = ("adaptive", "running")
+_HALF = (torch.float16, torch.bfloat16)
 
 
 class FullNormStats(NamedTuple):
@@ -167,21 +91,17 @@ class OuterFactor(NamedTuple):
 
 
 def _stat(x: Tensor) -> Tensor:
-    # Statistics of half-precision inputs in float32 (flax's rule, as normlab's batch norm).
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    # Statistics of half-precision inputs in float32 (as normlab's batch norm).
+    return x.float() if x.dtype in _HALF else x
 
 
 def alpha_schedule(step: int, alpha: float, decay: float = 0.0, debias: bool = True) -> float:
     r"""Step size of the estimates at step ``step`` (:math:`k`, counted from 0).
 
-    :math:`\alpha_k = \alpha\,(k+1)^{-b}` with ``decay`` :math:`= b` (:math:`b = 0`: constant). With
-    ``debias`` the step is :math:`\max(\alpha_k, 1/(k+1))`: the first step is 1 (the estimates
-    are the first batch's moments, so step 0 equals BN) and the early estimates are plain averages
-    of the batches seen, with no weight on the arbitrary initial values (like Adam's bias
-    correction) [D].
-    ``alpha = 1`` gives BN's statistics at every step; ``alpha = 1, decay = 1`` the cumulative
-    average of the batch moments. The convergence analysis wants a decaying schedule (ALGORITHMS.md
-    2.7, [R]); the experiments' schedule is unknown.
+    :math:`\alpha_k = \alpha\,(k+1)^{-b}` with ``decay`` :math:`= b` (0: constant). With ``debias``
+    the step is :math:`\max(\alpha_k, 1/(k+1))`: step 0 uses 1 (the estimates become the first
+    batch's moments) and early estimates are plain averages of the batches seen. The result is
+    capped at 1. See docs/algorithms/fn.md for the choice.
     """
     a = float(alpha) * float(step + 1) ** (-float(decay))
     if debias:
@@ -196,23 +116,49 @@ def full_norm_update(
 
     :math:`\hat\mu' = \hat\mu + \alpha (m - \hat\mu)` and
     :math:`\hat\sigma'^2 = (1-\alpha)\hat\sigma^2 + \alpha\sigma_B^2
-    + \alpha(1-\alpha)(m-\hat\mu)^2`: the moving averages of the mean and of the second moment
-    :math:`\hat\nu = \hat\sigma^2+\hat\mu^2`.
+    + \alpha(1-\alpha)(m-\hat\mu)^2`, the moving averages of the mean and of the second moment
+    written without cancellation. Exception: with one value per channel (``M == 1``) and
+    :math:`\alpha = 1` the variance estimate keeps its prior :math:`\hat\sigma^2` (a single value
+    has no observable variance; see docs/algorithms/fn.md).
 
     Shape: ``(N, C, *)`` and ``(C,)`` estimates. Returns ``(mean, var, batch_mean, batch_var)``, all
-    ``(C,)``, in the statistics dtype (float32 for half inputs).
+    ``(C,)``, in the statistics dtype (float32 for half inputs). Differentiable in ``x`` (the
+    history is treated as constant).
     """
+    batch_mean, batch_var, count = _batch_moments(x)
+    mean, var = _update_from_moments(batch_mean, batch_var, count, running_mean, running_var, alpha)
+    return mean, var, batch_mean, batch_var
+
+
+def _batch_moments(x: Tensor) -> tuple[Tensor, Tensor, int]:
+    # Per-channel mean and biased variance (two passes: accurate when |mean| >> std), and M.
     xs = _stat(x)
     dims = reduce_dims(x)
     batch_mean = xs.mean(dims)  # (N, C, *) -> (C,)
     xc = xs - batch_mean.reshape(channel_shape(x))
-    batch_var = (xc * xc).mean(dims)  # biased; two passes, accurate when |mean| >> std
+    batch_var = (xc * xc).mean(dims)
+    return batch_mean, batch_var, x.numel() // x.shape[1]
+
+
+def _update_from_moments(
+    batch_mean: Tensor,
+    batch_var: Tensor,
+    count: int,
+    running_mean: Tensor,
+    running_var: Tensor,
+    alpha: float,
+) -> tuple[Tensor, Tensor]:
     hist_mean = running_mean.to(batch_mean.dtype)
     hist_var = running_var.to(batch_mean.dtype)
     d = batch_mean - hist_mean
     mean = hist_mean + alpha * d
-    var = (1.0 - alpha) * hist_var + alpha * batch_var + (alpha * (1.0 - alpha)) * d * d
-    return mean, var, batch_mean, batch_var
+    if count == 1 and alpha >= 1.0:
+        # One value per channel: its variance is unobservable; keep the prior, not 0. A copy,
+        # so that the caller may write the result into running_var without aliasing.
+        var = hist_var.clone()
+    else:
+        var = (1.0 - alpha) * hist_var + alpha * batch_var + (alpha * (1.0 - alpha)) * d * d
+    return mean, var
 
 
 def batch_representativeness(
@@ -234,7 +180,7 @@ def batch_representativeness(
     the batch were :math:`N` independent draws from the data (a pooled one-sample t test, about 1
     then, even for small :math:`N`, because the pooled denominator has :math:`C(N-1)` degrees of
     freedom). For a batch of one class it is about :math:`N` times the squared between-class offset
-    in within-class units, so :math:`\rho` is small [D].
+    in within-class units, so :math:`\rho` is small.
 
     ``N = 1`` gives 1: one sample cannot be tested (it is a fair draw when the stream is
     shuffled). Returns a 0-dim tensor (statistics dtype).
@@ -243,17 +189,108 @@ def batch_representativeness(
     xs = _stat(x)
     if n < 2:
         return xs.new_ones(())
-    per_sample = xs.mean(tuple(range(2, x.dim()))) if x.dim() > 2 else xs  # (N, C, *) -> (N, C)
+    per_sample = _per_sample_means(xs)
     m = per_sample.mean(0)
     centred = per_sample - m
     s2 = (centred * centred).sum(0) / (n - 1)  # two passes; torch.var is ~30x slower on CPU
-    w = 1.0 / (running_var.to(m.dtype) + eps)
-    d = m - running_mean.to(m.dtype)
+    return _representativeness(n, m - running_mean.to(m.dtype), s2, running_var, eps)
+
+
+def _per_sample_means(xs: Tensor) -> Tensor:
+    # (N, C, *) -> (N, C): each sample's mean over its positions.
+    return xs.mean(tuple(range(2, xs.dim()))) if xs.dim() > 2 else xs
+
+
+def _representativeness(n: int, d: Tensor, s2: Tensor, running_var: Tensor, eps: float) -> Tensor:
+    # rho = min(1, 1/T) from the offset d = m - mean estimate and the unbiased spread s2 of the
+    # N per-sample means (see batch_representativeness).
+    if n < 2:
+        return d.new_ones(())
+    w = 1.0 / (running_var.to(d.dtype) + eps)
     num = n * (w * d * d).sum()
     den = (w * s2).sum()
     # T <= 1 gives 1; a batch with no spread at all (den = 0) but a shifted mean gives 0.
     rho = torch.where(num > den, den / num.clamp_min(torch.finfo(num.dtype).tiny), 1.0)
-    return rho.to(m.dtype)
+    return rho.to(d.dtype)
+
+
+# ------------------------------------------------------------------------- process groups
+
+
+def check_process_group(group: object) -> None:
+    """Accept ``None`` or a ``torch.distributed`` process group.
+
+    Raises:
+        TypeError: anything else (or ``torch.distributed`` is not available in this build).
+    """
+    if group is None:
+        return
+    if not dist.is_available() or not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            "process_group must be None or a torch.distributed.ProcessGroup (from "
+            f"torch.distributed.new_group or group.WORLD), got {type(group).__name__}"
+        )
+
+
+class _Moments(NamedTuple):
+    # Batch moments of the whole (possibly distributed) batch, in the statistics dtype.
+    mean: Tensor  # (C,)
+    var: Tensor  # (C,), biased
+    count: int  # values per channel, M
+    samples: int  # samples, N
+    rho: Tensor  # 0-dim; 1 where not computed
+
+
+def _all_moments(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    with_rho: bool,
+    group: object,
+) -> _Moments:
+    # Moments of the batch and, with a process group, of the concatenation of every rank's batch
+    # (one packed float64 all-reduce; a rank may hold no samples). Ranks combine sums of values
+    # centred at the common mean estimate c with their own centred second moments:
+    #   M m = sum_r M_r m_r,  M var = sum_r M_r v_r + sum_r M_r (m_r - c)^2 - M (m - c)^2,
+    # and the same for the per-sample means that the representativeness test needs.
+    if group is None:
+        mean, var, count = _batch_moments(x)
+        rho = batch_representativeness(x, running_mean, running_var, eps) if with_rho else None
+        return _Moments(mean, var, count, x.shape[0], mean.new_ones(()) if rho is None else rho)
+    f64 = torch.float64
+    ch = x.shape[1]
+    local_count = x.numel() // ch
+    c = running_mean.detach().to(device=x.device, dtype=f64)
+    zeros = torch.zeros(ch, dtype=f64, device=x.device)
+    s1, w, b, sp, sq = zeros, zeros, zeros, zeros, zeros
+    if local_count > 0:
+        local_mean, local_var, _ = _batch_moments(x)
+        d = local_mean.to(f64) - c
+        s1, w, b = local_count * d, local_count * local_var.to(f64), local_count * d * d
+        if with_rho:
+            p = _per_sample_means(_stat(x)).to(f64) - c  # (N_r, C), centred at c
+            sp, sq = p.sum(0), (p * p).sum(0)
+    counts = torch.tensor([float(local_count), float(x.shape[0])], dtype=f64, device=x.device)
+    parts = [counts, s1, w, b] + ([sp, sq] if with_rho else [])
+    counts, s1, w, b, *rho_parts = all_reduce_packed(parts, group)
+    count, samples = int(counts[0]), int(counts[1])
+    if count == 0:
+        raise ValueError(
+            f"full norm with a process group got no values over all ranks (this rank's input "
+            f"has shape {tuple(x.shape)})"
+        )
+    d_all = s1 / count
+    var = ((w + b - count * d_all * d_all) / count).clamp_min(0.0)
+    mean = c + d_all
+    rho = torch.ones((), dtype=f64, device=x.device)
+    if with_rho:
+        sp, sq = rho_parts
+        dp = sp / samples
+        s2 = (sq - samples * dp * dp).clamp_min(0.0) / max(samples - 1, 1)
+        rho = _representativeness(samples, dp, s2, running_var.detach().to(f64), eps)
+    dtype = torch.float32 if x.dtype in _HALF else x.dtype
+    return _Moments(mean.to(dtype), var.to(dtype), count, samples, rho.to(dtype))
 
 
 def batch_outer_factor(grad_out: Tensor, xhat: Tensor) -> OuterFactor:
@@ -346,7 +383,7 @@ def full_norm_backward(
     with :math:`y = (x-\hat\mu)/s`, :math:`s = \sqrt{\hat\sigma^2+\epsilon}`; ``mean``, ``var``
     are the (updated) estimates :math:`\hat\mu, \hat\sigma^2` and ``correction`` is
     :math:`(c_u, c_v)` (:func:`outer_correction`). Returns ``(grad_x, grad_weight, grad_bias)``
-    (the last two ``None`` without ``weight``). Pure.
+    (the last two ``None`` without ``weight``). Pure, written in differentiable ops.
     """
     invstd = torch.rsqrt(var + eps)
     xc = _stat(x) - mean.reshape(channel_shape(x))
@@ -372,9 +409,9 @@ def _backward_from_factor(
     reuse_xc: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     # grad_x = a (g - c_u - y c_v) with y = xc invstd, as a per-channel affine map of (g, xc):
-    # grad_x = a g + b xc + c, two fused passes. Centring first (as normlab's batch norm does) keeps
-    # float32 accurate when |mean| >> std. batch: the batch's own outer factor; its means times M
-    # are the affine gradients.
+    # grad_x = a g + b xc + c, two fused passes. Centring first keeps float32 accurate when
+    # |mean| >> std. batch: this tensor's own outer factor, whose means times the values per
+    # channel are the affine gradients. Differentiable unless reuse_xc.
     shape = channel_shape(xc)
     a = invstd if weight is None else invstd * weight.to(invstd.dtype)
     b = -a * correction.mean_grad_xhat * invstd
@@ -394,21 +431,151 @@ def _backward_from_factor(
     )
 
 
+def _normalize(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    # The affine map of the estimates; half inputs are normalized in float32, then cast back.
+    if x.dtype in _HALF:
+        return batch_norm_eval(x.float(), mean, var, weight, bias, eps).to(x.dtype)
+    return batch_norm_eval(x, mean, var, weight, bias, eps)
+
+
+def _exact_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    hist_mean: Tensor,
+    hist_var: Tensor,
+    alpha: float,
+    eps: float,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    # The "autograd" estimator's backward in differentiable ops that recompute the updated
+    # estimates from x (history constant): it is the true gradient of the training forward at
+    # every x, so differentiating it again gives the true second derivatives.
+    mean, var, _bm, _bv = full_norm_update(x, hist_mean, hist_var, alpha)
+    invstd = torch.rsqrt(var + eps)
+    xc = _stat(x) - mean.reshape(channel_shape(x))
+    batch = _centred_factor(grad_out, xc, invstd)
+    corr = outer_correction("autograd", batch, alpha)
+    return _backward_from_factor(grad_out, xc, invstd, weight, corr, batch, x.dtype)
+
+
+class _BackwardInfo(NamedTuple):
+    # The non-tensor state a training backward needs (outer_state/outer_count are live state).
+    alpha: float
+    eps: float
+    estimator: str
+    momentum: float
+    outer_state: Tensor | None
+    outer_count: Tensor | None
+    group: object
+
+
+def _global_factor(
+    grad_out: Tensor, xc: Tensor, invstd: Tensor, group: object
+) -> tuple[OuterFactor, OuterFactor, int]:
+    # (this rank's outer factor, the outer factor of the concatenated batch of every rank, its
+    # number of samples), with one packed float64 all-reduce of the counts and per-channel sums.
+    f64 = torch.float64
+    dims = reduce_dims(xc)
+    m = xc.numel() // xc.shape[1]
+    g = _stat(grad_out)
+    sum_g, sum_gxc = g.sum(dims), (g * xc).sum(dims)  # zeros on a rank without samples
+    counts = torch.tensor([float(m), float(xc.shape[0])], dtype=f64, device=xc.device)
+    counts, all_g, all_gxc = all_reduce_packed([counts, sum_g.to(f64), sum_gxc.to(f64)], group)
+    dtype = sum_g.dtype
+    total = float(counts[0])
+    glob = OuterFactor((all_g / total).to(dtype), (all_gxc / total).to(dtype) * invstd)
+    local = OuterFactor(sum_g / max(m, 1), sum_gxc * invstd / max(m, 1))
+    return local, glob, int(counts[1])
+
+
+def _first_order_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    rho: Tensor,
+    info: _BackwardInfo,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    # Every estimator's backward from the saved estimates; not differentiable (in-place work).
+    # Updates the running outer factor of "running"/"adaptive" and its count in place (the one
+    # side effect); an update that is not finite in some channel (a NaN/Inf upstream gradient, a
+    # non-finite batch let through by the module's policy) is skipped, count included.
+    invstd = torch.rsqrt(var + info.eps)
+    xc = _stat(x) - mean.reshape(channel_shape(x))
+    if info.group is None:
+        local = batch = _centred_factor(grad_out, xc, invstd)
+        samples = x.shape[0]
+    else:
+        local, batch, samples = _global_factor(grad_out, xc, invstd, info.group)
+    running = None
+    state, count = info.outer_state, info.outer_count
+    if info.estimator in _STATEFUL and state is not None and count is not None:
+        step = int(count)
+        if step > 0:
+            running = OuterFactor(state[0].clone(), state[1].clone())
+        new = running_outer_update(OuterFactor(state[0], state[1]), batch, info.momentum, step)
+        new_state = torch.stack([new.mean_grad, new.mean_grad_xhat]).to(state.dtype)
+        ok = torch.isfinite(new_state).all()  # on the device: no host synchronisation
+        state.copy_(torch.where(ok, new_state, state))
+        count.add_(ok.to(count.dtype))
+    corr = outer_correction(info.estimator, batch, info.alpha, rho, running, samples)
+    return _backward_from_factor(grad_out, xc, invstd, weight, corr, local, x.dtype, reuse_xc=True)
+
+
+class _FirstOrderBackwardFn(torch.autograd.Function):
+    """The first-order backward as a node of the double-backward graph that refuses to be
+    differentiated.
+
+    ``torch.autograd.function.once_differentiable`` does not do this reliably: it hangs its
+    error node on *detached* copies, so ``torch.autograd.grad(..., inputs=params)`` prunes the
+    node and silently returns zero second derivatives. This node's inputs are the live
+    ``grad_out``, ``x`` and ``weight``, so any double backward through it reaches it and raises.
+    """
+
+    @staticmethod
+    def forward(ctx, info, grad_out, x, weight, mean, var, rho):  # type: ignore[override]
+        ctx.estimator, ctx.distributed = info.estimator, info.group is not None
+        return _first_order_backward(grad_out, x, weight, mean, var, rho, info)
+
+    @staticmethod
+    def backward(ctx, *_grads):  # type: ignore[override]
+        why = (
+            "with a process group (the all-reduce is not differentiated)"
+            if ctx.distributed
+            else "its training backward is not the gradient of the training forward"
+        )
+        raise RuntimeError(
+            f"FullNorm's {ctx.estimator!r} estimator is not twice differentiable {why}, so "
+            "second derivatives (double backward, Hessian-vector products) are undefined. Use "
+            "estimator='autograd' without a process group for second derivatives in training "
+            "mode, or evaluation mode (see docs/algorithms/fn.md)."
+        )
+
+
 class FullNormTrainFn(torch.autograd.Function):
     r"""Training-mode FN: forward with updated estimates, backward with the chosen estimator.
 
     Inputs ``(x, weight, bias, running_mean, running_var, outer_state, outer_count, alpha, eps,
-    estimator, outer_momentum)``; outputs ``(out, mean, var, rho)`` where ``mean``/``var`` are the
-    updated estimates and ``rho`` the representativeness (non-differentiable; the caller stores
-    the estimates).
+    estimator, outer_momentum, process_group)``; outputs ``(out, mean, var, rho)`` where
+    ``mean``/``var`` are the updated estimates and ``rho`` the representativeness
+    (non-differentiable; the caller stores the estimates).
 
     ``outer_state`` is a ``(2, C)`` tensor :math:`(\hat c_u, \hat c_v)` for ``"running"`` and
     ``"adaptive"`` (``None`` otherwise) and ``outer_count`` a 0-dim integer tensor counting its
-    updates. Both are *live state*, not saved values: the backward reads the running estimate
-    (built from earlier batches), then writes the updated average into ``outer_state`` and
-    increments ``outer_count``, in place. This is the only side effect, the same one Online
-    Normalization's control process has; it happens once per backward call (twice if a graph is
-    backpropagated twice). Written in the ``forward`` + ``setup_context`` form.
+    updates. Both are *live state*: the backward reads the running estimate (built from earlier
+    batches), then writes the updated average into ``outer_state`` and increments
+    ``outer_count``, in place, once per backward call (skipped when the update is not finite).
+
+    With ``process_group`` (``None`` or a ``torch.distributed`` group) the forward all-reduces
+    the batch moments and the backward the outer factor, so both are those of the concatenated
+    batch of every rank.
+
+    Double backward: for ``"autograd"`` without a process group the backward is written in
+    differentiable ops that recompute the estimates from ``x`` (history constant), so second
+    derivatives are exact; otherwise differentiating the backward raises ``RuntimeError``.
     """
 
     @staticmethod
@@ -424,53 +591,53 @@ class FullNormTrainFn(torch.autograd.Function):
         eps: float,
         estimator: str,
         outer_momentum: float,
+        process_group: object,
     ):
-        mean, var, _bm, _bv = full_norm_update(x, running_mean, running_var, alpha)
-        if estimator == "adaptive" and alpha < 1.0:
-            rho = batch_representativeness(x, running_mean, running_var, eps)
-        else:
-            rho = mean.new_ones(())
-        out = batch_norm_eval(x, mean, var, weight, bias, eps)
-        return out, mean, var, rho
+        with_rho = estimator == "adaptive" and alpha < 1.0
+        mom = _all_moments(x, running_mean, running_var, eps, with_rho, process_group)
+        mean, var = _update_from_moments(
+            mom.mean, mom.var, mom.count, running_mean, running_var, alpha
+        )
+        out = _normalize(x, mean, var, weight, bias, eps)
+        return out, mean, var, mom.rho
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
-        x, weight, _b, _rm, _rv, outer_state, outer_count, alpha, eps, estimator, momentum = inputs
+        x, weight, _b, hist_mean, hist_var, outer_state, outer_count = inputs[:7]
+        alpha, eps, estimator, momentum, group = inputs[7:]
         _out, mean, var, rho = output
         ctx.save_for_backward(x, weight, mean, var, rho)
         ctx.mark_non_differentiable(mean, var, rho)
-        ctx.alpha, ctx.eps, ctx.estimator = alpha, eps, estimator
-        ctx.momentum = momentum
+        ctx.set_materialize_grads(False)
         # Live running state (see the class docstring), deliberately not saved values.
-        ctx.outer_state, ctx.outer_count = outer_state, outer_count
+        ctx.info = _BackwardInfo(alpha, eps, estimator, momentum, outer_state, outer_count, group)
+        # The history, for the differentiable backward of "autograd" (copies: the caller
+        # overwrites its buffers with the updated estimates).
+        ctx.history = (
+            (hist_mean.detach().clone(), hist_var.detach().clone())
+            if estimator in TWICE_DIFFERENTIABLE and group is None
+            else None
+        )
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out, _gm, _gv, _gr):  # type: ignore[override]
+        if grad_out is None:
+            return (None,) * 12
         x, weight, mean, var, rho = ctx.saved_tensors
-        invstd = torch.rsqrt(var + ctx.eps)
-        xc = _stat(x) - mean.reshape(channel_shape(x))
-        batch = _centred_factor(grad_out, xc, invstd)
-        running = None
-        state, count = ctx.outer_state, ctx.outer_count
-        if ctx.estimator in _STATEFUL and state is not None and count is not None:
-            step = int(count)
-            if step > 0:
-                running = OuterFactor(state[0].clone(), state[1].clone())
-            new = running_outer_update(OuterFactor(state[0], state[1]), batch, ctx.momentum, step)
-            state[0].copy_(new.mean_grad)
-            state[1].copy_(new.mean_grad_xhat)
-            count.add_(1)
-        corr = outer_correction(ctx.estimator, batch, ctx.alpha, rho, running, x.shape[0])
-        grad_x, grad_w, grad_b = _backward_from_factor(
-            grad_out, xc, invstd, weight, corr, batch, x.dtype, reuse_xc=True
-        )
+        info: _BackwardInfo = ctx.info
+        if not torch.is_grad_enabled():  # plain backward: the fast path
+            grads = _first_order_backward(grad_out, x, weight, mean, var, rho, info)
+        elif ctx.history is not None:  # create_graph=True, twice differentiable
+            grads = _exact_backward(grad_out, x, weight, *ctx.history, info.alpha, info.eps)
+        else:  # create_graph=True: a graph node that raises if it is differentiated
+            grads = _FirstOrderBackwardFn.apply(info, grad_out, x, weight, mean, var, rho)
+        grad_x, grad_w, grad_b = grads
         needs = ctx.needs_input_grad
         return (
             grad_x if needs[0] else None,
             grad_w if needs[1] else None,
             grad_b if needs[2] else None,
-            *([None] * 8),
+            *([None] * 9),
         )
 
 
@@ -487,6 +654,7 @@ def full_norm_train(
     outer_state: Tensor | None = None,
     outer_count: Tensor | None = None,
     outer_momentum: float = 0.01,
+    process_group: object = None,
 ) -> tuple[Tensor, FullNormStats]:
     r"""One training step of FN: update the estimates with ``x``, normalize with the updated ones.
 
@@ -494,7 +662,13 @@ def full_norm_train(
     the updated ones come back in :class:`FullNormStats` for the caller to store. ``estimator``
     picks the backward (module docstring); ``"running"`` and ``"adaptive"`` need ``outer_state`` (a
     ``(2, C)`` tensor) and ``outer_count`` (a 0-dim integer tensor), which the backward updates in
-    place. Returns ``(out, stats)``.
+    place. With ``process_group`` every rank of the group must call this (and the backward)
+    together with the same estimates; the moments are those of the concatenation of the ranks'
+    batches. Returns ``(out, stats)``; ``out`` has the dtype of ``x``.
+
+    Raises:
+        ValueError: unknown ``estimator``, or a stateful one without its state.
+        TypeError: ``process_group`` is not ``None`` or a process group.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -503,6 +677,7 @@ def full_norm_train(
             f"estimator {estimator!r} needs outer_state (a (2, C) tensor) and outer_count (a 0-dim "
             f"integer tensor), got {type(outer_state).__name__} and {type(outer_count).__name__}"
         )
+    check_process_group(process_group)
     out, mean, var, rho = FullNormTrainFn.apply(
         x,
         weight,
@@ -515,6 +690,7 @@ def full_norm_train(
         float(eps),
         estimator,
         float(outer_momentum),
+        process_group,
     )
     return out, FullNormStats(mean, var, float(alpha), rho)
 
@@ -530,5 +706,6 @@ def full_norm_eval(
     r"""FN at fixed estimates: :math:`\gamma (x-\hat\mu)/\sqrt{\hat\sigma^2+\epsilon} + \beta`.
 
     The same map the training forward applies after its update, so a training step's output equals
-    this function evaluated right after that step. Plain differentiable ops (any order)."""
-    return batch_norm_eval(x, running_mean, running_var, weight, bias, eps)
+    this function evaluated right after that step. Half inputs are normalized in float32 and the
+    output cast back. Plain differentiable ops (any order)."""
+    return _normalize(x, running_mean, running_var, weight, bias, eps)

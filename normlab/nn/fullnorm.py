@@ -1,125 +1,101 @@
 r"""``FullNorm1d`` / ``FullNorm2d``: Full Normalization layers, drop-in for BatchNorm.
 
-Thin stateful modules over :mod:`normlab.functional.full_norm` (the maths, its sources and the
-confidence of each part are documented there).
+Thin stateful modules over :mod:`normlab.functional.full_norm`, on the shared base
+:class:`normlab.nn._base.NormBase`. What FN is, its estimators, design notes and measurements:
+docs/algorithms/fn.md.
 """
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from normlab.functional import full_norm as fnf
-from normlab.nn.batchnorm import check_norm_args, check_norm_input
+from normlab.nn._base import NormBase
 
 __all__ = ["FullNorm1d", "FullNorm2d"]
 
-
-def _check_fraction(name: str, value: float, low_open: bool) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        ok = (0.0 < value <= 1.0) if low_open else (0.0 <= value <= 1.0)
-    if not ok:
-        interval = "(0, 1]" if low_open else "[0, 1]"
-        raise ValueError(f"{name} must be a float in {interval}, got {value!r}")
+_HALF = (torch.float16, torch.bfloat16)
 
 
-class _FullNorm(nn.Module):
+def _check_fraction(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must be a float in (0, 1], got {value!r}")
+
+
+class _FullNorm(NormBase):
     r"""Full Normalization (Lian & Liu 2019) over dimension 1 (channels), trained by MCSGD.
 
     .. math::
         y = \frac{x - \hat\mu}{\sqrt{\hat\sigma^2 + \epsilon}}\gamma + \beta
 
-    where :math:`\hat\mu, \hat\sigma^2` estimate the per-channel mean and variance of the layer's
-    input over the *whole dataset*, not over the batch.
+    where :math:`\hat\mu, \hat\sigma^2` estimate the per-channel mean and (biased) variance of the
+    layer's input over the *whole dataset*, not over the batch.
 
-    * **training**: each forward first updates the estimates with the batch,
-      :math:`\hat\mu \leftarrow (1-\alpha_k)\hat\mu + \alpha_k m` and the same for the second moment
-      (step :math:`\alpha_k` from ``alpha``, ``alpha_decay``, ``debias``:
-      :func:`normlab.functional.full_norm.alpha_schedule`), then normalizes with the *updated*
+    * **training**: each forward first updates the estimates with the batch (step
+      :func:`current_alpha`, from ``alpha``, ``alpha_decay``, ``debias``;
+      :func:`normlab.functional.full_norm.full_norm_update`), then normalizes with the *updated*
       estimates. The backward is the compositional gradient with the outer factor chosen by
-      ``estimator`` (:mod:`normlab.functional.full_norm`). Batch size 1 is allowed.
-    * **eval**: the same estimates normalize, without being updated: there is no train/test switch
-      in the normalization itself, so eval output equals training output on the same input once the
-      estimates are fixed (a training step's output is exactly the eval output right after it).
-    * **buffers**: ``running_mean``, ``running_var`` (the *biased* variance estimate
-      :math:`\hat\sigma^2`, unlike BatchNorm's unbiased ``running_var``), ``num_batches_tracked``
-      (the step :math:`k` of the schedule) and ``outer_factor`` (``(2, C)``: the running average
-      of :math:`(\overline{g}, \overline{g y})` kept by the ``"running"`` and ``"adaptive"``
-      estimators, updated by the backward; zero and unused otherwise) with its update count
-      ``outer_steps``. All are in the ``state_dict``.
-    * a training batch whose statistics are not finite (NaN or Inf in the input) raises
-      ``ValueError`` and leaves every buffer untouched.
+      ``estimator``. Any batch size is allowed, 1 included; a batch with one value per channel
+      leaves the variance estimate at its prior where :math:`\alpha = 1` would set it to 0.
+    * **eval**: the same estimates normalize, without being updated, so a training step's output
+      equals the eval output on the same input right after it.
+    * **buffers**: ``running_mean``, ``running_var`` (the *biased* variance estimate, unlike
+      BatchNorm's unbiased ``running_var``), ``num_batches_tracked`` (the step :math:`k` of the
+      schedule), ``outer_factor`` (``(2, C)``: the running average of
+      :math:`(\overline{g}, \overline{g y})` kept by ``"running"`` and ``"adaptive"`` and
+      updated by the backward; zero and unused otherwise) and its update count ``outer_steps``;
+      all in the ``state_dict``. ``running_mean``, ``running_var`` and ``outer_factor`` are
+      float32 when the layer is float16 or bfloat16 (also after ``.half()`` / ``.to(dtype)``);
+      statistics of half inputs are computed in float32 and the output has the input's dtype.
+    * **non-finite training batch**: the policy of :class:`normlab.nn._base.NormBase`
+      (``ValueError`` on CPU with every buffer untouched); a backward whose outer factor is not
+      finite leaves ``outer_factor`` and ``outer_steps`` unchanged.
+    * :attr:`twice_differentiable` is ``True`` only for ``estimator="autograd"`` without a
+      process group: the only training backward that is the true gradient of the forward.
+      Differentiating another estimator's training backward raises ``RuntimeError``.
+    * **distributed**: with ``process_group``, the batch moments (and the outer factor of the
+      backward) are all-reduced over the group, so every rank holds the estimates one process
+      would hold after seeing the concatenated batch (uneven shards allowed, an empty one
+      included; every rank must call forward and backward together).
 
-    ``estimator`` (what the backward uses for the loss gradient w.r.t. the estimates):
-
-    * ``"adaptive"`` (default): the batch's own outer factor where the batch is a fair sample of
-      the data (a test :math:`\rho` on its mean), the exact moving-average gradient where it is not,
-      and the running factor from earlier batches in place of each sample's own share
-      [normlab's design]. It is close to ``"batch"`` on shuffled batches, to ``"autograd"`` on
-      single-label batches, and is ``"running"`` at batch size 1.
-    * ``"batch"``: the reconstruction of the paper's backward (ALGORITHMS.md 2.6): sampled Jacobians
-      at the estimates, unscaled. Equals BatchNorm's backward at :math:`\alpha = 1`.
-    * ``"running"``: exact for the current batch's share :math:`\alpha`, a clipped running average
-      of earlier batches' outer factors for the history's share (step ``outer_momentum``).
-    * ``"autograd"``: exact autograd through the moving average (correction scaled by
-      :math:`\alpha`).
-    * ``"none"``: stop-gradient through the estimates.
-
-    Why ``"adaptive"`` is the default. Measured by normlab (scratch study recorded in the notes of
-    the FN issue; the ``fn-unshuffled`` experiment is to regenerate it): MNIST-10k split 8k train /
-    2k test, MLP 784-100-100-100-10 with the norm between each hidden Linear and its ReLU, plain
-    SGD, batches of 64, 10 epochs, ``alpha=0.1``, test accuracy after the last epoch using the
-    layer's own estimates (eval mode); single-label: the training set sorted by label and cut into
-    blocks of 64 (one label each), block order shuffled every epoch. Mean ± std over seeds (5 where
-    marked *, else 3); learning rate in brackets, the best of {0.03, 0.1, 0.3} where several were
-    run (CPU shared with other jobs; no timings involved):
-
-    =====================  =======================  =======================
-    normalization          shuffled                 single-label
-    =====================  =======================  =======================
-    torch ``BatchNorm1d``  0.960 ± 0.005* [0.3]     0.13 ± 0.03 [0.1]
-    no normalization       0.953 ± 0.005 [0.3]      0.914 ± 0.014* [0.1]
-    ``"adaptive"``         0.960 ± 0.001* [0.3]     0.947 ± 0.008* [0.03]
-    ``"batch"``            0.963 ± 0.002* [0.3]     0.26 ± 0.05 [0.03]
-    ``"running"``          0.961 ± 0.002 [0.1]      0.906 ± 0.016 [0.03]
-    ``"autograd"``         0.872 ± 0.006 [0.1]      0.942 ± 0.014 [0.03]
-    ``"none"``             0.794 ± 0.013 [0.1]      0.838 ± 0.032 [0.03]
-    =====================  =======================  =======================
-
-    ``"adaptive"`` is the only estimator good in both columns: on single-label batches it reaches
-    0.99x BN's shuffled accuracy, and on shuffled batches it ties BN (``"batch"`` is 0.3 points
-    better there but fails on single-label batches). With one learning rate for both columns it is
-    0.954 / 0.947 at 0.03 and 0.957 / 0.86 ± 0.07 at 0.1: single-label batches want a smaller step.
-    At batch size 1 (inputs scaled per sample, one epoch, learning rate 0.01, ``alpha=0.01``, one
-    seed) it is ``"running"``: 0.885, against 0.904 at batch size 16; the ``"autograd"`` weighting
-    gives 0.749 at batch size 1.
+    ``estimator`` (what the backward uses for the loss gradient w.r.t. the estimates; details and
+    which is normlab's design and which reconstructs the paper: docs/algorithms/fn.md):
+    ``"adaptive"`` (default), ``"batch"`` (equals BatchNorm's backward at :math:`\alpha = 1`),
+    ``"running"``, ``"autograd"`` (the exact gradient of the forward) and ``"none"``
+    (stop-gradient through the estimates).
 
     Args:
         num_features: :math:`C`, the number of channels.
         eps: added to the variance inside the square root. Default ``1e-5``.
         affine: learn :math:`\gamma` (ones) and :math:`\beta` (zeros). Default ``True``.
         alpha: step size :math:`a_0` of the estimates, in (0, 1]. Default ``0.1``.
-        alpha_decay: :math:`b` in :math:`\alpha_k = a_0 (k+1)^{-b}`; ``0`` is a constant step.
-            Default ``0``.
-        debias: use :math:`\max(\alpha_k, 1/(k+1))`, so step 0 equals BatchNorm and early estimates
-            are plain averages of the batches seen. Default ``True``.
+        alpha_decay: :math:`b \ge 0` in :math:`\alpha_k = a_0 (k+1)^{-b}`; ``0`` is a constant
+            step. Default ``0``.
+        debias: use :math:`\max(\alpha_k, 1/(k+1))`, so step 0 equals BatchNorm. Default ``True``.
         estimator: ``"adaptive"``, ``"batch"``, ``"running"``, ``"autograd"`` or ``"none"``.
-        outer_momentum: step of the running average of the outer factor (``"running"`` and
-            ``"adaptive"``), in (0, 1]. Default ``0.01``.
+        outer_momentum: step of the running outer factor, in (0, 1]. Default ``0.01``.
+        process_group: a ``torch.distributed`` process group whose ranks share the estimates,
+            or ``None`` (this process only). Default ``None``.
+        device, dtype: factory arguments of the parameters and buffers.
+
+    Raises:
+        ValueError: an argument out of range (the message names it).
+        TypeError: a non-bool ``affine`` (BatchNorm's third positional argument is
+            ``momentum``), or a ``process_group`` that is not ``None`` or a process group.
     """
 
-    _ndims: tuple[int, ...] = ()
-    _shape_doc = ""
+    # Buffers kept in float32 when the layer is cast to a half-precision dtype.
+    _float32_buffers: ClassVar[tuple[str, ...]] = ("running_mean", "running_var", "outer_factor")
 
-    num_features: int
-    eps: float
-    affine: bool
     alpha: float
     alpha_decay: float
     debias: bool
     estimator: fnf.Estimator
     outer_momentum: float
+    process_group: Any
 
     def __init__(
         self,
@@ -132,17 +108,17 @@ class _FullNorm(nn.Module):
         debias: bool = True,
         estimator: fnf.Estimator = "adaptive",
         outer_momentum: float = 0.01,
+        process_group: Any = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        check_norm_args(num_features, eps, None)
+        # Every check before any state is built.
         if not isinstance(affine, bool):
             raise TypeError(
                 f"affine must be a bool, got {affine!r} (BatchNorm's third positional argument is "
                 "momentum; FullNorm's step size is the keyword alpha)"
             )
-        _check_fraction("alpha", alpha, low_open=True)
+        _check_fraction("alpha", alpha)
         if (
             isinstance(alpha_decay, bool)
             or not isinstance(alpha_decay, (int, float))
@@ -151,49 +127,45 @@ class _FullNorm(nn.Module):
             raise ValueError(f"alpha_decay must be a float >= 0, got {alpha_decay!r}")
         if estimator not in fnf.ESTIMATORS:
             raise ValueError(f"estimator must be one of {fnf.ESTIMATORS}, got {estimator!r}")
-        _check_fraction("outer_momentum", outer_momentum, low_open=True)
-        factory = {"device": device, "dtype": dtype}
-        self.num_features = num_features
-        self.eps = float(eps)
-        self.affine = affine
+        _check_fraction("outer_momentum", outer_momentum)
+        fnf.check_process_group(process_group)
+        super().__init__(num_features, eps, None, affine, True, device, dtype)
         self.alpha = float(alpha)
         self.alpha_decay = float(alpha_decay)
         self.debias = bool(debias)
         self.estimator = estimator
         self.outer_momentum = float(outer_momentum)
-        if self.affine:
-            self.weight = nn.Parameter(torch.ones(num_features, **factory))
-            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-        self.register_buffer("running_var", torch.ones(num_features, **factory))
+        self.process_group = process_group
+        stat_dtype = torch.float32 if dtype in _HALF else dtype
+        if dtype in _HALF:
+            self.running_mean = self.running_mean.float()  # type: ignore[union-attr]
+            self.running_var = self.running_var.float()  # type: ignore[union-attr]
         self.register_buffer(
-            "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
+            "outer_factor", torch.zeros(2, num_features, device=device, dtype=stat_dtype)
         )
-        self.register_buffer("outer_factor", torch.zeros(2, num_features, **factory))
         self.register_buffer("outer_steps", torch.tensor(0, dtype=torch.long, device=device))
+
+    @property
+    def twice_differentiable(self) -> bool:
+        """``True`` when the training-mode backward is the true gradient of the training forward
+        and is itself differentiable: ``estimator="autograd"`` without a process group."""
+        return self.estimator in fnf.TWICE_DIFFERENTIABLE and self.process_group is None
 
     def reset_running_stats(self) -> None:
         """Forget the estimates and the outer-factor state (the schedule restarts at step 0)."""
-        self.running_mean.zero_()  # type: ignore[union-attr]
-        self.running_var.fill_(1)  # type: ignore[union-attr]
-        self.num_batches_tracked.zero_()  # type: ignore[union-attr]
-        self.outer_factor.zero_()  # type: ignore[union-attr]
-        self.outer_steps.zero_()  # type: ignore[union-attr]
-
-    def reset_parameters(self) -> None:
-        """Reset the estimates, and :math:`\\gamma, \\beta` to ones and zeros."""
-        self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+        super().reset_running_stats()
+        # NormBase.__init__ calls this before the outer-factor buffers exist.
+        if "outer_factor" in self._buffers:
+            self.outer_factor.zero_()  # type: ignore[union-attr]
+            self.outer_steps.zero_()  # type: ignore[union-attr]
 
     def current_alpha(self) -> float:
         """The step size the next training forward will use."""
         return fnf.alpha_schedule(
-            int(self.num_batches_tracked), self.alpha, self.alpha_decay, self.debias
+            int(self.num_batches_tracked),  # type: ignore[arg-type]
+            self.alpha,
+            self.alpha_decay,
+            self.debias,
         )
 
     def extra_repr(self) -> str:
@@ -201,18 +173,35 @@ class _FullNorm(nn.Module):
             f"{self.num_features}, eps={self.eps}, affine={self.affine}, alpha={self.alpha}, "
             f"alpha_decay={self.alpha_decay}, debias={self.debias}, "
             f"estimator={self.estimator!r}, outer_momentum={self.outer_momentum}"
+            + ("" if self.process_group is None else ", process_group=...")
         )
 
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # .half(), .to(torch.bfloat16), ...: keep the statistics buffers in float32, converted
+        # from their values before the cast (a float16 running_var overflows above 65504).
+        before = {n: self._buffers.get(n) for n in self._float32_buffers}
+        out = super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers.get(name)
+            if old is not None and new is not None and new.dtype in _HALF:
+                self._buffers[name] = old.to(device=new.device, dtype=torch.float32)
+        return out
+
     def forward(self, input: Tensor) -> Tensor:
-        name = type(self).__name__
-        check_norm_input(name, input, self._ndims, self._shape_doc, self.num_features)
+        self._check_input(input)
         if not self.training:
             return fnf.full_norm_eval(
-                input, self.running_mean, self.running_var, self.weight, self.bias, self.eps
+                input,
+                self.running_mean,  # type: ignore[arg-type]
+                self.running_var,  # type: ignore[arg-type]
+                self.weight,
+                self.bias,
+                self.eps,
             )
-        if input.numel() == 0:
+        if input.numel() == 0 and self.process_group is None:
             raise ValueError(
-                f"{name} expected a non-empty training batch, got shape {tuple(input.shape)}"
+                f"{type(self).__name__} expected a non-empty training batch, got shape "
+                f"{tuple(input.shape)}"
             )
         out, stats = fnf.full_norm_train(
             input,
@@ -223,20 +212,18 @@ class _FullNorm(nn.Module):
             alpha=self.current_alpha(),
             eps=self.eps,
             estimator=self.estimator,
-            outer_state=self.outer_factor,
-            outer_count=self.outer_steps,
+            outer_state=self.outer_factor,  # type: ignore[arg-type]
+            outer_count=self.outer_steps,  # type: ignore[arg-type]
             outer_momentum=self.outer_momentum,
+            process_group=self.process_group,
         )
-        # A NaN or Inf anywhere in a channel makes its variance estimate non-finite.
-        if not bool(torch.isfinite(stats.var).all()) or not bool(torch.isfinite(stats.mean).all()):
-            raise ValueError(
-                f"{name} got a training batch with non-finite values (NaN or Inf) in input of "
-                f"shape {tuple(input.shape)}; the estimates were left unchanged"
-            )
+        # With one value per channel the variance may keep its prior while the mean is NaN:
+        # both decide.
+        ok = self._finite_guard(input, torch.cat([stats.mean, stats.var]))
         with torch.no_grad():
-            self.running_mean.copy_(stats.mean)  # type: ignore[union-attr]
-            self.running_var.copy_(stats.var)  # type: ignore[union-attr]
-            self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
+            self._write_guarded(self.running_mean, stats.mean, ok)  # type: ignore[arg-type]
+            self._write_guarded(self.running_var, stats.var, ok)  # type: ignore[arg-type]
+            self.num_batches_tracked.add_(1 if ok is None else ok.to(torch.long))  # type: ignore[union-attr]
         return out
 
 
