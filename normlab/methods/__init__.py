@@ -2,12 +2,13 @@
 
 A :class:`Method` is a method's layer factory (per slot kind), its optional training hook, one
 options mapping that reaches both, and its experiment defaults. Registered, in this order (the
-order of :func:`list_methods`): ``none``, ``bn``, ``torch-bn``, ``gn``, ``ln``, ``brn``, ``fn``,
-the ``fn-<estimator>`` aliases, ``bnp``. :func:`convert` swaps the normalization of an existing
-model.
+order of :func:`list_methods`): ``none``, ``bn``, ``torch-bn``, ``gn``, ``ln``, ``brn``,
+``online-norm``, ``mabn``, ``fn``, the ``fn-<estimator>`` aliases, ``bnp``. :func:`convert`
+swaps the normalization of an existing model.
 
-Families: :mod:`normlab.methods.baselines` (none, gn, ln), :mod:`normlab.methods.bn` (bn,
-torch-bn, brn), :mod:`normlab.methods.fn`, :mod:`normlab.methods.bnp`.
+Families: :mod:`normlab.methods.baselines` (none, gn, ln, online-norm, mabn),
+:mod:`normlab.methods.bn` (bn, torch-bn, brn), :mod:`normlab.methods.fn`,
+:mod:`normlab.methods.bnp`.
 """
 
 from normlab.methods.base import (
@@ -19,13 +20,13 @@ from normlab.methods.base import (
     register_method,
     resolve_method,
 )
-from normlab.methods.baselines import GN, LN, NONE, group_count
+from normlab.methods.baselines import GN, LN, MABN, NONE, ONLINE_NORM, group_count
 from normlab.methods.bn import BN, BRN, TORCH_BN
 from normlab.methods.bnp import BNP
 from normlab.methods.convert import convert
 from normlab.methods.fn import FN, FN_ALIASES
 
-for _method in (NONE, BN, TORCH_BN, GN, LN, BRN, FN, *FN_ALIASES, BNP):
+for _method in (NONE, BN, TORCH_BN, GN, LN, BRN, ONLINE_NORM, MABN, FN, *FN_ALIASES, BNP):
     register_method(_method)
 
 __all__ = [

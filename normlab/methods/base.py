@@ -63,6 +63,8 @@ class Method:
             that re-centres, on otherwise).
         make_hook: ``(model, **hook_options) -> TrainingHook``, or ``None``.
         batch_dependent: True if the training forward couples the samples of a batch.
+        min_batch_size: the smallest training batch the method can normalize (2 for batch
+            norms, which need two values per channel; 1 for everything else).
         layer_options: the options the layer factory takes, with their defaults.
         hook_options: the options the training hook takes, with their defaults.
         lr: default learning rate (plain SGD, batch size 64).
@@ -78,6 +80,7 @@ class Method:
     bias: bool = False
     make_hook: HookFactory | None = None
     batch_dependent: bool = True
+    min_batch_size: int = 1
     layer_options: Mapping[str, Any] = field(default_factory=dict)
     hook_options: Mapping[str, Any] = field(default_factory=dict)
     lr: float = 0.1

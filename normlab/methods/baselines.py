@@ -1,11 +1,16 @@
-"""Batch-independent baselines: ``none`` (no normalization, biases on), ``gn`` (GroupNorm) and
-``ln`` (LayerNorm)."""
+"""Baselines: ``none`` (no normalization, biases on), ``gn`` (GroupNorm), ``ln`` (LayerNorm),
+and the small-batch anchors ``online-norm`` (Online Normalization, Chiley et al. 2019) and
+``mabn`` (Moving Average Batch Normalization, Yan et al. 2020); see
+docs/algorithms/baselines.md."""
 
 from __future__ import annotations
 
 from torch import nn
 
+from normlab.methods._layers import by_kind, keyword_defaults
 from normlab.methods.base import Method
+from normlab.nn import mabn as nmabn
+from normlab.nn import online_norm as nol
 from normlab.nn.convert import NoNorm, NormKind
 
 
@@ -58,4 +63,33 @@ LN = Method(
     _layer_norm,
     batch_dependent=False,
     layer_options={"eps": 1e-5, "affine": True},
+)
+
+
+_ONLINE_OPTIONS = ("alpha_fwd", "alpha_bkw", "eps", "affine", "ecm", "ls_eps", "clamp_value")
+_MABN_OPTIONS = (
+    "eps",
+    "momentum",
+    "affine",
+    "buffer_size",
+    "warmup_iters",
+    "renorm_iters",
+    "r_max",
+    "d_max",
+    "mean_free",
+)
+
+ONLINE_NORM = Method(
+    "online-norm",
+    "Online Normalization (running statistics forward, control-process backward)",
+    by_kind("online-norm", {"1d": nol.OnlineNorm1d, "2d": nol.OnlineNorm2d}),
+    batch_dependent=False,  # a batch of N equals N batches of one sample
+    layer_options=keyword_defaults(nol.OnlineNorm2d.__init__, _ONLINE_OPTIONS),
+)
+MABN = Method(
+    "mabn",
+    "Moving Average Batch Normalization (windowed batch and gradient statistics)",
+    by_kind("mabn", {"1d": nmabn.MABN1d, "2d": nmabn.MABN2d}),
+    min_batch_size=2,
+    layer_options=keyword_defaults(nmabn.MABN2d.__init__, _MABN_OPTIONS),
 )

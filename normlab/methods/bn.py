@@ -36,17 +36,20 @@ BN = Method(
     "bn",
     "normlab reference BatchNorm",
     by_kind("bn", _classes(nbn, "BatchNorm")),
+    min_batch_size=2,
     layer_options=keyword_defaults(nbn.BatchNorm2d.__init__, BN_OPTIONS),
 )
 TORCH_BN = Method(
     "torch-bn",
     "torch.nn.BatchNorm1d/2d/3d",
     by_kind("torch-bn", _classes(nn, "BatchNorm")),
+    min_batch_size=2,
     layer_options=keyword_defaults(nn.BatchNorm2d.__init__, BN_OPTIONS),
 )
 BRN = Method(
     "brn",
     "Batch Renormalization (compressed r_max/d_max ramp)",
     by_kind("brn", _classes(nrn, "BatchRenorm")),
+    min_batch_size=2,
     layer_options={**keyword_defaults(nrn.BatchRenorm2d.__init__, BRN_OPTIONS), **BRN_CPU_SCHEDULE},
 )
