@@ -135,3 +135,12 @@ def test_bad_configs_are_refused_before_anything_is_written(tmp_path, change, me
     with pytest.raises(ValueError, match=message):
         train(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_convert_from_a_layer_without_momentum_keeps_the_targets_default():
+    model = nn.Sequential(nn.Linear(5, 4, bias=False), nn.BatchNorm1d(4, momentum=None))
+    normlab.convert(model, "bn")
+    assert model[1].momentum is None  # a cumulative average is carried
+    normlab.convert(model, "fn")
+    normlab.convert(model, "torch-bn")  # FullNorm has no momentum: torch's default, not None
+    assert model[1].momentum == 0.1

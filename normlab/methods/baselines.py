@@ -42,9 +42,10 @@ def _group_norm(
 def _layer_norm(
     num_features: int, kind: NormKind, *, eps: float = 1e-5, affine: bool = True
 ) -> nn.Module:
-    if kind == "1d":
-        return nn.LayerNorm(num_features, eps=eps, elementwise_affine=affine)
-    layer = nn.GroupNorm(1, num_features, eps, affine)  # LayerNorm over (C, *spatial)
+    # GroupNorm(1, C) normalizes each sample over (C, *): on (N, C) it is LayerNorm(C), on
+    # (N, C, L) it normalizes over (C, L), where LayerNorm(C) would take the last axis (L != C)
+    # or fail. A "1d" slot may see either rank, so every kind gets it (docs/surgery.md).
+    layer = nn.GroupNorm(1, num_features, eps, affine)
     layer.normlab_kind = kind
     return layer
 
@@ -59,7 +60,7 @@ GN = Method(
 )
 LN = Method(
     "ln",
-    "LayerNorm (GroupNorm with one group for conv features)",
+    "LayerNorm over (C, *spatial) per sample (GroupNorm with one group)",
     _layer_norm,
     batch_dependent=False,
     layer_options={"eps": 1e-5, "affine": True},

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from normlab.methods.base import Method, get_method, resolve_method
+from normlab.nn import batchnorm as nbn
 from normlab.nn.convert import PRODUCERS, copy_norm_state, norm_slots, replace_module
 
 __all__ = ["convert"]
@@ -34,7 +35,14 @@ def _hyper_parameters(old: nn.Module) -> dict[str, tuple[Any, Any]]:
     for attr, option, default in _CARRIED:
         if hasattr(old, attr) and option not in found:
             found[option] = (getattr(old, attr), default)
+    # momentum=None means a cumulative average for batch norms only; layers without a momentum
+    # (FullNorm, OnlineNorm) report None, which must not turn into one.
+    if found.get("momentum", (0.0,))[0] is None and not isinstance(old, _CUMULATIVE_MOMENTUM):
+        del found["momentum"]
     return found
+
+
+_CUMULATIVE_MOMENTUM = (nn.modules.batchnorm._BatchNorm, nbn._BatchNorm)
 
 
 def _reference_tensor(old: nn.Module, model: nn.Module) -> torch.Tensor | None:
@@ -130,7 +138,7 @@ def convert(
         new.train(old.training)
         plan.append((name, new))
     biased = 0
-    for (name, new), slot in zip(plan, slots):
+    for (name, new), slot in zip(plan, slots, strict=True):
         replace_module(model, name, new)
         if m.bias and slot.producer is not None:
             biased += _ensure_bias(model.get_submodule(slot.producer))

@@ -15,7 +15,7 @@ from torch import Tensor
 from normlab.functional import full_norm as fnf
 from normlab.nn._base import NormBase
 
-__all__ = ["FullNorm1d", "FullNorm2d"]
+__all__ = ["FullNorm1d", "FullNorm2d", "FullNorm3d"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -265,3 +265,15 @@ class FullNorm2d(_FullNorm):
     )
     _ndims = (4,)
     _shape_doc = "(N, C, H, W)"
+
+
+class FullNorm3d(_FullNorm):
+    __doc__ = (
+        (_FullNorm.__doc__ or "")
+        + r"""
+    Shape:
+        Input :math:`(N, C, D, H, W)`; output the same shape. :math:`N = 1` is allowed.
+    """
+    )
+    _ndims = (5,)
+    _shape_doc = "(N, C, D, H, W)"

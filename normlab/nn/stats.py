@@ -26,6 +26,7 @@ from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 from torch.nn.parameter import UninitializedBuffer
 
 from normlab.nn.batchnorm import _BatchNorm as _NormlabBatchNorm
+from normlab.nn.convert import model_neighbours, optional_module, replace_module
 
 __all__ = ["fold_batchnorm", "recompute_statistics"]
 
@@ -270,10 +271,17 @@ def _layer_input_moments(
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     r"""An inference copy of ``model`` with eval-mode BN layers folded into the layer before.
 
-    Adjacency rule: a BN layer (normlab's or torch's) is folded when it sits in an
-    :class:`torch.nn.Sequential` *directly after* an ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d``/
-    ``nn.Conv3d`` whose output channels it normalizes, is in eval mode and has running
-    statistics. With :math:`s = \gamma/\sqrt{\sigma^2_{run}+\epsilon}` per output channel the
+    Adjacency rule: a BN layer is folded when its input is the output of an ``nn.Linear``/
+    ``nn.Conv1d``/``nn.Conv2d``/``nn.Conv3d`` (exact classes) that feeds nothing else, both are
+    called once and registered once, the producer's output channels are the BN's features, and
+    the BN is in eval mode with running statistics. Producers come from a :mod:`torch.fx` trace
+    of the model, whatever the module nesting (a ResNet block's ``conv1 -> bn1``, a downsample
+    ``nn.Sequential``); where the model cannot be traced (logged warning), from
+    ``nn.Sequential`` order: the layer directly before the BN. Folded BN classes (exact, so a
+    subclass with a fused activation is never folded away): torch's ``BatchNorm1d/2d/3d`` and
+    ``SyncBatchNorm`` (an initialized ``LazyBatchNorm*`` is one of these), normlab's
+    ``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` and ``BatchRenorm1d/2d/3d`` (the same eval
+    function). With :math:`s = \gamma/\sqrt{\sigma^2_{run}+\epsilon}` per output channel the
     layer becomes
 
     .. math::
@@ -282,8 +290,14 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     (a bias is created when the layer had none) and the BN is replaced by ``nn.Identity``; the
     folding is computed in float64 and cast back. ``Linear`` -> ``BatchNorm1d`` assumes 2-D
     ``(N, features)`` activations, the usual MLP layout. Other BN layers (in training mode,
-    without running statistics, after something else, or after a layer shared elsewhere in the
-    model) are kept and logged. ``model`` itself is not modified (the copy is a deepcopy).
+    without running statistics, after something else, after a layer shared or whose output is
+    also used elsewhere, of an unknown subclass) are kept, each logged at INFO with the reason.
+    ``model`` itself is not modified (the copy is a deepcopy); the copy keeps the model's classes
+    and attributes (it is not an ``fx.GraphModule``). Rules: see docs/surgery.md.
+
+    Raises:
+        ValueError: ``model`` holds an uninitialized lazy module (it cannot be copied; run one
+            forward first).
 
     Example::
 
@@ -294,44 +308,81 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         >>> type(folded[1]).__name__
         'Identity'
     """
+    lazy = [
+        name or type(m).__name__
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()
+    ]
+    if lazy:
+        raise ValueError(
+            f"fold_batchnorm expected initialized modules, got uninitialized lazy module(s) "
+            f"{', '.join(lazy)}: run one forward pass first"
+        )
     folded = copy.deepcopy(model)
     occurrences: dict[int, int] = {}
     for _name, module in folded.named_modules(remove_duplicate=False):
         occurrences[id(module)] = occurrences.get(id(module), 0) + 1
-    names = {id(m): name for name, m in folded.named_modules()}
-    sequentials = [m for m in folded.modules() if isinstance(m, nn.Sequential)]
-    seen: set[int] = set()
-    for seq in sequentials:
-        for i in range(len(seq)):
-            bn = seq[i]
-            if not isinstance(bn, _BN_TYPES) or id(bn) in seen:
-                continue
-            seen.add(id(bn))
-            prev = seq[i - 1] if i > 0 else None
-            reason = _cannot_fold(bn, prev, occurrences)
-            if reason:
-                logger.info("fold_batchnorm: kept %s: %s", names.get(id(bn), str(i)), reason)
-                continue
-            _fold_into(prev, bn)  # type: ignore[arg-type]
-            seq[i] = nn.Identity()
+    bns = [(name, m) for name, m in folded.named_modules() if name and isinstance(m, _BN_TYPES)]
+    if not bns:
+        return folded
+    graph = model_neighbours(folded, "fold_batchnorm")
+    count = 0
+    for name, bn in bns:
+        prev_name, reason = _fold_target(folded, name, bn, graph, occurrences)
+        if prev_name is None:
+            logger.info("fold_batchnorm: kept %s: %s", name, reason)
+            continue
+        _fold_into(folded.get_submodule(prev_name), bn)  # type: ignore[arg-type]
+        replace_module(folded, name, nn.Identity())
+        count += 1
+    logger.debug("fold_batchnorm: folded %d of %d BN layers", count, len(bns))
     return folded
 
 
-def _cannot_fold(bn: nn.Module, prev: nn.Module | None, occurrences: dict[int, int]) -> str:
-    # Why `bn` cannot be folded into `prev`, or "" when it can.
+def _foldable_bn_classes() -> tuple[type, ...]:
+    # Exact classes whose eval forward is the affine BN map with running statistics.
+    found: list[type] = [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm]
+    for module_name, names in (
+        ("normlab.nn.batchnorm", ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d")),
+        ("normlab.nn.renorm", ("BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d")),
+        ("normlab.nn.sync_batchnorm", ("SyncBatchNorm",)),
+    ):
+        module = optional_module(module_name)
+        found.extend(c for c in (getattr(module, n, None) for n in names) if isinstance(c, type))
+    return tuple(found)
+
+
+def _fold_target(
+    model: nn.Module,
+    name: str,
+    bn: nn.Module,
+    graph: Any,
+    occurrences: dict[int, int],
+) -> tuple[str | None, str]:
+    # (name of the layer to fold `bn` into, ""), or (None, why it is kept).
+    if type(bn) not in _foldable_bn_classes():
+        return None, (
+            f"{type(bn).__name__} is not a plain batch norm class (a subclass may do more in "
+            "its forward)"
+        )
     if bn.training:
-        return "in training mode (batch statistics)"
+        return None, "in training mode (batch statistics)"
     if not _is_tracking_bn(bn):
-        return "no running statistics"
-    if not isinstance(prev, _FOLDABLE):
-        kind = "nothing" if prev is None else type(prev).__name__
-        return f"preceded by {kind}, not Linear/Conv in the same Sequential"
+        return None, "no running statistics"
+    prev_name, reason = graph.producer(name)
+    if prev_name is None:
+        return None, reason
+    prev = model.get_submodule(prev_name)
+    if type(prev) not in _FOLDABLE:
+        return None, f"preceded by {type(prev).__name__}, not a plain Linear/Conv"
     out = prev.out_features if isinstance(prev, nn.Linear) else prev.out_channels
     if out != bn.num_features:  # type: ignore[attr-defined]
-        return f"{bn.num_features} features after a layer with {out} outputs"  # type: ignore[attr-defined]
+        return None, f"{bn.num_features} features after a layer with {out} outputs"  # type: ignore[attr-defined]
     if occurrences.get(id(prev), 0) > 1:
-        return f"the preceding {type(prev).__name__} is shared elsewhere in the model"
-    return ""
+        return None, f"the preceding {type(prev).__name__} is shared elsewhere in the model"
+    if occurrences.get(id(bn), 0) > 1:
+        return None, "the BN layer is shared elsewhere in the model"
+    return prev_name, ""
 
 
 @torch.no_grad()
