@@ -10,6 +10,16 @@ from normlab.functional.batch_norm import (
     moments,
     reduce_dims,
 )
+from normlab.functional.distributed import (
+    SyncBatchNormTrainFn,
+    all_reduce_packed,
+    group_size,
+    needs_sync,
+    packet_dtype,
+    sync_batch_norm_train,
+    sync_bytes_per_step,
+    sync_moments,
+)
 from normlab.functional.full_norm import (
     ESTIMATORS,
     Estimator,
@@ -26,6 +36,18 @@ from normlab.functional.full_norm import (
     outer_correction,
     running_outer_update,
 )
+from normlab.functional.mabn import MABNTrainFn, mabn_renorm_factors, mabn_train, pooled_moments
+from normlab.functional.online_norm import (
+    OnlineNormFn,
+    OnlineStats,
+    activation_clamp,
+    layer_scaling,
+    linear_scan,
+    online_norm_control,
+    online_norm_stats,
+    online_norm_train,
+    sample_moments,
+)
 from normlab.functional.precondition import (
     RunningMoments,
     conv2d_channel_moments,
@@ -39,6 +61,14 @@ from normlab.functional.precondition import (
 )
 
 __all__ = [
+    "SyncBatchNormTrainFn",
+    "all_reduce_packed",
+    "group_size",
+    "needs_sync",
+    "packet_dtype",
+    "sync_batch_norm_train",
+    "sync_bytes_per_step",
+    "sync_moments",
     "ESTIMATORS",
     "Estimator",
     "FullNormStats",
@@ -70,4 +100,17 @@ __all__ = [
     "precondition_linear",
     "preconditioner_factor",
     "preconditioner_variance",
+    "MABNTrainFn",
+    "mabn_renorm_factors",
+    "mabn_train",
+    "pooled_moments",
+    "OnlineNormFn",
+    "OnlineStats",
+    "activation_clamp",
+    "layer_scaling",
+    "linear_scan",
+    "online_norm_control",
+    "online_norm_stats",
+    "online_norm_train",
+    "sample_moments",
 ]

@@ -1,26 +1,15 @@
-r"""Reference batch normalization written from the math (Ioffe & Szegedy 2015, Algorithm 1).
+r"""Batch normalization written from the math (Ioffe & Szegedy, "Batch Normalization:
+Accelerating Deep Network Training by Reducing Internal Covariate Shift", 2015).
 
-Conventions (the same as :func:`torch.nn.functional.batch_norm`):
+Conventions (those of :func:`torch.nn.functional.batch_norm`): channels are dimension 1 and
+statistics are per channel over every other dimension; the *biased* variance normalizes;
+:math:`\epsilon` is inside the square root, :math:`\hat{x} = (x-\mu)/\sqrt{\sigma^2+\epsilon}`.
+Float16 and bfloat16 inputs are computed in float32 internally and rounded once at the end.
 
-* channels are dimension 1; statistics are per channel over every other dimension
-  (``(N,)`` for ``(N, C)``, ``(N, L)`` for ``(N, C, L)``, ``(N, H, W)`` for ``(N, C, H, W)``);
-* the *biased* variance (divide by :math:`m`, the number of values per channel) normalizes;
-* :math:`\epsilon` is added inside the square root:
-  :math:`\hat{x} = (x-\mu)/\sqrt{\sigma^2+\epsilon}`.
-
-The training-mode backward is the explicit formula of the paper (with ``dL/dmu`` and
-``dL/dsigma^2`` eliminated), not autograd. It is written in differentiable torch ops and
-*recomputes* :math:`\mu, \sigma^2` from ``x``, so differentiating it again (double backward,
-Hessian-vector products) keeps the :math:`\partial\mu/\partial x` and
-:math:`\partial\sigma/\partial x` terms. References: https://arxiv.org/abs/1502.03167
-
-Performance notes (CPU): the autograd Function's forward, and its backward when no double-backward
-graph is being built, allocate one tensor-sized buffer each, their output. The centred values
-:math:`x-\mu` are written into that buffer twice (once squared for the variance, once to
-normalize) instead of keeping a second tensor-sized temporary: a fresh large allocation costs
-page faults (glibc hands large blocks back to the kernel on ``free``), which is dearer than one
-extra pass over the data. Per-channel affine maps use ``addcmul`` only when the channel is the
-innermost memory dimension, where it is vectorized; otherwise ``mul_`` then ``add_``.
+The training forward is :class:`BatchNormTrainFn`, whose backward is an explicit formula that is
+itself differentiable (double backward, Hessian-vector products) and which carries a ``jvp``
+(forward mode) and a ``vmap`` rule for :mod:`torch.func`. The derivation and the performance
+notes are in docs/algorithms/bn.md.
 """
 
 from __future__ import annotations
@@ -61,18 +50,20 @@ def channel_shape(x: Tensor) -> tuple[int, ...]:
     return (1, x.shape[1]) + (1,) * (x.dim() - 2)
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _stat_dtype(x: Tensor) -> Tensor:
-    # Statistics of half-precision inputs are computed in float32 (flax's rule).
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    # Half-precision tensors are computed in float32 (flax's rule, and torch's opmath type).
+    return x.float() if x.dtype in _HALF else x
 
 
 def moments(x: Tensor) -> Moments:
     r"""Per-channel mean and biased variance of ``x`` (channels on dimension 1).
 
-    Uses two passes (the mean, then the centred second moment), so badly scaled data stays
-    accurate: for float32 data with mean :math:`10^4` and unit variance the variance is within
-    :math:`10^{-4}` relative of the float64 value, where the naive :math:`E[x^2]-E[x]^2` loses
-    every digit.
+    Two passes (the mean, then the centred second moment), accurate when
+    :math:`|\mu| \gg \sigma` (docs/algorithms/bn.md). Half-precision inputs give float32
+    statistics.
 
     Shape: ``(N, C, *) -> (C,), (C,)``. Differentiable.
     """
@@ -95,9 +86,10 @@ def _scale_shift(
     mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor]:
     # y = (x - mean) * invstd * weight + bias  ==  x * scale + shift: one pass over x.
+    mean, var = _stat_dtype(mean), _stat_dtype(var)
     invstd = torch.rsqrt(var + eps)
-    scale = invstd if weight is None else invstd * weight
-    shift = -mean * scale if bias is None else bias - mean * scale
+    scale = invstd if weight is None else invstd * _stat_dtype(weight)
+    shift = -mean * scale if bias is None else _stat_dtype(bias) - mean * scale
     return scale, shift
 
 
@@ -110,7 +102,11 @@ def _channels_innermost(x: Tensor) -> bool:
 
 def _affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     # x * scale + shift per channel; differentiable (add_ acts on mul's fresh output).
+    # Half-precision x is computed in float32 and rounded once, as torch's kernels do.
     shape = channel_shape(x)
+    if x.dtype in _HALF:
+        scale, shift = scale.float().reshape(shape), shift.float().reshape(shape)
+        return torch.addcmul(shift, x.float(), scale).to(x.dtype)
     scale = scale.reshape(shape).to(x.dtype)
     shift = shift.reshape(shape).to(x.dtype)
     if _channels_innermost(x):
@@ -128,8 +124,10 @@ def batch_norm_eval(
 ) -> Tensor:
     r"""Inference-mode batch normalization with fixed statistics.
 
-    :math:`y = \gamma (x - \mu_{run}) / \sqrt{\sigma^2_{run} + \epsilon} + \beta`; an affine map per
-    channel, differentiated by autograd.
+    :math:`y = \gamma (x - \mu_{run}) / \sqrt{\sigma^2_{run} + \epsilon} + \beta`, an affine map
+    per channel differentiated by autograd. Shapes: ``x`` :math:`(N, C, *)`, the others ``(C,)``
+    (``weight``/``bias`` may be ``None``); output shaped and typed as ``x``. NaN/Inf in ``x``
+    stay in their own positions.
     """
     scale, shift = _scale_shift(running_mean, running_var, weight, bias, eps)
     return _affine(x, scale, shift)
@@ -140,24 +138,17 @@ def batch_norm_backward(
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     r"""Gradients of training-mode batch normalization, from the explicit formula.
 
-    With :math:`m` values per channel, :math:`\hat{x} = (x - \mu)/\sqrt{\sigma^2 + \epsilon}`,
-    ``grad_y`` = :math:`g` and ``weight`` = :math:`\gamma` (sums run over a channel's values):
+    With :math:`m` values per channel, ``grad_y`` = :math:`g`, ``weight`` = :math:`\gamma` and
+    per-channel means :math:`\langle\cdot\rangle`:
 
     .. math::
-        \frac{\partial L}{\partial \sigma^2} = -\tfrac12 \textstyle\sum g\gamma (x-\mu)
-            (\sigma^2+\epsilon)^{-3/2},\qquad
-        \frac{\partial L}{\partial \mu} = -\textstyle\sum g\gamma\,(\sigma^2+\epsilon)^{-1/2}
-
-        \frac{\partial L}{\partial x} = \frac{g\gamma}{\sqrt{\sigma^2+\epsilon}}
-            + \frac{2(x-\mu)}{m}\frac{\partial L}{\partial \sigma^2}
-            + \frac{1}{m}\frac{\partial L}{\partial \mu}
-          = \frac{\gamma}{\sqrt{\sigma^2+\epsilon}}
-            \Big(g - \tfrac1m\textstyle\sum g - \hat{x}\,\tfrac1m \sum g\,\hat{x}\Big)
-
-        \frac{\partial L}{\partial \gamma} = \textstyle\sum g\,\hat{x},\qquad
+        \frac{\partial L}{\partial x} = \frac{\gamma}{\sqrt{\sigma^2+\epsilon}}
+            \big(g - \langle g\rangle - \hat{x}\,\langle g\,\hat{x}\rangle\big),\quad
+        \frac{\partial L}{\partial \gamma} = \textstyle\sum g\,\hat{x},\quad
         \frac{\partial L}{\partial \beta} = \textstyle\sum g
 
-    (the :math:`\partial\sigma^2/\partial\mu` term vanishes because :math:`\sum (x-\mu) = 0`).
+    Written in differentiable operations that recompute :math:`\mu, \sigma^2` from ``x``, so it
+    can be differentiated again (derivation: docs/algorithms/bn.md).
 
     Args:
         grad_y: upstream gradient :math:`\partial L/\partial y`, shape :math:`(N, C, *)`.
@@ -166,10 +157,9 @@ def batch_norm_backward(
         eps: :math:`\epsilon`.
     Returns:
         ``(grad_x, grad_weight, grad_bias)``; the last two are ``None`` when ``weight`` is ``None``.
-    Note:
-        Written in differentiable ops that recompute :math:`\mu, \sigma^2` from ``x``: it is
-        itself differentiable, which is what makes the autograd Function twice differentiable.
     """
+    if x.numel() == 0:
+        return _empty_grads(grad_y, x, weight)
     mean, var, xc = _centred_moments(x)
     gs = _stat_dtype(grad_y)
     dims = reduce_dims(x)
@@ -189,6 +179,16 @@ def batch_norm_backward(
     return grad_x, sum_gxhat.to(weight.dtype), sum_g.to(weight.dtype)
 
 
+def _empty_grads(
+    grad_y: Tensor, x: Tensor, weight: Tensor | None
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    # An empty batch: empty grad_x; every sum over it is zero (torch gives zeros too).
+    grad_x = grad_y.to(x.dtype) * 0
+    if weight is None:
+        return grad_x, None, None
+    return grad_x, torch.zeros_like(weight), torch.zeros_like(weight)
+
+
 def _per_channel(v: Tensor, x: Tensor) -> Tensor:
     # A (C,) vector broadcastable against x. (C,) already broadcasts against (N, C); skipping
     # the view there saves a few microseconds per use, which counts for small 2-D inputs.
@@ -198,7 +198,7 @@ def _per_channel(v: Tensor, x: Tensor) -> Tensor:
 def _train_forward(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    # Training forward with a single tensor-sized allocation, y (see the module notes).
+    # Training forward with a single tensor-sized allocation, y (docs/algorithms/bn.md).
     xs = _stat_dtype(x)
     dims = reduce_dims(x)
     mean = xs.mean(dims)  # (N, C, *) -> (C,)
@@ -224,6 +224,8 @@ def _train_backward(
     # The formula of batch_norm_backward with the saved batch statistics, not differentiable:
     # grad_x = a * g + b * (x - mean) + c per channel, with one tensor-sized allocation
     # (grad_x's buffer holds g * (x - mean) for the reduction, then x - mean).
+    if x.numel() == 0:
+        return _empty_grads(grad_y, x, weight)
     xs = _stat_dtype(x)
     gs = _stat_dtype(grad_y)
     dims = reduce_dims(x)
@@ -255,12 +257,25 @@ def _train_backward(
 _train_forward.__signature__ = inspect.signature(_train_forward)  # type: ignore[attr-defined]
 
 
+def _nested_forward_mode() -> bool:
+    # True when more than one torch.func forward-mode (jvp) transform is active. Reads a private
+    # torch API; where it is missing the check is skipped.
+    get_stack = getattr(torch._C._functorch, "get_interpreter_stack", None)
+    if get_stack is None:
+        return False
+    stack = get_stack() or []
+    return sum(1 for level in stack if level.key() == torch._C._functorch.TransformType.Jvp) > 1
+
+
 class BatchNormTrainFn(torch.autograd.Function):
     """Training-mode batch normalization with the explicit backward of :func:`batch_norm_backward`.
 
-    Outputs ``(y, mean, var)``: the normalized tensor and the (non-differentiable) biased batch
-    moments, which a module uses to update its running statistics. Written in the
-    ``forward`` + ``setup_context`` form so that ``torch.func`` transforms accept it.
+    Inputs ``(x, weight, bias, eps)`` (``weight``/``bias`` may be ``None``). Outputs
+    ``(y, mean, var)``: the normalized tensor and the (non-differentiable) biased batch moments,
+    which a module uses to update its running statistics. Has a ``jvp`` (forward mode) and a
+    ``vmap`` rule, so every :mod:`torch.func` transform applies (``grad``, ``vmap``, ``jacrev``,
+    ``jacfwd``, ``hessian``); under ``vmap`` each mapped slice is normalized with its own
+    statistics.
     """
 
     # With setup_context defined, Function.apply calls inspect.signature(forward) on every call;
@@ -272,6 +287,7 @@ class BatchNormTrainFn(torch.autograd.Function):
         x, weight, _bias, eps = inputs
         _y, mean, var = output
         ctx.save_for_backward(x, weight, mean, var)
+        ctx.save_for_forward(x, weight, mean, var)
         ctx.mark_non_differentiable(mean, var)
         ctx.set_materialize_grads(False)  # mean and var get no gradient: skip their zeros
         ctx.eps = eps
@@ -295,6 +311,57 @@ class BatchNormTrainFn(torch.autograd.Function):
             None,
         )
 
+    @staticmethod
+    def jvp(ctx, x_t, weight_t, bias_t, _eps_t):  # type: ignore[override]
+        # Tangent of y = gamma * xhat + beta (derivation: docs/algorithms/bn.md). mean and var
+        # are non-differentiable outputs: no tangent. The statistics are recomputed from x, as
+        # in batch_norm_backward, so that nested forward mode (jacfwd of jacfwd) sees them vary.
+        if _nested_forward_mode():
+            raise NotImplementedError(
+                "batch_norm_train does not support forward mode over forward mode (such as "
+                "torch.func.jacfwd of jacfwd): torch runs a custom Function's jvp rule without "
+                "tracking the outer forward level, which would silently drop second-order "
+                "terms; use torch.func.hessian (forward over reverse) or jacrev instead"
+            )
+        x, weight, _mean, _var = ctx.saved_tensors
+        dims = reduce_dims(x)
+        shape = channel_shape(x)
+        _m, var, xc = _centred_moments(x)
+        invstd = torch.rsqrt(var + ctx.eps).view(shape)
+        xhat = xc * invstd
+        y_t = torch.zeros_like(xhat)
+        if x_t is not None:
+            ts = _stat_dtype(x_t)
+            xhat_t = invstd * (
+                ts - ts.mean(dims, keepdim=True) - xhat * (xhat * ts).mean(dims, keepdim=True)
+            )
+            y_t = y_t + (xhat_t if weight is None else xhat_t * _stat_dtype(weight).view(shape))
+        if weight_t is not None:
+            y_t = y_t + xhat * _stat_dtype(weight_t).view(shape)
+        if bias_t is not None:
+            y_t = y_t + _stat_dtype(bias_t).view(shape)
+        return y_t.to(x.dtype), None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, bias, eps):  # type: ignore[override]
+        # A batch of B independent normalizations of (N, C, *) is one normalization of
+        # (N, B*C, *): move the mapped dimension next to the channels and merge the two.
+        size = info.batch_size
+        x_dim, w_dim, b_dim, _ = in_dims
+        x = x.movedim(x_dim, 0) if x_dim is not None else x.expand(size, *x.shape)
+        n, c, rest = x.shape[1], x.shape[2], tuple(x.shape[3:])
+        flat_x = x.movedim(0, 1).reshape(n, size * c, *rest)
+
+        def flat(p: Tensor | None, dim: int | None) -> Tensor | None:
+            if p is None:
+                return None
+            p = p.movedim(dim, 0) if dim is not None else p.expand(size, c)
+            return p.reshape(size * c)
+
+        y, mean, var = BatchNormTrainFn.apply(flat_x, flat(weight, w_dim), flat(bias, b_dim), eps)
+        y = y.reshape(n, size, c, *rest)
+        return (y, mean.reshape(size, c), var.reshape(size, c)), (1, 0, 0)
+
 
 def batch_norm_train(
     x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5
@@ -302,7 +369,11 @@ def batch_norm_train(
     r"""Training-mode batch normalization with batch statistics.
 
     :math:`y = \gamma (x-\mu_B)/\sqrt{\sigma_B^2+\epsilon} + \beta`, with :math:`\mu_B` and the
-    biased :math:`\sigma_B^2` per channel. Returns ``(y, mean, var)``; ``mean`` and ``var`` carry no
-    gradient. Differentiable twice (the backward is :func:`batch_norm_backward`).
+    biased :math:`\sigma_B^2` per channel. Shapes: ``x`` :math:`(N, C, *)`, ``weight``/``bias``
+    ``(C,)`` or ``None``. Returns ``(y, mean, var)``: ``y`` shaped and typed as ``x``, ``mean``
+    and ``var`` of shape ``(C,)`` (float32 for half-precision ``x``), carrying no gradient.
+    Differentiable twice (the backward is :func:`batch_norm_backward`) and usable under every
+    :mod:`torch.func` transform (see :class:`BatchNormTrainFn`). An empty ``x`` gives an empty
+    ``y`` and NaN statistics.
     """
     return BatchNormTrainFn.apply(x, weight, bias, eps)

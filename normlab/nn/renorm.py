@@ -1,22 +1,10 @@
-r"""Batch Renormalization (Ioffe, NeurIPS 2017, https://arxiv.org/abs/1702.03275).
+r"""Batch Renormalization layers ``BatchRenorm1d`` / ``2d`` / ``3d`` (Ioffe, "Batch
+Renormalization: Towards Reducing Minibatch Dependence in Batch-Normalized Models", NeurIPS 2017).
 
-Training normalizes with batch statistics and then corrects towards the running statistics
-with stop-gradient factors (:math:`\sigma = \sqrt{\sigma^2_{run} + \epsilon}`):
-
-.. math::
-    r = \mathrm{sg}\Big(\mathrm{clip}_{[1/r_{max},\, r_{max}]}\big(\sigma_B/\sigma\big)\Big),\quad
-    d = \mathrm{sg}\Big(\mathrm{clip}_{[-d_{max},\, d_{max}]}\big((\mu_B-\mu)/\sigma\big)\Big),\quad
-    y = \gamma\Big(\frac{x-\mu_B}{\sigma_B}\, r + d\Big) + \beta
-
-so the backward is BN's backward scaled by :math:`r` (as in Chainer's implementation). Eval uses
-the running statistics exactly like BatchNorm. With :math:`r_{max}=1, d_{max}=0` it *is* BatchNorm.
-
-Schedule (the paper's, quoted in ALGORITHMS.md §3): :math:`r_{max}=1, d_{max}=0` for the first
-5000 steps, then relaxed to :math:`r_{max}=3` at 40k steps and :math:`d_{max}=5` at 25k steps, with
-fast running statistics (momentum 0.01). The *shape* of the relaxation is not stated in the paper;
-normlab ramps linearly (our choice). The step counter is ``num_batches_tracked``.
-Departure: the paper keeps a moving average of :math:`\sigma`; normlab keeps torch's unbiased
-``running_var`` (as Chainer and TF do), so a torch BN state dict loads into these layers.
+Training normalizes with batch statistics, then corrects towards the running statistics with
+per-channel factors :math:`r` (scale) and :math:`d` (shift) that are constants for autograd;
+eval normalizes with the running statistics exactly like BatchNorm. The corrections, their
+clipping schedule and where normlab departs from the paper: docs/algorithms/bn.md.
 """
 
 from __future__ import annotations
@@ -25,9 +13,9 @@ import torch
 from torch import Tensor
 
 from normlab.functional import batch_norm as bnf
-from normlab.nn.batchnorm import _BatchNorm, check_norm_input
+from normlab.nn.batchnorm import _BatchNorm
 
-__all__ = ["BatchRenorm1d", "BatchRenorm2d", "renorm_limits"]
+__all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "renorm_limits"]
 
 
 def renorm_limits(
@@ -39,8 +27,9 @@ def renorm_limits(
     r_max_steps: int,
     d_max_steps: int,
 ) -> tuple[float, float]:
-    """Clipping limits ``(r_max, d_max)`` at ``step``: BN until ``warmup_steps``, then linear ramps
-    reaching ``r_max`` at ``r_max_steps`` and ``d_max`` at ``d_max_steps``."""
+    """Clipping limits ``(r_max, d_max)`` at ``step``: ``(1, 0)`` (plain BatchNorm) before
+    ``warmup_steps``, then linear ramps reaching ``r_max`` at ``r_max_steps`` and ``d_max`` at
+    ``d_max_steps`` (reached at once when that step is not after ``warmup_steps``)."""
 
     def ramp(final: float, start: float, end_step: int) -> float:
         if step < warmup_steps:
@@ -52,7 +41,68 @@ def renorm_limits(
     return ramp(r_max, 1.0, r_max_steps), ramp(d_max, 0.0, d_max_steps)
 
 
+def _renorm_limits_tensor(
+    step: Tensor,
+    *,
+    r_max: float,
+    d_max: float,
+    warmup_steps: int,
+    r_max_steps: int,
+    d_max_steps: int,
+) -> tuple[Tensor, Tensor]:
+    # renorm_limits on a 0-d step tensor, computed on its device (no host read of the counter).
+    s = step.to(torch.float64)
+
+    def ramp(final: float, start: float, end_step: int) -> Tensor:
+        if end_step <= warmup_steps:
+            return torch.where(s < warmup_steps, start, final)
+        frac = ((s - warmup_steps) / (end_step - warmup_steps)).clamp(0.0, 1.0)
+        return start + (final - start) * frac
+
+    return ramp(r_max, 1.0, r_max_steps), ramp(d_max, 0.0, d_max_steps)
+
+
 class _BatchRenorm(_BatchNorm):
+    r"""Batch Renormalization over dimension 1 (channels).
+
+    Training output, with :math:`\sigma = \sqrt{\mathrm{running\_var} + \epsilon}` and
+    :math:`\sigma_B = \sqrt{\mathrm{Var}_B[x] + \epsilon}`:
+
+    .. math::
+        y = \gamma\Big(\frac{x-\mu_B}{\sigma_B}\, r + d\Big) + \beta,\quad
+        r = \mathrm{clip}_{[1/r_{max},\, r_{max}]}(\sigma_B/\sigma),\quad
+        d = \mathrm{clip}_{[-d_{max},\, d_{max}]}((\mu_B - \mu)/\sigma)
+
+    with :math:`r, d` treated as constants by autograd. With :math:`r_{max}=1, d_{max}=0` it is
+    BatchNorm. The limits follow :func:`renorm_limits` with the step ``num_batches_tracked``
+    (:meth:`current_limits`). Buffers, ``state_dict``, eval mode, half precision, the empty-batch,
+    batch-size-1 and non-finite rules are those of :class:`normlab.nn.BatchNorm2d`;
+    ``track_running_stats`` is always on and ``momentum`` must be a float.
+
+    :attr:`twice_differentiable` is ``True``: the training backward is differentiable, and second
+    derivatives are those of the function with :math:`r, d` held constant (the stop-gradient
+    the method prescribes), which is the true second derivative wherever both are clipped.
+    ``torch.jit.script`` raises ``TypeError`` (TorchScript cannot compile the custom autograd
+    Function and torch has no equivalent layer).
+
+    Args:
+        num_features: :math:`C`, the number of channels.
+        eps: added to the variance inside the square root. Default ``1e-5``.
+        momentum: weight of the new batch statistic in the running update. Default ``0.01``.
+        affine: learn :math:`\gamma` and :math:`\beta`. Default ``True``.
+        r_max, d_max: final clipping limits, ``r_max >= 1``, ``d_max >= 0``. Defaults 3 and 5.
+        warmup_steps, r_max_steps, d_max_steps: the schedule of :func:`renorm_limits`. Defaults
+            5000, 40000, 25000 (the paper's).
+        device, dtype: factory arguments of the parameters and buffers.
+
+    Raises:
+        ValueError: invalid arguments (as BatchNorm's, plus the limits and the schedule).
+
+    Maths and the schedule: docs/algorithms/bn.md.
+    """
+
+    _torch_cls = None  # no torch equivalent: torch.jit.script raises (NormBase's message)
+
     def __init__(
         self,
         num_features: int,
@@ -79,7 +129,7 @@ class _BatchRenorm(_BatchNorm):
             ("r_max_steps", r_max_steps),
             ("d_max_steps", d_max_steps),
         ):
-            if not isinstance(value, int) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
         self.r_max = float(r_max)
         self.d_max = float(d_max)
@@ -94,56 +144,87 @@ class _BatchRenorm(_BatchNorm):
             f"r_max_steps={self.r_max_steps}, d_max_steps={self.d_max_steps}"
         )
 
+    def _schedule(self) -> dict[str, float | int]:
+        return {
+            "r_max": self.r_max,
+            "d_max": self.d_max,
+            "warmup_steps": self.warmup_steps,
+            "r_max_steps": self.r_max_steps,
+            "d_max_steps": self.d_max_steps,
+        }
+
     def current_limits(self) -> tuple[float, float]:
-        """``(r_max, d_max)`` in force for the next training step."""
-        return renorm_limits(
-            int(self.num_batches_tracked),  # type: ignore[arg-type]
-            r_max=self.r_max,
-            d_max=self.d_max,
-            warmup_steps=self.warmup_steps,
-            r_max_steps=self.r_max_steps,
-            d_max_steps=self.d_max_steps,
-        )
+        """``(r_max, d_max)`` in force for the next training step (reads the step counter)."""
+        return renorm_limits(int(self.num_batches_tracked), **self._schedule())  # type: ignore[arg-type]
 
     def forward(self, input: Tensor) -> Tensor:
-        name = type(self).__name__
-        check_norm_input(name, input, self._ndims, self._shape_doc, self.num_features)
+        self._check_input(input)
         if not self.training:
             return bnf.batch_norm_eval(
                 input, self.running_mean, self.running_var, self.weight, self.bias, self.eps
             )
-        count = input.numel() // input.shape[1]
-        if count <= 1:
-            raise ValueError(
-                f"{name} expected more than 1 value per channel when training, "
-                f"got input size {tuple(input.shape)}"
-            )
+        count = self._batch_count(input)
         xhat, mean, var = bnf.batch_norm_train(input, None, None, self.eps)
-        if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
-            raise ValueError(
-                f"{name} got a training batch with non-finite values (NaN or Inf) in input of "
-                f"shape {tuple(input.shape)}; running statistics were left unchanged"
-            )
-        r_lim, d_lim = self.current_limits()
+        if count == 0:  # empty batch: counted, statistics unchanged (as BatchNorm)
+            self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
+            return self._affine(xhat)
+        ok = self._finite_guard(input, var)
         with torch.no_grad():  # r and d are constants for autograd (stop-gradient)
-            sigma = torch.sqrt(self.running_var + self.eps)  # type: ignore[operator]
-            r = (torch.sqrt(var + self.eps) / sigma).clamp(1.0 / r_lim, r_lim)
-            d = ((mean - self.running_mean) / sigma).clamp(-d_lim, d_lim)
+            tracked: Tensor = self.num_batches_tracked  # type: ignore[assignment]
+            if tracked.device.type == "cpu":
+                r_lim, d_lim = self.current_limits()
+                lo_r, hi_r, lo_d, hi_d = 1.0 / r_lim, r_lim, -d_lim, d_lim
+            else:  # the limits as device tensors: no host read of the step counter
+                r_t, d_t = _renorm_limits_tensor(tracked, **self._schedule())  # type: ignore[arg-type]
+                lo_r, hi_r, lo_d, hi_d = r_t.reciprocal(), r_t, -d_t, d_t
+            dtype = var.dtype
+            run_mean = self.running_mean.to(dtype)  # type: ignore[union-attr]
+            sigma = torch.sqrt(self.running_var.to(dtype) + self.eps)  # type: ignore[union-attr]
+            r = torch.clamp(torch.sqrt(var + self.eps) / sigma, lo_r, hi_r).to(dtype)
+            d = torch.clamp((mean - run_mean) / sigma, lo_d, hi_d).to(dtype)
         shape = bnf.channel_shape(input)
         y = xhat * r.reshape(shape).to(xhat.dtype) + d.reshape(shape).to(xhat.dtype)
-        if self.affine:
-            y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
-        self._update_running_stats(mean, var, count)
-        return y
+        self._update_running_stats(mean, var, count, ok)
+        return self._affine(y)
+
+    def _affine(self, y: Tensor) -> Tensor:
+        if not self.affine:
+            return y
+        shape = bnf.channel_shape(y)
+        return y * self.weight.reshape(shape) + self.bias.reshape(shape)
 
 
 class BatchRenorm1d(_BatchRenorm):
-    __doc__ = __doc__
+    __doc__ = (
+        (_BatchRenorm.__doc__ or "")
+        + r"""
+    Shape:
+        Input :math:`(N, C)` or :math:`(N, C, L)`; output the same shape.
+    """
+    )
     _ndims = (2, 3)
     _shape_doc = "(N, C) or (N, C, L)"
 
 
 class BatchRenorm2d(_BatchRenorm):
-    __doc__ = __doc__
+    __doc__ = (
+        (_BatchRenorm.__doc__ or "")
+        + r"""
+    Shape:
+        Input :math:`(N, C, H, W)`; output the same shape.
+    """
+    )
     _ndims = (4,)
     _shape_doc = "(N, C, H, W)"
+
+
+class BatchRenorm3d(_BatchRenorm):
+    __doc__ = (
+        (_BatchRenorm.__doc__ or "")
+        + r"""
+    Shape:
+        Input :math:`(N, C, D, H, W)`; output the same shape.
+    """
+    )
+    _ndims = (5,)
+    _shape_doc = "(N, C, D, H, W)"
