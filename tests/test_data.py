@@ -59,7 +59,9 @@ def test_registry_and_unknown_names():
         "gaussian-halfspace",
     }
     assert expected <= set(list_datasets()) and set(DATASETS) == set(list_datasets())
-    with pytest.raises(ValueError, match="unknown dataset 'mnst'; valid names: cifar10, digits"):
+    with pytest.raises(
+        ValueError, match=r"unknown dataset 'mnst' \(did you mean 'mnist'\?\); valid datasets: digits"
+    ):
         load_dataset("mnst")
     with pytest.raises(TypeError):
         DATASETS["x"] = None  # type: ignore[index]
