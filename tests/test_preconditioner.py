@@ -1,7 +1,7 @@
 """Tests of Batch Normalization Preconditioning (BNP) against oracles.
 
 Oracles: one SGD step on the input-normalized reparametrization of each layer, differentiated by
-autograd and mapped back (ALGORITHMS.md §1.2, §1.10); the dense Hessian of linear least squares;
+autograd and mapped back (docs/algorithms/bnp.md); the dense Hessian of linear least squares;
 NumPy formulas for the pooled-variance EMA; torch's own ``Conv2d`` (with one-hot kernels) for the
 patches a convolution sees; an uninterrupted run for the state-dict resume.
 """
@@ -22,9 +22,12 @@ from normlab.functional.precondition import (
     conv2d_channel_moments,
     conv2d_patch_moments,
     ema_moments,
+    ema_update,
     linear_input_moments,
     precondition_conv2d,
+    precondition_conv2d_,
     precondition_linear,
+    precondition_linear_,
     preconditioner_factor,
     preconditioner_variance,
 )
@@ -473,7 +476,7 @@ def test_rho_default_depends_on_the_first_batch_size():
 
 def test_use_current_batch_false_uses_only_earlier_batches():
     model = _make_mlp(3)
-    precond = BNPreconditioner(model, rho=0.5, use_current_batch=False)
+    precond = BNPreconditioner(model, rho=0.5, floor=1e-3, use_current_batch=False)
     x1, x2 = (
         _randn(4, 6, seed=100, dtype=torch.float32),
         _randn(4, 6, seed=101, dtype=torch.float32),
@@ -539,6 +542,178 @@ def test_preconditioning_keeps_grad_identity_and_dtype():
     precond.precondition_()
     assert ids == [id(p.grad) for p in model.parameters()]
     assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+# ------------------------------------------------------------------- once per backward
+
+
+def _expected_sgd(params, grads, stats, lr, floor=0.0, eps=1e-5):
+    # Oracle: plain SGD with precondition_linear applied once to each layer's raw gradients.
+    w1, b1, w2, b2 = params
+    g1 = precondition_linear(grads[0], grads[1], *stats["0"], eps=eps, floor=floor)
+    g2 = precondition_linear(grads[2], grads[3], *stats["2"], eps=eps, floor=floor)
+    return [p - lr * g for p, g in zip(params, (*g1, *g2), strict=True)]
+
+
+def _raw(model):
+    return [p.detach().clone() for p in model.parameters()], [
+        p.grad.clone() for p in model.parameters()
+    ]
+
+
+def test_attach_plus_manual_call_preconditions_once(caplog):
+    model = _make_mlp(11, F64)
+    precond = BNPreconditioner(model, floor=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    precond.attach(opt)
+    x, y = _randn(5, 6, seed=140) * 0.1 + 3, torch.tensor([0, 1, 2, 0, 1])
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    params, grads = _raw(model)
+    stats = {k: (v.mean, v.var) for k, v in precond.statistics().items()}
+    assert precond.precondition_() == ["0", "2"]
+    with caplog.at_level(logging.DEBUG, logger="normlab.optim.preconditioner"):
+        assert precond.precondition_() == []  # a second manual call: no-op
+        opt.step()  # the step pre-hook's call: no-op
+    assert any("already preconditioned" in r.message for r in caplog.records)
+    expected = _expected_sgd(params, grads, stats, lr=0.1)
+    for p, e in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.detach(), e, rtol=0, atol=1e-12)
+
+
+def test_gradient_accumulation_is_preconditioned_once_at_the_step():
+    model = _make_mlp(12, F64)
+    precond = BNPreconditioner(model, floor=0.0, rho=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    precond.attach(opt)
+    x1, x2 = _randn(4, 6, seed=141) * 2 + 1, _randn(3, 6, seed=142) - 2
+    opt.zero_grad()
+    model(x1).pow(2).sum().backward()
+    model(x2).pow(2).sum().backward()  # accumulated into the same .grad
+    params, grads = _raw(model)
+    stats = precond.statistics()
+    assert stats["0"].num_batches == 2  # both micro-batches are in the statistics
+    precond.precondition_()
+    opt.step()
+    expected = _expected_sgd(params, grads, {k: (v.mean, v.var) for k, v in stats.items()}, lr=0.05)
+    for p, e in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.detach(), e, rtol=0, atol=1e-12)
+
+
+def test_new_gradients_in_the_same_tensors_are_preconditioned_again():
+    # zero_grad(set_to_none=False) keeps the .grad tensors: each backward writes them anew.
+    model = _make_mlp(13, F64)
+    precond = BNPreconditioner(model, floor=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    ids = None
+    for step in range(3):
+        opt.zero_grad(set_to_none=False)
+        model(_randn(4, 6, seed=150 + step)).pow(2).sum().backward()
+        params, grads = _raw(model)
+        stats = {k: (v.mean, v.var) for k, v in precond.statistics().items()}
+        assert precond.precondition_() == ["0", "2"]
+        assert precond.precondition_() == []
+        opt.step()
+        expected = _expected_sgd(params, grads, stats, lr=0.05)
+        for p, e in zip(model.parameters(), expected, strict=True):
+            torch.testing.assert_close(p.detach(), e, rtol=0, atol=1e-12)
+        if ids is not None:
+            assert ids == [id(p.grad) for p in model.parameters()]
+        ids = [id(p.grad) for p in model.parameters()]
+
+
+def test_no_op_call_does_not_end_the_step():
+    # use_current_batch=False: a skipped call must not mark the end of a step, so forwards before
+    # and after it belong to the same step and the step keeps its statistics.
+    model = _make_mlp(14, F64)
+    precond = BNPreconditioner(model, rho=0.5, floor=0.0, use_current_batch=False)
+    for seed in (160, 161):
+        model.zero_grad()
+        model(_randn(4, 6, seed=seed)).sum().backward()
+        precond.precondition_()
+    model(_randn(4, 6, seed=162))  # the first forward of the next step
+    assert precond.precondition_() == []  # the gradients are still the preconditioned ones
+    model(_randn(4, 6, seed=163))
+    used = precond.statistics(for_step=True)["0"]
+    assert used.num_batches == 2 and precond.statistics()["0"].num_batches == 4
+
+
+# ------------------------------------------------------------------------------ default floor
+
+
+def test_default_floor_bounds_the_amplification_of_constant_inputs():
+    # Input 0 is constant (variance 0): its weight gradient is amplified 1 / (floor + eps) times,
+    # with floor 0.1, the default the bnp method trains with (docs/algorithms/bnp.md).
+    layer = nn.Linear(3, 2, dtype=F64)
+    precond = BNPreconditioner(layer)
+    assert precond.floor == 0.1
+    x = _randn(8, 3, seed=170) * 2
+    x[:, 0] = 1.0
+    layer(x).pow(2).sum().backward()
+    gw, gb = layer.weight.grad.clone(), layer.bias.grad.clone()
+    precond.precondition_()
+    var = x.var(0, correction=0)
+    ew, eb = precondition_linear(gw, gb, x.mean(0), var, eps=1e-5, floor=0.1)
+    torch.testing.assert_close(layer.weight.grad, ew, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.bias.grad, eb, rtol=1e-12, atol=1e-12)
+    scale = 1 / (0.1 + 1e-5)
+    torch.testing.assert_close(layer.weight.grad[:, 0], (gw[:, 0] - gb) * scale)
+
+
+# ------------------------------------------------------------------- functional variants
+
+
+def test_in_place_transforms_equal_the_out_of_place_ones():
+    gw, gb = _randn(5, 7, seed=180), _randn(5, seed=181)
+    mean, var = _randn(7, seed=182), torch.rand(7, generator=_gen(183), dtype=F64)
+    ref_w, ref_b = precondition_linear(gw, gb, mean, var, eps=1e-4, floor=0.2)
+    assert not torch.equal(ref_w, gw)  # the inputs of the out-of-place form are left alone
+    w, b = gw.clone(), gb.clone()
+    out = precondition_linear_(w, b, mean, var, eps=1e-4, floor=0.2)
+    assert out[0] is w and out[1] is b
+    assert torch.equal(w, ref_w) and torch.equal(b, ref_b)
+    # Conv: a channels_last gradient gives the bits of a contiguous one, for per-channel and
+    # per-patch statistics and grouped convolutions.
+    for groups, patch in ((1, False), (2, True), (4, False)):
+        cw, cb = _randn(8, 4 // groups, 3, 2, seed=184), _randn(8, seed=185)
+        shape = (4, 3, 2) if patch else (4,)
+        m = _randn(*shape, seed=186)
+        v = torch.rand(*shape, generator=_gen(187), dtype=F64)
+        ref = precondition_conv2d(cw, cb, m, v, eps=1e-4, floor=0.2, groups=groups)
+        last = cw.clone().to(memory_format=torch.channels_last)
+        bias = cb.clone()
+        precondition_conv2d_(last, bias, m, v, eps=1e-4, floor=0.2, groups=groups)
+        assert last.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(last, ref[0]) and torch.equal(bias, ref[1])
+
+
+def test_ema_update_is_the_pooled_variance_formula_elementwise():
+    rho = 0.7
+    mean, var = _randn(2, 3, seed=190), torch.rand(2, 3, generator=_gen(191), dtype=F64)
+    m_b, v_b = _randn(2, 3, seed=192), torch.rand(2, 3, generator=_gen(193), dtype=F64)
+    m_b[1, 2] = float("inf")
+    new_mean, new_var = ema_update(mean, var, m_b, v_b, rho)
+    a, b, c, d = (t.numpy() for t in (mean, var, m_b, v_b))
+    with np.errstate(invalid="ignore"):
+        want_mean = rho * a + (1 - rho) * c
+        want_var = rho * b + (1 - rho) * d + rho * (1 - rho) * (c - a) ** 2
+    want_mean[1, 2], want_var[1, 2] = a[1, 2], b[1, 2]  # a non-finite entry keeps its value
+    np.testing.assert_allclose(new_mean.numpy(), want_mean, rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(new_var.numpy(), want_var, rtol=1e-14, atol=1e-14)
+    with pytest.raises(ValueError, match="rho"):
+        ema_update(mean, var, m_b, v_b, 1.0)
+    with pytest.raises(ValueError, match="must match"):
+        ema_update(mean, var, m_b[0], v_b[0], rho)
+
+
+def test_linear_input_moments_of_an_input_that_requires_grad():
+    x = (_randn(6, 3, seed=195) * 2 + 1).requires_grad_()
+    m = linear_input_moments(x)
+    ref = linear_input_moments(x.detach())
+    torch.testing.assert_close(m.mean, ref.mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(m.var, ref.var, rtol=1e-12, atol=1e-12)
+    m.var.sum().backward()  # d/dx sum_j Var[x_j] = 2 (x - mean) / M
+    torch.testing.assert_close(x.grad, 2 * (x.detach() - ref.mean) / 6)
 
 
 # ----------------------------------------------------------------------- forward and inference

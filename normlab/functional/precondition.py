@@ -1,38 +1,22 @@
 r"""Batch Normalization Preconditioning (BNP): the per-layer gradient transforms, as pure functions.
 
-Lange, Helfrich & Ye, "Batch Normalization Preconditioning for Neural Network Training",
-JMLR 23(72), 2022 (arXiv 2108.01110). BNP keeps the plain network and, instead of normalizing a
-layer's activations, conditions the gradients of its parameters with the statistics of the layer's
-*input*. See ``ALGORITHMS.md`` §1 for the derivation; what is confirmed from the paper is only its
-abstract, so the formulas below are normlab's derivation, not a transcription.
-
-**The transform.** A dense layer :math:`z = W h + b` with input statistics
-:math:`\mu = \mathrm{E}[h]` and :math:`\sigma_j^2 = \mathrm{Var}[h_j]` is the same function as the
-input-normalized layer :math:`z = V D^{-1}(h - \mu) + c` with :math:`V = W D` and
-:math:`c = b + W\mu`, :math:`D = \mathrm{diag}(s)`. One plain gradient step on :math:`(V, c)`,
-written back as a step on :math:`(W, b)`, replaces the gradients :math:`(G_W, g_b)` by
+BNP (Lange, Helfrich & Ye, "Batch Normalization Preconditioning for Neural Network Training",
+JMLR 2022) keeps the plain network and rewrites the gradients of a layer's parameters with the
+running mean and variance of the layer's *input*. For a dense layer with input mean :math:`\mu`
+and preconditioner variance :math:`s^2 = \max(\sigma^2, \text{floor}) + \epsilon`:
 
 .. math::
-    \tilde G_W = (G_W - g_b \mu^\top) D^{-2}, \qquad \tilde g_b = g_b - \tilde G_W \mu ,
+    \tilde G_W = (G_W - g_b \mu^\top)\,\mathrm{diag}(s^2)^{-1}, \qquad
+    \tilde g_b = g_b - \tilde G_W \mu .
 
-i.e. per output neuron :math:`\tilde g = P P^\top g` with
-:math:`P = \begin{pmatrix} D^{-1} & 0 \\ -\mu^\top D^{-1} & 1 \end{pmatrix}` acting on
-:math:`[w; b]`, and :math:`P P^\top` is the inverse of the augmented second moment
-:math:`\mathrm{E}[[h; 1][h; 1]^\top]` with the covariance replaced by its diagonal
-(:func:`preconditioner_factor`). A convolution is the same dense map applied to every input patch,
-so the rule holds per patch entry :math:`(c, u, v)`; with per-channel statistics
-:math:`\mu_{c,u,v} = \mu_c` (exact for ``padding=0``, approximate at zero-padded borders).
+A convolution applies the same rule to every patch entry. The derivation, the conventions
+(biased variances, ``eps`` added after the ``floor``, the pooled-variance EMA) and which parts are
+normlab's own choices are in docs/algorithms/bnp.md.
 
-**Conventions** (normlab's choices, marked [D] in ``ALGORITHMS.md``):
-
-* :math:`s_j^2 = \max(\sigma_j^2, \text{floor}) + \epsilon` (``floor`` is a variance floor,
-  ``eps`` is added after it), so :math:`1/s_j^2 \le 1/(\text{floor} + \epsilon)`;
-* variances are *biased* (divide by the number of values);
-* running statistics are the pooled-variance exponential moving average of :func:`ema_moments`,
-  initialized from the first batch (variance 1 where that batch has a single value per feature).
-
-A layer without bias has nothing to absorb the centring term: the transform reduces to the
-:math:`D^{-2}` scaling of :math:`G_W` (``grad_bias=None``).
+The statistics functions are the fast kernels :class:`normlab.optim.BNPreconditioner` runs at
+every training forward; the transforms come in place (``precondition_linear_``,
+``precondition_conv2d_``, used by the class) and out of place (``precondition_linear``,
+``precondition_conv2d``, which apply the in-place ones to copies, so both give the same bits).
 """
 
 from __future__ import annotations
@@ -51,9 +35,12 @@ __all__ = [
     "conv2d_channel_moments",
     "conv2d_patch_moments",
     "ema_moments",
+    "ema_update",
     "linear_input_moments",
     "precondition_conv2d",
+    "precondition_conv2d_",
     "precondition_linear",
+    "precondition_linear_",
     "preconditioner_factor",
     "preconditioner_variance",
 ]
@@ -63,11 +50,8 @@ class RunningMoments(NamedTuple):
     r"""Running input statistics of one layer.
 
     ``mean`` and ``var`` (biased, per input feature / channel / patch entry) are the moments of the
-    exponentially weighted mixture of every batch folded in so far; ``num_batches`` counts them.
-    Equally weighted running moments of several processes combine as a mixture
-    (:math:`\bar\mu = \frac1R\sum_r \mu_r`,
-    :math:`\bar\sigma^2 = \frac1R\sum_r (\sigma_r^2 + (\mu_r - \bar\mu)^2)`), so this form can be
-    all-reduced.
+    exponentially weighted mixture of every batch folded in so far (:func:`ema_moments`);
+    ``num_batches`` counts those batches.
     """
 
     mean: Tensor
@@ -80,16 +64,36 @@ def _stat_dtype(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def _two_pass(x: Tensor, dims: tuple[int, ...], shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    # Mean, then the mean of squared deviations: on CPU an order of magnitude faster than
+    # torch.var_mean over several dimensions, and as accurate (no E[x^2] - E[x]^2 cancellation).
+    mean = x.mean(dims)
+    dev = x - mean.reshape(shape)
+    return mean, dev.mul_(dev).mean(dims)
+
+
 def linear_input_moments(x: Tensor) -> Moments:
     r"""Per-feature mean and biased variance of a dense layer's input.
 
     Shape: ``(*, n) -> (n,), (n,)``; statistics over every dimension but the last (a 1-D input is
-    one sample). ``count`` is the number of values per feature. Not differentiable (call it on
-    detached inputs).
+    one sample). ``count`` is the number of values per feature. Half-precision inputs are reduced
+    in float32. Not differentiable: call it on detached inputs (an input that requires grad takes
+    a slower differentiable path).
+
+    Raises:
+        ValueError: a 0-D input.
     """
     if x.dim() == 0:
         raise ValueError("linear_input_moments expected input of shape (*, n), got a 0-D tensor")
     rows = _stat_dtype(x).reshape(-1, x.shape[-1])  # (*, n) -> (M, n)
+    if rows.shape[0] > 0 and rows.device.type in ("cpu", "cuda") and not rows.requires_grad:
+        # batch norm's per-column statistics kernel (no running buffers): the batch mean and
+        # biased variance, far faster on CPU than torch.var_mean over dim 0.
+        try:
+            mean, var = torch.batch_norm_update_stats(rows, None, None, 0.0)
+            return Moments(mean, var, rows.shape[0])
+        except (RuntimeError, NotImplementedError):  # a dtype without that kernel
+            pass
     var, mean = torch.var_mean(rows, dim=0, correction=0)
     return Moments(mean, var, rows.shape[0])
 
@@ -99,16 +103,18 @@ def conv2d_channel_moments(x: Tensor) -> Moments:
 
     Shape: ``(N, C, H, W)`` or unbatched ``(C, H, W)`` ``-> (C,), (C,)``. ``count`` is
     :math:`N H W`. These are BN's per-channel statistics.
+
+    Raises:
+        ValueError: an input that is not 3-D or 4-D.
     """
     if x.dim() not in (3, 4):
         raise ValueError(
             "conv2d_channel_moments expected (N, C, H, W) or (C, H, W) input, "
             f"got {x.dim()}D with shape {tuple(x.shape)}"
         )
-    xs = _stat_dtype(x)
-    dims = (0, 2, 3) if x.dim() == 4 else (1, 2)
-    var, mean = torch.var_mean(xs, dim=dims, correction=0)  # (N, C, H, W) -> (C,)
-    return Moments(mean, var, x.numel() // x.shape[-3])
+    xs = _stat_dtype(x if x.dim() == 4 else x.unsqueeze(0))  # (N, C, H, W)
+    mean, var = _two_pass(xs, (0, 2, 3), (1, -1, 1, 1))
+    return Moments(mean, var, xs.numel() // xs.shape[1])
 
 
 def conv2d_patch_moments(
@@ -123,11 +129,13 @@ def conv2d_patch_moments(
 
     The patches are the columns of ``torch.nn.functional.unfold(x, kernel_size, dilation, padding,
     stride)`` (zero padding; pad ``x`` yourself first for other padding modes). Statistics run over
-    the batch and all output positions, so they are the exact per-entry moments of the dense map a
-    convolution applies. Costs one unfold: :math:`k_h k_w` times the input's memory.
+    the batch and all output positions. Costs one unfold: :math:`k_h k_w` times the input's memory.
 
     Shape: ``(N, C, H, W)`` or ``(C, H, W)`` ``-> (C, kh, kw), (C, kh, kw)``; ``count`` is
     :math:`N L` with :math:`L` output positions.
+
+    Raises:
+        ValueError: an input that is not 3-D or 4-D.
     """
     if x.dim() not in (3, 4):
         raise ValueError(
@@ -137,42 +145,88 @@ def conv2d_patch_moments(
     kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
     xs = _stat_dtype(x if x.dim() == 4 else x.unsqueeze(0))
     cols = F.unfold(xs, (kh, kw), dilation=dilation, padding=padding, stride=stride)
-    var, mean = torch.var_mean(cols, dim=(0, 2), correction=0)  # (N, C*kh*kw, L) -> (C*kh*kw,)
+    mean, var = _two_pass(cols, (0, 2), (1, -1, 1))  # (N, C*kh*kw, L) -> (C*kh*kw,)
     channels = x.shape[-3]
     return Moments(
         mean.reshape(channels, kh, kw), var.reshape(channels, kh, kw), cols.shape[0] * cols.shape[2]
     )
 
 
+def _is_real(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def ema_update(
+    mean: Tensor, var: Tensor, batch_mean: Tensor, batch_var: Tensor, rho: float
+) -> tuple[Tensor, Tensor]:
+    r"""One step of the pooled-variance EMA, elementwise on tensors of any shape.
+
+    With :math:`\rho` = ``rho`` (the weight of the *old* value; torch's ``momentum`` is
+    :math:`1-\rho`) and :math:`\delta = m_B - \mu_{t-1}`:
+
+    .. math::
+        \mu_t = \mu_{t-1} + (1-\rho)\,\delta, \qquad
+        \sigma_t^2 = \rho\,\sigma_{t-1}^2 + (1-\rho)\,v_B + \rho(1-\rho)\,\delta^2 .
+
+    Entries whose batch moments are not finite keep their previous values. The batch moments are
+    converted to the dtype of ``mean``. This is the update of :func:`ema_moments`; it also works
+    on the concatenated statistics of many layers at once.
+
+    Args:
+        mean, var: the running moments :math:`\mu_{t-1}, \sigma^2_{t-1}` (same shape).
+        batch_mean, batch_var: the batch's :math:`m_B` and biased :math:`v_B` (that shape too).
+        rho: in :math:`(0, 1)`.
+    Returns:
+        ``(mean, var)``, new tensors (the inputs are not modified).
+    Raises:
+        ValueError: shapes differ, or ``rho`` is not in :math:`(0, 1)`.
+    """
+    if not (_is_real(rho) and 0.0 < rho < 1.0):
+        raise ValueError(f"ema_update expected rho in (0, 1), got {rho!r}")
+    if not (mean.shape == var.shape == batch_mean.shape == batch_var.shape):
+        raise ValueError(
+            f"ema_update: running statistics have shapes {tuple(mean.shape)} and "
+            f"{tuple(var.shape)}, batch moments {tuple(batch_mean.shape)} and "
+            f"{tuple(batch_var.shape)}; all four must match"
+        )
+    m_b = batch_mean if batch_mean.dtype == mean.dtype else batch_mean.to(mean.dtype)
+    v_b = batch_var if batch_var.dtype == var.dtype else batch_var.to(var.dtype)
+    w = 1.0 - rho
+    delta = m_b - mean
+    new_mean = torch.add(mean, delta, alpha=w)
+    new_var = torch.mul(var, rho).add_(v_b, alpha=w).addcmul_(delta, delta, value=rho * w)
+    # A non-finite batch entry makes its new variance non-finite, hence the sum. On CPU that
+    # one check is cheaper than the masks; elsewhere the masks avoid a device synchronization.
+    if new_var.device.type != "cpu" or not math.isfinite(float(new_var.sum())):
+        finite = torch.isfinite(m_b) & torch.isfinite(v_b)
+        new_mean = torch.where(finite, new_mean, mean)
+        new_var = torch.where(finite, new_var, var)
+    return new_mean, new_var
+
+
 def ema_moments(running: RunningMoments | None, batch: Moments, rho: float) -> RunningMoments:
     r"""Fold one batch's moments into running input statistics (pooled-variance EMA).
 
-    With :math:`\rho` = ``rho`` (the weight of the *old* value, Flax's convention, the opposite of
-    torch's ``momentum``), batch mean :math:`m_B` and biased batch variance :math:`v_B`:
+    The update is :func:`ema_update`: the exact mean and variance of the mixture
+    :math:`\rho P_{t-1} + (1-\rho) Q_B` of the previous running distribution and the batch's
+    empirical distribution, well defined at batch size 1 (see docs/algorithms/bnp.md).
 
-    .. math::
-        \mu_t = \rho\,\mu_{t-1} + (1-\rho)\,m_B, \qquad
-        \sigma_t^2 = \rho\,\sigma_{t-1}^2 + (1-\rho)\,v_B + \rho(1-\rho)\,(m_B - \mu_{t-1})^2 .
-
-    This is the exact mean and variance of the mixture :math:`\rho P_{t-1} + (1-\rho) Q_B` of the
-    previous running distribution and the batch's empirical distribution, so it stays well
-    defined at batch size 1, where :math:`v_B = 0` and the last term supplies the variance.
-
-    Initialization (``running=None``): :math:`\mu_1 = m_B`, :math:`\sigma_1^2 = v_B`, or
-    :math:`\sigma_1^2 = 1` when the batch has a single value per feature (``batch.count == 1``).
-    Features whose batch moments are not finite keep their previous values (at initialization:
-    mean 0, variance 1, a neutral preconditioner), so one bad batch cannot poison the estimate;
-    ``num_batches`` still counts it.
+    Initialization (``running=None``): the batch's mean and variance, or variance 1 when the batch
+    has a single value per feature (``batch.count == 1``). Features whose batch moments are not
+    finite keep their previous values (at initialization: mean 0, variance 1); ``num_batches``
+    still counts the batch.
 
     Args:
         running: the current estimate, or ``None`` before the first batch.
         batch: the batch's ``Moments`` (biased ``var``; ``count`` values per feature).
-        rho: in :math:`(0, 1)`.
+        rho: in :math:`(0, 1)`, the weight of the old value.
     Returns:
         New :class:`RunningMoments` (new tensors; the inputs are not modified).
+    Raises:
+        ValueError: the running and batch shapes differ, or ``rho`` is out of range.
     """
-    finite = torch.isfinite(batch.mean) & torch.isfinite(batch.var)
     if running is None:
+        finite = torch.isfinite(batch.mean) & torch.isfinite(batch.var)
         var = batch.var if batch.count > 1 else torch.ones_like(batch.var)
         mean = torch.where(finite, batch.mean, torch.zeros_like(batch.mean))
         var = torch.where(finite, var, torch.ones_like(var))
@@ -182,18 +236,8 @@ def ema_moments(running: RunningMoments | None, batch: Moments, rho: float) -> R
             f"ema_moments: running statistics have shape {tuple(running.mean.shape)}, "
             f"batch moments have shape {tuple(batch.mean.shape)}"
         )
-    m_b = batch.mean.to(running.mean.dtype)
-    v_b = batch.var.to(running.var.dtype)
-    delta = m_b - running.mean
-    mean = running.mean + (1.0 - rho) * delta
-    var = rho * running.var + (1.0 - rho) * v_b + (rho * (1.0 - rho)) * delta * delta
-    mean = torch.where(finite, mean, running.mean)
-    var = torch.where(finite, var, running.var)
+    mean, var = ema_update(running.mean, running.var, batch.mean, batch.var, rho)
     return RunningMoments(mean, var, running.num_batches + 1)
-
-
-def _is_real(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _check_eps_floor(eps: float, floor: float) -> None:
@@ -204,24 +248,100 @@ def _check_eps_floor(eps: float, floor: float) -> None:
 
 
 def preconditioner_variance(var: Tensor, *, eps: float = 1e-5, floor: float = 0.0) -> Tensor:
-    r"""The variance the preconditioner divides by.
+    r"""The variance the preconditioner divides by: :math:`s^2 = \max(\sigma^2, \text{floor}) +
+    \epsilon`, elementwise (a new tensor).
 
-    :math:`s^2 = \max(\sigma^2, \text{floor}) + \epsilon`, elementwise.
+    Raises:
+        ValueError: ``eps`` or ``floor`` is negative or not finite.
     """
     _check_eps_floor(eps, floor)
-    return var.clamp_min(floor) + eps
+    return var.clamp_min(floor).add_(eps)
 
 
-def _precondition(
-    grad_w: Tensor, grad_b: Tensor | None, mean_w: Tensor, s2_w: Tensor
-) -> tuple[Tensor, Tensor | None]:
-    # mean_w, s2_w broadcast against grad_w (dim 0 = output units); see the module docstring.
+def _check_stat_shapes(fn: str, mean: Tensor, var: Tensor, shape: tuple[int, ...]) -> None:
+    for label, t in (("mean", mean), ("var", var)):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{fn} expected {label} of shape {shape}, got {tuple(t.shape)}")
+
+
+def _check_bias_shape(fn: str, grad_bias: Tensor | None, out: int) -> None:
+    if grad_bias is not None and tuple(grad_bias.shape) != (out,):
+        raise ValueError(f"{fn} expected grad_bias of shape ({out},), got {tuple(grad_bias.shape)}")
+
+
+def _like(stat: Tensor, grad: Tensor) -> Tensor:
+    if stat.dtype == grad.dtype and stat.device == grad.device:
+        return stat
+    return stat.to(device=grad.device, dtype=grad.dtype)
+
+
+def _transform_rows_(
+    grad_w: Tensor, grad_b: Tensor | None, mean: Tensor, s2: Tensor, groups: int
+) -> None:
+    # The transform on the (C_out, K) matrix view of a gradient, K = fan-in, whose row o uses the
+    # statistics of its group, mean/s2 of shape (groups * K,):
+    #   G_W <- (G_W - g_b mu^T) / s2,   g_b <- g_b - G_W mu   (with the new G_W),
+    # one BLAS rank-1 update, one division and one matrix-vector product.
+    if groups == 1:
+        if grad_b is None:
+            grad_w.div_(s2)
+            return
+        grad_w.addr_(grad_b, mean, alpha=-1).div_(s2)
+        grad_b.addmv_(grad_w, mean, alpha=-1)
+        return
+    c_out, k = grad_w.shape
+    g3 = grad_w.view(groups, c_out // groups, k)  # (groups, C_out/groups, K)
+    s3 = s2.view(groups, 1, k)
     if grad_b is None:
-        return grad_w / s2_w, None
-    gb = grad_b.reshape(-1, *([1] * (grad_w.dim() - 1)))  # (C_out,) -> (C_out, 1, ...)
-    gw = (grad_w - gb * mean_w) / s2_w
-    centring = (gw * mean_w).flatten(1).sum(1)  # (C_out, ...) -> (C_out,)
-    return gw, grad_b - centring
+        g3.div_(s3)
+        return
+    b3 = grad_b.view(groups, c_out // groups, 1)
+    g3.baddbmm_(b3, mean.view(groups, 1, k), alpha=-1).div_(s3)
+    b3.baddbmm_(g3, mean.view(groups, k, 1), alpha=-1)
+
+
+def precondition_linear_(
+    grad_weight: Tensor,
+    grad_bias: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    *,
+    eps: float = 1e-5,
+    floor: float = 0.0,
+) -> tuple[Tensor, Tensor | None]:
+    r"""BNP transform of a dense layer's gradients, in place.
+
+    .. math::
+        \tilde G_W = (G_W - g_b \mu^\top)\,\mathrm{diag}(s^2)^{-1}, \qquad
+        \tilde g_b = g_b - \tilde G_W \mu, \qquad s^2 = \max(\sigma^2, \text{floor}) + \epsilon .
+
+    The statistics are converted to the gradient's dtype and device. Every argument is checked
+    before anything is written.
+
+    Args:
+        grad_weight: :math:`G_W`, shape ``(m, n)``, overwritten.
+        grad_bias: :math:`g_b`, shape ``(m,)``, overwritten; or ``None`` for a layer without bias
+            (then only the scaling :math:`G_W\,\mathrm{diag}(s^2)^{-1}` applies).
+        mean: :math:`\mu`, the input mean, shape ``(n,)``.
+        var: :math:`\sigma^2`, the biased input variance, shape ``(n,)``.
+        eps: :math:`\epsilon \ge 0`, added to the floored variance.
+        floor: variance floor :math:`\ge 0`.
+    Returns:
+        ``(grad_weight, grad_bias)``, the same tensors.
+    Raises:
+        ValueError: wrong shapes, or a negative or non-finite ``eps``/``floor``.
+    """
+    if grad_weight.dim() != 2:
+        raise ValueError(
+            f"precondition_linear expected grad_weight of shape (m, n), "
+            f"got {tuple(grad_weight.shape)}"
+        )
+    m, n = grad_weight.shape
+    _check_stat_shapes("precondition_linear", mean, var, (n,))
+    _check_bias_shape("precondition_linear", grad_bias, m)
+    s2 = preconditioner_variance(_like(var, grad_weight), eps=eps, floor=floor)
+    _transform_rows_(grad_weight, grad_bias, _like(mean, grad_weight), s2, 1)
+    return grad_weight, grad_bias
 
 
 def precondition_linear(
@@ -233,44 +353,84 @@ def precondition_linear(
     eps: float = 1e-5,
     floor: float = 0.0,
 ) -> tuple[Tensor, Tensor | None]:
-    r"""BNP transform of a dense layer's gradients (out of place).
+    r"""BNP transform of a dense layer's gradients, out of place.
 
-    .. math::
-        \tilde G_W = (G_W - g_b \mu^\top)\,\mathrm{diag}(s^2)^{-1}, \qquad
-        \tilde g_b = g_b - \tilde G_W \mu, \qquad s^2 = \max(\sigma^2, \text{floor}) + \epsilon .
+    :func:`precondition_linear_` applied to copies (same arguments, same bits); the inputs are
+    not modified.
 
-    Args:
-        grad_weight: :math:`G_W`, shape ``(m, n)``.
-        grad_bias: :math:`g_b`, shape ``(m,)``, or ``None`` for a layer without bias (then only
-            the scaling :math:`G_W\,\mathrm{diag}(s^2)^{-1}` applies; the centring is lost).
-        mean: :math:`\mu`, the input mean, shape ``(n,)``.
-        var: :math:`\sigma^2`, the (biased) input variance, shape ``(n,)``.
-        eps: :math:`\epsilon \ge 0`, added to the floored variance.
-        floor: variance floor :math:`\ge 0`.
     Returns:
         ``(grad_weight, grad_bias)`` preconditioned (``grad_bias`` is ``None`` if it was).
     """
-    if grad_weight.dim() != 2:
+    gb = None if grad_bias is None else grad_bias.clone()
+    return precondition_linear_(grad_weight.clone(), gb, mean, var, eps=eps, floor=floor)
+
+
+def _row_stat(stat: Tensor, kernel: tuple[int, int]) -> Tensor:
+    # (C_in,) per channel or (C_in, kh, kw) per patch entry -> (C_in * kh * kw,), the order of a
+    # flattened (C_in/groups, kh, kw) weight row, group after group.
+    if stat.dim() == 1 and kernel != (1, 1):
+        return stat.unsqueeze(1).expand(-1, kernel[0] * kernel[1]).reshape(-1)
+    return stat.reshape(-1)
+
+
+def precondition_conv2d_(
+    grad_weight: Tensor,
+    grad_bias: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    *,
+    eps: float = 1e-5,
+    floor: float = 0.0,
+    groups: int = 1,
+) -> tuple[Tensor, Tensor | None]:
+    r"""BNP transform of a 2-D convolution's gradients, in place.
+
+    With statistics per input channel (``mean``/``var`` of shape ``(C_in,)``) or per patch entry
+    (shape ``(C_in, kh, kw)``, from :func:`conv2d_patch_moments`):
+
+    .. math::
+        \tilde G_W[o,c,u,v] = \frac{G_W[o,c,u,v] - g_b[o]\,\mu_{c,u,v}}{s^2_{c,u,v}}, \qquad
+        \tilde g_b[o] = g_b[o] - \sum_{c,u,v} \tilde G_W[o,c,u,v]\,\mu_{c,u,v},
+
+    with :math:`\mu_{c,u,v} = \mu_c` for per-channel statistics. With ``groups`` > 1 (depthwise
+    included) output channel :math:`o` of group :math:`g` uses the statistics of that group's
+    input channels. The statistics are converted to the gradient's dtype and device. Every
+    argument is checked before anything is written.
+
+    Args:
+        grad_weight: :math:`G_W`, shape ``(C_out, C_in/groups, kh, kw)``, overwritten.
+        grad_bias: :math:`g_b`, shape ``(C_out,)``, overwritten; or ``None`` (scaling only).
+        mean, var: input statistics, ``(C_in,)`` or ``(C_in, kh, kw)``; ``var`` is biased.
+        eps, floor: as in :func:`precondition_linear_`.
+        groups: the convolution's ``groups``.
+    Returns:
+        ``(grad_weight, grad_bias)``, the same tensors.
+    Raises:
+        ValueError: wrong shapes, ``groups`` not a positive divisor of ``C_out``, or a bad
+            ``eps``/``floor``.
+    """
+    if grad_weight.dim() != 4:
         raise ValueError(
-            f"precondition_linear expected grad_weight of shape (m, n), "
+            "precondition_conv2d expected grad_weight of shape (C_out, C_in/groups, kh, kw), "
             f"got {tuple(grad_weight.shape)}"
         )
-    m, n = grad_weight.shape
-    _check_stat_shapes("precondition_linear", mean, var, (n,))
-    _check_bias_shape("precondition_linear", grad_bias, m)
-    s2 = preconditioner_variance(var, eps=eps, floor=floor)
-    return _precondition(grad_weight, grad_bias, mean.reshape(1, n), s2.reshape(1, n))
-
-
-def _expand_conv_stat(stat: Tensor, weight_shape: torch.Size, groups: int) -> Tensor:
-    # (C_in,) or (C_in, kh, kw) -> broadcastable to the weight (C_out, C_in/groups, kh, kw):
-    # output channel o of group g sees input channels g*Cg ... (g+1)*Cg - 1.
-    c_out, cg = weight_shape[0], weight_shape[1]
-    tail = (1, 1) if stat.dim() == 1 else tuple(stat.shape[1:])
-    per_group = stat.reshape(groups, cg, *tail)  # (groups, Cg, kh|1, kw|1)
-    if groups == 1:
-        return per_group
-    return per_group.repeat_interleave(c_out // groups, dim=0)  # (C_out, Cg, kh|1, kw|1)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    c_out, cg, kh, kw = grad_weight.shape
+    if c_out % groups:
+        raise ValueError(f"groups={groups} does not divide the {c_out} output channels")
+    shape = (cg * groups,) if mean.dim() == 1 else (cg * groups, kh, kw)
+    _check_stat_shapes("precondition_conv2d", mean, var, shape)
+    _check_bias_shape("precondition_conv2d", grad_bias, c_out)
+    s2 = _row_stat(preconditioner_variance(_like(var, grad_weight), eps=eps, floor=floor), (kh, kw))
+    mean_row = _row_stat(_like(mean, grad_weight), (kh, kw))
+    if grad_weight.is_contiguous():
+        _transform_rows_(grad_weight.view(c_out, -1), grad_bias, mean_row, s2, groups)
+    else:  # e.g. channels_last: transform a contiguous copy and write it back
+        rows = grad_weight.contiguous().view(c_out, -1)
+        _transform_rows_(rows, grad_bias, mean_row, s2, groups)
+        grad_weight.copy_(rows.view(grad_weight.shape))
+    return grad_weight, grad_bias
 
 
 def precondition_conv2d(
@@ -283,51 +443,18 @@ def precondition_conv2d(
     floor: float = 0.0,
     groups: int = 1,
 ) -> tuple[Tensor, Tensor | None]:
-    r"""BNP transform of a 2-D convolution's gradients (out of place).
+    r"""BNP transform of a 2-D convolution's gradients, out of place.
 
-    With weight :math:`W \in \mathbb{R}^{C_{out} \times C_{in}/g \times k_h \times k_w}` and
-    statistics either per input channel (``mean``/``var`` of shape ``(C_in,)``, BN-like) or per
-    patch entry (shape ``(C_in, kh, kw)``, from :func:`conv2d_patch_moments`):
+    :func:`precondition_conv2d_` applied to copies (same arguments, same bits); the inputs are
+    not modified.
 
-    .. math::
-        \tilde G_W[o,c,u,v] = \frac{G_W[o,c,u,v] - g_b[o]\,\mu_{c,u,v}}{s^2_{c,u,v}}, \qquad
-        \tilde g_b[o] = g_b[o] - \sum_{c,u,v} \tilde G_W[o,c,u,v]\,\mu_{c,u,v},
-
-    with :math:`\mu_{c,u,v} = \mu_c` for per-channel statistics. For grouped convolutions
-    (``groups`` > 1, depthwise included) the rule applies within each group: output channel
-    :math:`o` of group :math:`g` uses the statistics of that group's input channels.
-
-    Per-patch statistics make this exactly one SGD step on the patch-normalized
-    reparametrization; per-channel statistics do so exactly for ``padding=0`` (and approximately
-    at zero-padded borders, where the padded values are 0 rather than :math:`\mu_c`).
-
-    Args:
-        grad_weight: :math:`G_W`, shape ``(C_out, C_in/groups, kh, kw)``.
-        grad_bias: :math:`g_b`, shape ``(C_out,)``, or ``None`` (scaling only; centring lost).
-        mean, var: input statistics, ``(C_in,)`` or ``(C_in, kh, kw)``; ``var`` is biased.
-        eps, floor: as in :func:`precondition_linear`.
-        groups: the convolution's ``groups``.
     Returns:
-        ``(grad_weight, grad_bias)`` preconditioned.
+        ``(grad_weight, grad_bias)`` preconditioned (``grad_bias`` is ``None`` if it was).
     """
-    if grad_weight.dim() != 4:
-        raise ValueError(
-            "precondition_conv2d expected grad_weight of shape (C_out, C_in/groups, kh, kw), "
-            f"got {tuple(grad_weight.shape)}"
-        )
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
-    c_out, cg, kh, kw = grad_weight.shape
-    if c_out % groups:
-        raise ValueError(f"groups={groups} does not divide the {c_out} output channels")
-    c_in = cg * groups
-    shape = (c_in,) if mean.dim() == 1 else (c_in, kh, kw)
-    _check_stat_shapes("precondition_conv2d", mean, var, shape)
-    _check_bias_shape("precondition_conv2d", grad_bias, c_out)
-    s2 = preconditioner_variance(var, eps=eps, floor=floor)
-    mean_w = _expand_conv_stat(mean, grad_weight.shape, groups)
-    s2_w = _expand_conv_stat(s2, grad_weight.shape, groups)
-    return _precondition(grad_weight, grad_bias, mean_w, s2_w)
+    gb = None if grad_bias is None else grad_bias.clone()
+    return precondition_conv2d_(
+        grad_weight.clone(), gb, mean, var, eps=eps, floor=floor, groups=groups
+    )
 
 
 def preconditioner_factor(
@@ -342,12 +469,14 @@ def preconditioner_factor(
         P = \begin{pmatrix} D^{-1} & 0 \\ -\mu^\top D^{-1} & 1 \end{pmatrix}, \qquad
         D = \mathrm{diag}(s), \quad s^2 = \max(\sigma^2, \text{floor}) + \epsilon .
 
-    :math:`\theta = P\,[v; c]` maps the input-normalized parameters back, so the Hessian in the
-    normalized parametrization is :math:`P^\top H P`; for a linear least-squares layer it is
-    the inputs' correlation matrix augmented by a 1, which is how BNP improves the condition
-    number. :func:`precondition_linear` applies :math:`P P^\top` row by row.
+    :func:`precondition_linear` applies :math:`P P^\top` to each row :math:`[w; b]`, and
+    :math:`P^\top H P` is the Hessian in the input-normalized parametrization
+    (docs/algorithms/bnp.md).
 
     Shape: ``(n,), (n,) -> (n + 1, n + 1)``.
+
+    Raises:
+        ValueError: ``mean`` is not 1-D, ``var`` has another shape, or a bad ``eps``/``floor``.
     """
     if mean.dim() != 1:
         raise ValueError(f"preconditioner_factor expected mean of shape (n,), got {mean.shape}")
@@ -359,14 +488,3 @@ def preconditioner_factor(
     p[n, :n] = -mean * inv_s
     p[n, n] = 1.0
     return p
-
-
-def _check_stat_shapes(fn: str, mean: Tensor, var: Tensor, shape: tuple[int, ...]) -> None:
-    for label, t in (("mean", mean), ("var", var)):
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{fn} expected {label} of shape {shape}, got {tuple(t.shape)}")
-
-
-def _check_bias_shape(fn: str, grad_bias: Tensor | None, out: int) -> None:
-    if grad_bias is not None and tuple(grad_bias.shape) != (out,):
-        raise ValueError(f"{fn} expected grad_bias of shape ({out},), got {tuple(grad_bias.shape)}")

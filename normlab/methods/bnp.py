@@ -37,6 +37,5 @@ BNP = Method(
     bias=True,
     make_hook=bnp_training_hook,
     batch_dependent=False,
-    # floor 0.1: near-constant inputs otherwise get up to 1000x steps (docs/algorithms/bnp.md)
-    hook_options={**keyword_defaults(BNPreconditioner.__init__, BNP_OPTIONS), "floor": 0.1},
+    hook_options=keyword_defaults(BNPreconditioner.__init__, BNP_OPTIONS),
 )

@@ -1,15 +1,10 @@
 r"""``BNPreconditioner``: Batch Normalization Preconditioning for the ``nn.Linear`` and
 ``nn.Conv2d`` layers of an unchanged model.
 
-Lange, Helfrich & Ye, JMLR 23(72), 2022 (arXiv 2108.01110); ``ALGORITHMS.md`` §1. The maths is in
-:mod:`normlab.functional.precondition`; this module only records the statistics (forward pre-hooks)
-and applies the transform to ``.grad`` in place.
-
-From the paper (its abstract): conditioning the parameter gradients with input statistics
-instead of a BN layer, at any batch size including 1. Everything else here (the pooled-variance
-EMA, ``rho``'s default, ``eps`` plus a variance ``floor``, per-channel conv statistics by default,
-folding the current batch in before the step) is normlab's choice, because the paper's exact rules
-are not confirmed; each is an option.
+The statistics and the gradient transforms are those of :mod:`normlab.functional.precondition`;
+this module records the statistics (forward pre-hooks), folds them in, optionally all-reduces them
+over a process group, and applies the transforms to ``.grad`` in place. What BNP is, how the class
+hooks into training and which choices are normlab's own: docs/algorithms/bnp.md.
 """
 
 from __future__ import annotations
@@ -28,6 +23,7 @@ from torch.nn import functional as F
 
 from normlab.functional import precondition as pc
 from normlab.functional.batch_norm import Moments
+from normlab.functional.distributed import all_reduce_packed, group_size
 from normlab.functional.precondition import RunningMoments
 
 __all__ = ["BNPreconditioner", "LoadResult"]
@@ -35,12 +31,16 @@ __all__ = ["BNPreconditioner", "LoadResult"]
 logger = logging.getLogger(__name__)
 
 _STATE_VERSION = 1
-# ALGORITHMS.md §1.4 [D]: rho = 0.999 for batch size <= 4, 0.99 otherwise (used when rho=None).
+# rho=None resolves from the first recorded batch size: 0.999 up to 4 samples, else 0.99.
 _SMALL_BATCH = 4
 _RHO_SMALL_BATCH = 0.999
 _RHO_LARGE_BATCH = 0.99
 # Recorded batches kept per layer before they are folded in without waiting for a step.
 _MAX_PENDING = 8
+
+
+def _rho_for(batch_size: int) -> float:
+    return _RHO_SMALL_BATCH if batch_size <= _SMALL_BATCH else _RHO_LARGE_BATCH
 
 
 class LoadResult(NamedTuple):
@@ -64,6 +64,15 @@ class _Layer:
     # Batch moments recorded but not yet folded into `running`, oldest first, each with whether
     # it was the first recorded forward of its step.
     pending: list[tuple[Moments, bool]] = field(default_factory=list)
+    # The weight gradient the last precondition_() wrote and its version counter after the
+    # write: while both still match, the gradients are already preconditioned.
+    written: tuple[weakref.ref[Tensor], int] | None = None
+
+    def already_preconditioned(self, grad_w: Tensor) -> bool:
+        if self.written is None:
+            return False
+        ref, version = self.written
+        return ref() is grad_w and grad_w._version == version
 
 
 class _AttachHandle:
@@ -106,36 +115,6 @@ def _check_options(
         raise TypeError(f"use_current_batch must be a bool, got {type(use_current_batch).__name__}")
 
 
-def _stat_input(x: Tensor) -> Tensor:
-    # Statistics of half-precision inputs are taken in float32 (as in functional.precondition).
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def _linear_moments(x: Tensor) -> Moments:
-    # linear_input_moments, fast: torch.var_mean over the leading dimension of an (M, n) matrix
-    # is an order of magnitude slower on CPU than the two-pass per-channel kernel of batch norm
-    # (torch.batch_norm_update_stats with no running buffers: the batch mean and biased variance,
-    # per column). Falls back to the reference where that kernel is missing.
-    rows = _stat_input(x).reshape(-1, x.shape[-1])  # (*, n) -> (M, n)
-    if rows.device.type in ("cpu", "cuda"):
-        try:
-            mean, var = torch.batch_norm_update_stats(rows, None, None, 0.0)
-        except (RuntimeError, NotImplementedError):  # e.g. a dtype without that kernel
-            return pc.linear_input_moments(x)
-        return Moments(mean, var, rows.shape[0])
-    return pc.linear_input_moments(x)
-
-
-def _conv_channel_moments(x: Tensor) -> Moments:
-    # conv2d_channel_moments, fast: two passes (mean, then the mean of squared deviations) instead
-    # of torch.var_mean over (N, H, W), which is an order of magnitude slower on CPU.
-    xs = _stat_input(x if x.dim() == 4 else x.unsqueeze(0))  # (N, C, H, W)
-    mean = xs.mean((0, 2, 3))
-    dev = xs - mean.reshape(1, -1, 1, 1)
-    var = dev.mul_(dev).mean((0, 2, 3))
-    return Moments(mean, var, xs.numel() // xs.shape[1])
-
-
 class _Flat(NamedTuple):
     # The running statistics of some layers stored contiguously: `running[i]` (the object held by
     # `layers[i].running`) views `mean`/`var` at `sizes[i]` entries.
@@ -161,47 +140,6 @@ def _flat(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
     return out if out.dtype == dtype else out.to(dtype)
 
 
-def _ema_flat(
-    mean: Tensor, var: Tensor, m_b: Tensor, v_b: Tensor, rho: float
-) -> tuple[Tensor, Tensor]:
-    r"""The pooled-variance EMA of :func:`~normlab.functional.precondition.ema_moments` on
-    concatenated statistics (new tensors):
-
-    .. math::
-        \delta = m_B - \mu_{t-1}, \qquad \mu_t = \mu_{t-1} + (1-\rho)\,\delta, \qquad
-        \sigma_t^2 = \rho\,\sigma_{t-1}^2 + (1-\rho)\,v_B + \rho(1-\rho)\,\delta^2 .
-
-    Features whose batch moments are not finite keep their previous values.
-    """
-    w = 1.0 - rho
-    delta = m_b - mean
-    new_mean = torch.add(mean, delta, alpha=w)
-    new_var = torch.mul(var, rho).add_(v_b, alpha=w).addcmul_(delta, delta, value=rho * w)
-    if not math.isfinite(float(new_var.sum())):  # rare: keep the old values of bad features
-        finite = torch.isfinite(m_b) & torch.isfinite(v_b)
-        new_mean = torch.where(finite, new_mean, mean)
-        new_var = torch.where(finite, new_var, var)
-    return new_mean, new_var
-
-
-def _precondition_in_place(
-    grad_w: Tensor, grad_b: Tensor | None, mean_w: Tensor, s2_w: Tensor
-) -> None:
-    # The BNP transform of functional.precondition written into the gradients: the same
-    # operations in the same order (so the same bits), without the out-of-place copies.
-    # mean_w, s2_w broadcast against grad_w: (n,) for Linear, (C, 1|kh, 1|kw) for Conv2d.
-    if grad_b is None:
-        grad_w.div_(s2_w)
-        return
-    col = grad_b.unsqueeze(1) if grad_w.dim() == 2 else grad_b.view(-1, 1, 1, 1)
-    outer = col * mean_w  # g_b mu^T
-    grad_w.sub_(outer).div_(s2_w)
-    if grad_w.dim() == 2:
-        grad_b.sub_(torch.mul(grad_w, mean_w, out=outer).sum(1))  # g_b - G~_W mu
-    else:
-        grad_b.sub_((grad_w * mean_w).flatten(1).sum(1))
-
-
 def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
@@ -223,23 +161,15 @@ class BNPreconditioner:
     r"""Batch Normalization Preconditioning (BNP) of a model's dense and conv layers.
 
     Forward pre-hooks record the mean and variance of each hooked layer's *input* during training
-    forwards; :meth:`precondition_` then replaces each layer's gradients, in place, by
+    forwards; :meth:`precondition_` then replaces each layer's gradients, in place, by the BNP
+    transform (:func:`~normlab.functional.precondition.precondition_linear_`, per input channel or
+    per patch entry :func:`~normlab.functional.precondition.precondition_conv2d_` for
+    ``nn.Conv2d``). With the statistics held fixed, ``precondition_()`` followed by an SGD step is
+    one SGD step on the input-normalized reparametrization of every layer, mapped back to
+    :math:`(W, b)` (docs/algorithms/bnp.md). The model is not changed: no layer is added, forward
+    and eval outputs are the plain network's.
 
-    .. math::
-        \tilde G_W = (G_W - g_b \mu^\top) D^{-2}, \qquad \tilde g_b = g_b - \tilde G_W \mu ,
-        \qquad D^2 = \mathrm{diag}(\max(\sigma^2, \text{floor}) + \epsilon),
-
-    (per channel or per patch entry for ``nn.Conv2d``, see
-    :func:`normlab.functional.precondition.precondition_conv2d`). With statistics held fixed,
-    ``precondition_()`` followed by an SGD step is exactly one SGD step on the input-normalized
-    reparametrization :math:`z = V D^{-1}(h - \mu) + c` of every layer, mapped back to
-    :math:`(W, b)`. The model itself is not changed: no layer is added, forward and eval outputs are
-    the plain network's.
-
-    Use it between ``backward()`` and ``optimizer.step()``, with any ``torch.optim`` optimizer
-    (SGD with momentum is the faithful choice; Adam's per-coordinate scaling largely cancels the
-    :math:`D^{-2}` factor, so report that as "BNP + Adam"); weight decay is best decoupled
-    (``AdamW``-style), otherwise the L2 term is preconditioned too::
+    Use it between ``backward()`` and ``optimizer.step()``, with any ``torch.optim`` optimizer::
 
         precond = BNPreconditioner(model)
         for x, y in loader:
@@ -250,36 +180,37 @@ class BNPreconditioner:
         with precond.paused():        # forwards that must not be recorded (eval mode is never)
             ...
 
-    **Statistics.** For ``nn.Linear``, per input feature over every leading dimension; for
-    ``nn.Conv2d``, per input channel over :math:`(N, H, W)` (``conv_stats="channel"``, BN's
-    statistics) or per patch entry :math:`(c, u, v)` over the batch and all output positions
-    (``conv_stats="patch"``, one ``unfold`` per forward, :math:`k_h k_w` times the input's memory,
-    exact for any padding and padding mode). Each training forward of a layer (``module.training``
-    and not :meth:`paused`) folds the batch's moments into a running estimate with the
-    pooled-variance EMA of :func:`normlab.functional.precondition.ema_moments`, well defined at
-    batch size 1. A layer called twice in a forward folds in both inputs. (The hooks only take the
-    batch moments; folding them in waits until the statistics are next needed, by
-    :meth:`precondition_`, :meth:`statistics` or :meth:`state_dict`, and is then done for all
-    layers at once, with the same result: the per-step cost of BNP on small layers is the number
-    of kernels launched.)
+    **Statistics.** ``nn.Linear``: per input feature over every leading dimension.
+    ``nn.Conv2d``: per input channel over :math:`(N, H, W)` (``conv_stats="channel"``) or per
+    patch entry :math:`(c, u, v)` over the batch and all output positions (``"patch"``; one
+    ``unfold`` per forward, exact for any padding and padding mode). Every training forward of a
+    layer (``module.training`` and not :meth:`paused`) folds the batch's moments into a running
+    estimate with :func:`~normlab.functional.precondition.ema_moments`; a layer called twice in a
+    forward folds in both inputs. Folding is deferred until the statistics are next needed
+    (:meth:`precondition_`, :meth:`statistics`, :meth:`state_dict`), with the same result.
 
-    **Statistics used for the step.** ``use_current_batch=True`` (BN-like): the running estimate
-    after the current batch was folded in. ``False``: the running estimate as it was before the
-    first recorded forward after the previous :meth:`precondition_` (only earlier steps' batches;
-    the first step is then not preconditioned). Layers whose weight has no gradient, or that have
-    no statistics for the step yet, are skipped.
+    **Statistics used for the step.** ``use_current_batch=True``: the running estimate after the
+    current batch was folded in. ``False``: the estimate as it was before the first recorded
+    forward after the previous :meth:`precondition_` (the first step is then not preconditioned).
+    Layers whose weight has no gradient, or that have no statistics for the step yet, are skipped.
 
-    **Layers without bias.** Nothing absorbs the centring term, so only the :math:`D^{-2}` scaling
-    applies (the centring is lost; a warning is logged at construction). Enable biases on BNP
-    layers, initialized to zero. A bias that has no gradient is treated the same way.
+    **Once per backward.** A layer whose weight gradient is still the tensor the previous
+    :meth:`precondition_` wrote, unmodified, is skipped (logged at debug level): calling it twice,
+    or :meth:`attach` plus a manual call, preconditions the gradients once. A backward, an
+    in-place change or a new ``.grad`` tensor makes the gradients new again, so gradient
+    accumulation (several backwards, then one step) is preconditioned once, at the step.
 
-    **Distributed.** Under DDP, gradients are already all-reduced when ``precondition_`` runs, so
-    every rank applies the same transform if the statistics agree. The statistics are local: they
-    are kept as ``(mean, var, num_batches)`` (:class:`~normlab.functional.precondition.
-    RunningMoments`), a form that can be all-reduced (average the means, add the spread of the
-    means to the averaged variances); normlab does not do this yet. Build the preconditioner on
-    the unwrapped model, so that the layer names (the state-dict keys) do not carry the
-    ``module.`` prefix of the wrapper.
+    **Layers without bias.** Nothing absorbs the centring term, so only the variance scaling
+    applies (a warning is logged at construction). A bias without gradient is treated the same.
+
+    **Distributed.** With ``process_group``, the batch moments of all layers are summed over the
+    group in one packed all-reduce per recorded forward before they are folded in, so every rank
+    holds the statistics of the concatenated batch, identical on all ranks, and ``rho=None``
+    resolves from the global batch size. Folding is then collective: every rank must record the
+    same number of training forwards and call :meth:`precondition_`, :meth:`statistics`,
+    :meth:`state_dict` and :meth:`load_state_dict` at the same points (as under DDP, whose
+    gradients are already averaged when ``precondition_`` runs). Build the preconditioner on the
+    unwrapped model, so the layer names carry no ``module.`` prefix.
 
     **Other forwards.** Diagnostics that run training-mode forwards (Hessian-vector products,
     ``torch.func`` transforms) should do so inside :meth:`paused`, or they change the statistics.
@@ -288,22 +219,23 @@ class BNPreconditioner:
         model: the network. Its modules are not modified apart from one forward pre-hook each.
         modules: the layers to precondition, as submodules of ``model`` or their names (from
             ``model.named_modules()``); default every ``nn.Linear`` and ``nn.Conv2d``, subclasses
-            included (a subclass whose weight is used without calling its ``forward``, such as
-            ``nn.MultiheadAttention.out_proj``, never gets statistics and is skipped). Layers must
-            not share parameters.
-        rho: weight of the *old* value in the EMA (Flax's convention; torch's ``momentum`` is
-            ``1 - rho``), in :math:`(0, 1)`. ``None`` [D, default]: resolved at the first recorded
-            forward from its batch size, 0.999 if it is at most 4, else 0.99 (``ALGORITHMS.md``
-            §1.4); see :attr:`rho`.
-        eps: :math:`\epsilon > 0` added to the floored variance. Default ``1e-5`` [D, BN's].
-        floor: variance floor :math:`\ge 0`, limiting the gradient amplification of nearly
-            constant inputs to :math:`1/(\text{floor}+\epsilon)`. Default ``1e-3`` [D].
-        conv_stats: ``"channel"`` [D, default] or ``"patch"`` [D], as above.
-        use_current_batch: as above. Default ``True`` [D].
+            included (a subclass whose weight is used without calling its ``forward`` never gets
+            statistics and is skipped). Layers must not share parameters.
+        rho: weight of the *old* value in the EMA (torch's ``momentum`` is ``1 - rho``), in
+            :math:`(0, 1)`. ``None`` (default): 0.999 if the first recorded batch has at most 4
+            samples, else 0.99; see :attr:`rho`.
+        eps: :math:`\epsilon > 0` added to the floored variance. Default ``1e-5``.
+        floor: variance floor :math:`\ge 0`; gradients are amplified at most
+            :math:`1/(\text{floor}+\epsilon)` times. Default ``0.1`` (measured in
+            docs/algorithms/bnp.md).
+        conv_stats: ``"channel"`` (default) or ``"patch"``, as above.
+        use_current_batch: as above. Default ``True``.
+        process_group: a ``torch.distributed`` process group to all-reduce the statistics over,
+            or ``None`` (default): local statistics, no collective.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``, or a chosen module is not ``nn.Linear`` /
-            ``nn.Conv2d``.
+        TypeError: ``model`` is not an ``nn.Module``, a chosen module is not ``nn.Linear`` /
+            ``nn.Conv2d``, or ``process_group`` is not a ``torch.distributed.ProcessGroup``.
         ValueError: no such layer, an unknown module name, shared parameters, an option out of
             range. Nothing is hooked when the constructor raises.
     """
@@ -315,13 +247,22 @@ class BNPreconditioner:
         modules: Iterable[nn.Module | str] | None = None,
         rho: float | None = None,
         eps: float = 1e-5,
-        floor: float = 1e-3,
+        floor: float = 0.1,
         conv_stats: Literal["channel", "patch"] = "channel",
         use_current_batch: bool = True,
+        process_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"BNPreconditioner expected an nn.Module, got {type(model).__name__}")
         _check_options(rho, eps, floor, conv_stats, use_current_batch)
+        if process_group is not None and not (
+            torch.distributed.is_available()
+            and isinstance(process_group, torch.distributed.ProcessGroup)
+        ):
+            raise TypeError(
+                "process_group must be None or a torch.distributed.ProcessGroup, "
+                f"got {type(process_group).__name__}"
+            )
         layers = self._select(model, modules)  # raises before anything is hooked
         self._rho_option = None if rho is None else float(rho)
         self._rho_resolved: float | None = self._rho_option
@@ -329,6 +270,9 @@ class BNPreconditioner:
         self.floor = float(floor)
         self.conv_stats: Literal["channel", "patch"] = conv_stats
         self.use_current_batch = use_current_batch
+        self._group = process_group
+        # The local first batch size, kept until rho is resolved over the process group.
+        self._first_batch_size: int | None = None
         self._pause_depth = 0
         self._removed = False
         self._attached: weakref.WeakKeyDictionary[torch.optim.Optimizer, _AttachHandle] = (
@@ -413,7 +357,8 @@ class BNPreconditioner:
     @property
     def rho(self) -> float | None:
         """The EMA weight in use: the constructor's, or the one resolved from the first batch size
-        when that was ``None`` (``None`` until a forward has been recorded)."""
+        when that was ``None`` (``None`` until a forward has been recorded; with a process group,
+        until it is folded in, from the global batch size)."""
         return self._rho_resolved
 
     @property
@@ -443,7 +388,12 @@ class BNPreconditioner:
             if not module.training or not self.recording:
                 return None
             x = args[0] if args else kwargs.get("input")
-            if isinstance(x, Tensor) and x.is_floating_point() and x.numel() > 0:
+            # Under a process group an empty shard is recorded too (it joins the all-reduce).
+            if (
+                isinstance(x, Tensor)
+                and x.is_floating_point()
+                and (x.numel() > 0 or self._group is not None)
+            ):
                 self._record(layer, x)
             return None
 
@@ -454,9 +404,12 @@ class BNPreconditioner:
         batch = self._batch_moments(layer.module, x.detach())
         if batch is None:  # an input the layer itself will reject: let it raise its own error
             return
-        if self._rho_resolved is None:
+        if self._rho_resolved is None and self._first_batch_size is None:
             n = x.shape[0] if x.dim() >= (2 if isinstance(layer.module, nn.Linear) else 4) else 1
-            self._rho_resolved = _RHO_SMALL_BATCH if n <= _SMALL_BATCH else _RHO_LARGE_BATCH
+            if self._group is None:
+                self._rho_resolved = _rho_for(n)
+            else:  # resolved from the global batch size at the first fold (_reduce)
+                self._first_batch_size = n
         # Folded into `running` by _flush, for all layers at once, before anything reads them.
         layer.pending.append((batch, layer.new_step))
         layer.new_step = False
@@ -466,18 +419,30 @@ class BNPreconditioner:
     def _flush(self) -> None:
         """Fold every recorded batch into the running statistics, oldest first per layer.
 
-        Layers on the same device and dtype are folded together (:func:`_ema_flat` on their
-        concatenated statistics): the per-step cost of BNP on small layers is the number of
-        kernels launched, not their size.
+        One round per recorded forward: it takes the oldest pending batch of every layer, sums
+        the batches over the process group if there is one (:meth:`_reduce`, one all-reduce),
+        and folds them in, layers of one device and dtype together (:meth:`_fold_group`).
         """
-        rho = self._rho_resolved
-        while any(layer.pending for layer in self._layers):
-            groups: dict[tuple[Any, ...], list[tuple[_Layer, Moments]]] = {}
+        while True:
+            depth = max(len(layer.pending) for layer in self._layers)
+            if depth == 0:
+                return
+            batches: list[tuple[_Layer, Moments, bool]] = []
             for layer in self._layers:
-                if not layer.pending:
-                    continue
-                assert rho is not None  # resolved by the first recorded forward
-                batch, first = layer.pending.pop(0)
+                if layer.pending:
+                    batch, first = layer.pending.pop(0)
+                    batches.append((layer, batch, first))
+            if self._group is not None:
+                try:
+                    batches = self._reduce(batches, depth)
+                except RuntimeError:  # put the round back: the statistics stay as they were
+                    for layer, batch, first in reversed(batches):
+                        layer.pending.insert(0, (batch, first))
+                    raise
+            rho = self._rho_resolved
+            assert rho is not None  # resolved by the first recorded forward
+            groups: dict[tuple[Any, ...], list[tuple[_Layer, Moments]]] = {}
+            for layer, batch, first in batches:
                 if first:
                     layer.before_step = layer.running
                 running = layer.running
@@ -494,9 +459,84 @@ class BNPreconditioner:
             for key, members in groups.items():
                 self._fold_group(key, members, rho)  # type: ignore[arg-type]
 
+    def _reduce(
+        self, batches: list[tuple[_Layer, Moments, bool]], depth: int
+    ) -> list[tuple[_Layer, Moments, bool]]:
+        """The batch moments of one round summed over the process group: one packed all-reduce.
+
+        The packet (float64, on the first layer's device) holds this rank's ``depth`` and
+        ``depth**2`` (to detect ranks that recorded different numbers of forwards), its first
+        batch size while ``rho`` is unresolved, each layer's count, and each layer's sums
+        ``count * mean`` and ``count * (var + mean**2)``; a layer with nothing recorded sends
+        zeros. Returns the moments of the concatenated batches, for the layers any rank recorded.
+        """
+        device = self._layers[0].module.weight.device
+        f64 = torch.float64
+        local = {id(layer): (batch, first) for layer, batch, first in batches}
+        counts = [0] * len(self._layers)
+        sums: list[Tensor] = []
+        squares: list[Tensor] = []
+        for i, layer in enumerate(self._layers):
+            entry = local.get(id(layer))
+            if entry is None or entry[0].count == 0:
+                size = math.prod(self._stat_shape(layer.module, self.conv_stats))
+                sums.append(torch.zeros(size, dtype=f64, device=device))
+                squares.append(torch.zeros(size, dtype=f64, device=device))
+                continue
+            batch = entry[0]
+            counts[i] = batch.count
+            mean = batch.mean.reshape(-1).to(device=device, dtype=f64)
+            var = batch.var.reshape(-1).to(device=device, dtype=f64)
+            sums.append(mean * batch.count)
+            squares.append(torch.addcmul(var, mean, mean).mul_(batch.count))
+        header = torch.tensor(
+            [depth, depth * depth, self._first_batch_size or 0, *counts], dtype=f64, device=device
+        )
+        total, *parts = all_reduce_packed([header, *sums, *squares], self._group)
+        world = group_size(self._group)
+        stats = total.tolist()
+        if stats[0] != world * depth or stats[1] != world * depth * depth:
+            raise RuntimeError(
+                "BNPreconditioner: the ranks of the process group recorded different numbers of "
+                "training forwards before folding their statistics; every rank must run the same "
+                "recorded forwards and call precondition_/statistics/state_dict at the same points"
+            )
+        if self._rho_resolved is None:
+            self._rho_resolved = _rho_for(int(stats[2]))
+            self._first_batch_size = None
+        out = []
+        n = len(self._layers)
+        for i, layer in enumerate(self._layers):
+            count = int(stats[3 + i])
+            if count == 0:
+                continue
+            entry = local.get(id(layer))
+            if entry is not None:
+                batch, first = entry
+                dtype = batch.mean.dtype
+            else:  # recorded by other ranks only
+                first, layer.new_step = layer.new_step, False
+                weight = layer.module.weight
+                half = weight.dtype in (torch.float16, torch.bfloat16)
+                dtype = torch.float32 if half else weight.dtype
+            shape = self._stat_shape(layer.module, self.conv_stats)
+            mean = parts[i] / count
+            var = (parts[n + i] / count).sub_(mean * mean).clamp_min_(0.0)
+            stat_device = layer.module.weight.device
+            batch = Moments(
+                mean.to(device=stat_device, dtype=dtype).view(shape),
+                var.to(device=stat_device, dtype=dtype).view(shape),
+                count,
+            )
+            out.append((layer, batch, first))
+        return out
+
     def _fold_group(
         self, key: tuple[Any, ...], members: list[tuple[_Layer, Moments]], rho: float
     ) -> None:
+        # ema_update on the concatenated statistics of several layers: on small layers the cost of
+        # BNP is the number of kernels launched, not their size. The new running statistics are
+        # views of the flat result, which the next fold reuses without concatenating again.
         layers = tuple(layer for layer, _ in members)
         running = [layer.running for layer in layers]
         flat = self._flat.get(key)
@@ -508,7 +548,7 @@ class BNPreconditioner:
             var = _flat([r.var for r in running], key[1])  # type: ignore[union-attr]
         m_b = _flat([b.mean for _, b in members], key[1])
         v_b = _flat([b.var for _, b in members], key[1])
-        new_mean, new_var = _ema_flat(mean, var, m_b, v_b, rho)
+        new_mean, new_var = pc.ema_update(mean, var, m_b, v_b, rho)
         means = new_mean.split(sizes) if len(sizes) > 1 else (new_mean,)
         variances = new_var.split(sizes) if len(sizes) > 1 else (new_var,)
         new_running = []
@@ -525,12 +565,12 @@ class BNPreconditioner:
         if isinstance(module, nn.Linear):
             if x.dim() < 1 or x.shape[-1] != module.in_features:
                 return None
-            return _linear_moments(x)
+            return pc.linear_input_moments(x)
         assert isinstance(module, nn.Conv2d)
         if x.dim() not in (3, 4) or x.shape[-3] != module.in_channels:
             return None
         if self.conv_stats == "channel":
-            return _conv_channel_moments(x)
+            return pc.conv2d_channel_moments(x)
         kh, kw = _pair(module.kernel_size)
         dh, dw = _pair(module.dilation)
         left, right, top, bottom = _conv_pads(module)
@@ -570,68 +610,64 @@ class BNPreconditioner:
 
     @torch.no_grad()
     def precondition_(self) -> list[str]:
-        r"""Replace each hooked layer's ``weight.grad`` and ``bias.grad`` by the BNP transform.
+        """Replace each hooked layer's ``weight.grad`` and ``bias.grad`` by the BNP transform.
 
-        In place (the ``.grad`` tensors keep their identity), with the arithmetic of
-        :func:`~normlab.functional.precondition.precondition_linear` /
-        :func:`~normlab.functional.precondition.precondition_conv2d`. Everything that can fail
-        is checked before any gradient is written, so an error leaves every gradient as it was.
-        Marks the end of a step for ``use_current_batch=False``.
+        In place (the ``.grad`` tensors keep their identity), by
+        :func:`~normlab.functional.precondition.precondition_linear_` /
+        :func:`~normlab.functional.precondition.precondition_conv2d_` with this preconditioner's
+        ``eps`` and ``floor``. Marks the end of a step for ``use_current_batch=False``.
+
+        Layers whose gradients this method already preconditioned, unchanged since, are skipped
+        (see "Once per backward" in the class docstring); a call that finds nothing else to do is
+        a no-op (it does not mark the end of a step either) and logs that at debug level.
 
         Returns:
             The names of the layers whose gradients were changed (the others had no weight
-            gradient or no statistics yet).
+            gradient, no statistics yet, or were already preconditioned).
         """
         self._check_alive("precondition_")
         self._flush()
-        # First every transform's inputs (nothing is written), then the in-place updates.
         jobs: list[tuple[_Layer, Tensor, Tensor | None, RunningMoments]] = []
+        skipped = []
         for layer in self._layers:
             module = layer.module
             grad_w = module.weight.grad
             stats = self._step_stats(layer)
-            if grad_w is not None and stats is not None:
-                grad_b = None if module.bias is None else module.bias.grad
-                jobs.append((layer, grad_w, grad_b, stats))
-        # s^2 = max(var, floor) + eps (preconditioner_variance) is elementwise, so computing it
-        # once on a whole flat group (see _fold_group) gives the same bits in two kernels.
-        s2_of: dict[int, Tensor] = {}
-        used = {id(stats) for *_, stats in jobs}
-        for flat in self._flat.values():
-            if all(id(r) in used for r in flat.running):
-                s2 = flat.var.clamp_min(self.floor).add_(self.eps)
-                parts = s2.split(flat.sizes) if len(flat.sizes) > 1 else (s2,)
-                s2_of.update((id(r), part) for r, part in zip(flat.running, parts, strict=True))
-        updates = []
+            if grad_w is None or stats is None:
+                continue
+            if layer.already_preconditioned(grad_w):
+                skipped.append(layer.name)
+                continue
+            grad_b = None if module.bias is None else module.bias.grad
+            jobs.append((layer, grad_w, grad_b, stats))
+        if skipped:
+            logger.debug(
+                "BNPreconditioner.precondition_: gradients of %s are already preconditioned "
+                "(no backward since the last call); left as they are",
+                ", ".join(repr(name) for name in skipped),
+            )
+            if not jobs:
+                return []
         for layer, grad_w, grad_b, stats in jobs:
             module = layer.module
-            mean, var, s2 = stats.mean, stats.var, s2_of.get(id(stats))
-            if mean.dtype != grad_w.dtype or mean.device != grad_w.device:
-                mean = mean.to(device=grad_w.device, dtype=grad_w.dtype)
-                var = var.to(device=grad_w.device, dtype=grad_w.dtype)
-                s2 = None
-            if s2 is None:
-                s2 = pc.preconditioner_variance(var, eps=self.eps, floor=self.floor)
-            if isinstance(module, nn.Linear) or module.groups == 1:
-                if mean.dim() == 1 and isinstance(module, nn.Conv2d):
-                    mean, s2 = mean.view(-1, 1, 1), s2.view(-1, 1, 1)  # (C,) -> (C, 1, 1)
-                updates.append((grad_w, grad_b, mean, s2, None))
-            else:  # grouped convolutions: the functional rule, out of place, copied in below
-                new = pc.precondition_conv2d(
-                    grad_w, grad_b, mean, var, eps=self.eps, floor=self.floor, groups=module.groups
+            if isinstance(module, nn.Linear):
+                pc.precondition_linear_(
+                    grad_w, grad_b, stats.mean, stats.var, eps=self.eps, floor=self.floor
                 )
-                updates.append((grad_w, grad_b, mean, s2, new))
-        for grad_w, grad_b, mean_w, s2_w, new in updates:
-            if new is None:
-                _precondition_in_place(grad_w, grad_b, mean_w, s2_w)
             else:
-                grad_w.copy_(new[0])
-                if grad_b is not None and new[1] is not None:
-                    grad_b.copy_(new[1])
-        done = [layer.name for layer, *_ in jobs]
+                pc.precondition_conv2d_(
+                    grad_w,
+                    grad_b,
+                    stats.mean,
+                    stats.var,
+                    eps=self.eps,
+                    floor=self.floor,
+                    groups=module.groups,
+                )
+            layer.written = (weakref.ref(grad_w), grad_w._version)
         for layer in self._layers:
             layer.new_step = True
-        return done
+        return [layer.name for layer, *_ in jobs]
 
     def before_step(self) -> None:
         """:meth:`precondition_`, as the training hook of the ``bnp`` method
