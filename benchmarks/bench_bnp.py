@@ -1,4 +1,4 @@
-"""BNP benchmark (issue 4): accuracy on MNIST-10k, and the cost of a training step.
+"""BNP benchmark: accuracy on MNIST-10k, and the cost of a training step.
 
 Command (from the repository root; about 10 minutes on the shared 2-core machine)::
 
@@ -7,12 +7,12 @@ Command (from the repository root; about 10 minutes on the shared 2-core machine
 ``--part accuracy`` or ``--part overhead`` runs one half. Both print Markdown tables.
 
 **Accuracy.** MNIST-10k (the t10k files split 8000 train / 2000 test by ``normlab.data``), MLP
-784-100-100-100-10 with ReLU, plain SGD, ``--epochs`` epochs (3), seed 0, all through
-``normlab.train.train``. Every setting trains once per point of its learning-rate grid (below) on
+784-100-100-100-10 with ReLU, plain SGD, ``--epochs`` epochs (3), all through
+``normlab.train.train`` (seed 0). Every setting trains once per point of its learning-rate grid (below) on
 7000 of the 8000 training images; the point with the best accuracy on the other 1000
 (validation) is chosen, and the table reports that run's accuracy on the 2000 test images. BNP
-runs with the variance floor ``--bnp-floor`` (0.1: most MNIST pixels are nearly constant, and the
-default floor 1e-3 lets their weights take 1000x steps; that run is reported too). Targets: BNP
+runs with the variance floor ``--bnp-floor`` (0.1, the default: most MNIST pixels are nearly
+constant, and a floor of 1e-3 lets their weights take 1000x steps; that run is reported too). Targets: BNP
 at batch size 1 reaches >= 0.97x the test accuracy of BN at batch size 64; BNP at batch size 4
 beats no normalization at batch size 4.
 
@@ -56,8 +56,8 @@ def _settings(floor: float) -> list[tuple[str, str, int, tuple[float, ...], dict
         ("none, b=4", "none", 4, GRID_NONE4, {}),
         (f"bnp (floor {floor:g}), b=4", "bnp", 4, GRID_BNP4, {"floor": floor}),
         (f"bnp (floor {floor:g}), b=1", "bnp", 1, GRID_BNP1, {"floor": floor}),
-        ("bnp (floor 1e-3, default), b=4", "bnp", 4, GRID_BNP_DEFAULT_FLOOR, {}),
-        ("bnp (floor 1e-3, default), b=1", "bnp", 1, GRID_BNP_DEFAULT_FLOOR, {}),
+        ("bnp (floor 1e-3), b=4", "bnp", 4, GRID_BNP_DEFAULT_FLOOR, {"floor": 1e-3}),
+        ("bnp (floor 1e-3), b=1", "bnp", 1, GRID_BNP_DEFAULT_FLOOR, {"floor": 1e-3}),
     ]
 
 
@@ -120,7 +120,7 @@ def accuracy(data_root: str, epochs: int, floor: float, seed: int) -> None:
         sys.stdout.flush()
     bn = chosen.get("bn, b=64")
     print()
-    for which in (f"floor {floor:g}", "floor 1e-3, default"):
+    for which in (f"floor {floor:g}", "floor 1e-3"):
         b1, b4 = chosen.get(f"bnp ({which}), b=1"), chosen.get(f"bnp ({which}), b=4")
         none4 = chosen.get("none, b=4")
         if bn and b1:
@@ -157,13 +157,13 @@ def overhead(blocks: int, seed: int) -> None:
     cases = [
         (
             "MLP 784-100-100-100-10, b=64",
-            lambda: MLP(784, (100, 100, 100), 10, "none"),
+            lambda: MLP(784, (100, 100, 100), 10),
             (64, 784),
             40,
         ),
         (
             "SmallCNN (16,32,64) on 1x28x28, b=64",
-            lambda: SmallCNN(1, 10, "none"),
+            lambda: SmallCNN(1, 10),
             (64, 1, 28, 28),
             3,
         ),
