@@ -43,7 +43,9 @@ class Registry(Generic[T]):
         self, name: str, obj: None = None, *, overwrite: bool = False
     ) -> Callable[[T], T]: ...
 
-    def register(self, name, obj=None, *, overwrite=False):
+    def register(
+        self, name: str, obj: T | None = None, *, overwrite: bool = False
+    ) -> T | Callable[[T], T]:
         """Add ``obj`` under ``name`` and return it; without ``obj``, a decorator.
 
         Raises:

@@ -210,7 +210,7 @@ def build_model_for(
     )
 
 
-def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+def build_optimizer(cfg: TrainConfig, params: Iterable[Any]) -> torch.optim.Optimizer:
     """SGD, SGD with (heavy-ball) momentum, or Adam, from the config."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
