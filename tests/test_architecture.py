@@ -41,7 +41,21 @@ ALLOWED: dict[str, set[str]] = {
         "experiments",
     }
     | BASE,
+    "report": {
+        "functional",
+        "nn",
+        "optim",
+        "diagnostics",
+        "data",
+        "methods",
+        "models",
+        "train",
+        "experiments",
+        "report",
+    }
+    | BASE,
     "cli": {
+        "report",
         "functional",
         "nn",
         "optim",
