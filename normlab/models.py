@@ -111,8 +111,8 @@ def _conv_block(
     return nn.Sequential(*layers)
 
 
-class SmallCNN(nn.Sequential):
-    """Three 3x3 conv blocks (the last two stride 2), global average pooling, a linear head."""
+class _PooledConvNet(nn.Sequential):
+    """``stages -> AdaptiveAvgPool2d(1) -> Flatten -> Linear``; subclasses build the stages."""
 
     def __init__(
         self,
@@ -123,14 +123,32 @@ class SmallCNN(nn.Sequential):
         bias: bool | None = None,
     ) -> None:
         norm, bias = _slot(norm_layer, bias)
+        stages, out_channels = self._stages(in_channels, channels, norm, bias)
+        super().__init__(
+            *stages, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(out_channels, num_classes)
+        )
+
+    @staticmethod
+    def _stages(
+        in_channels: int, channels: Sequence[int], norm: NormLayer, bias: bool
+    ) -> tuple[list[nn.Module], int]:
+        """The modules before the pooling, and their output channels."""
+        raise NotImplementedError
+
+
+class SmallCNN(_PooledConvNet):
+    """Three 3x3 conv blocks (the last two stride 2), global average pooling, a linear head."""
+
+    @staticmethod
+    def _stages(
+        in_channels: int, channels: Sequence[int], norm: NormLayer, bias: bool
+    ) -> tuple[list[nn.Module], int]:
         blocks: list[nn.Module] = []
         prev = in_channels
         for i, c in enumerate(channels):
             blocks.append(_conv_block(prev, c, norm, bias, stride=1 if i == 0 else 2))
             prev = c
-        super().__init__(
-            *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(prev, num_classes)
-        )
+        return blocks, prev
 
 
 class _BasicBlock(nn.Module):
@@ -151,26 +169,19 @@ class _BasicBlock(nn.Module):
         return self.act(self.body(x) + self.shortcut(x))
 
 
-class SmallResNet(nn.Sequential):
+class SmallResNet(_PooledConvNet):
     """A stem conv block and one residual basic block per stage, average pooling, linear head."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        num_classes: int,
-        norm_layer: NormLayer | None = None,
-        channels: Sequence[int] = (16, 32, 64),
-        bias: bool | None = None,
-    ) -> None:
-        norm, bias = _slot(norm_layer, bias)
+    @staticmethod
+    def _stages(
+        in_channels: int, channels: Sequence[int], norm: NormLayer, bias: bool
+    ) -> tuple[list[nn.Module], int]:
         layers: list[nn.Module] = [_conv_block(in_channels, channels[0], norm, bias)]
         prev = channels[0]
         for i, c in enumerate(channels):
             layers.append(_BasicBlock(prev, c, 1 if i == 0 else 2, norm, bias))
             prev = c
-        super().__init__(
-            *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(prev, num_classes)
-        )
+        return layers, prev
 
 
 def _image_channels(name: str, input_shape: tuple[int, ...]) -> int:

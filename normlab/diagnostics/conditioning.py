@@ -28,21 +28,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from normlab.diagnostics._validate import describe
 from normlab.diagnostics.hvp import (
     LossFn,
     Mode,
     ParameterLayout,
-    _check_batch,
-    _check_dtype,
-    _check_loss_fn,
-    _check_model,
-    _check_twice_differentiable,
-    _ModelLoss,
+    _model_loss,
+    _model_outputs,
     _not_exact,
     _second_order,
     _symmetry_tolerance,
-    check_mode,
-    preserve_state,
 )
 from normlab.functional.precondition import (
     linear_input_moments,
@@ -59,12 +54,6 @@ __all__ = [
     "matrix_condition_number",
     "preconditioned_gradient_norms",
 ]
-
-
-def _describe(x: object) -> str:
-    if isinstance(x, Tensor):
-        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
-    return type(x).__name__
 
 
 def _check_real(name: str, value: object) -> float:
@@ -133,13 +122,13 @@ def matrix_condition_number(matrix: Tensor, rel_tol: float = 1e-11) -> MatrixCon
     """
     if not isinstance(matrix, Tensor) or matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
         raise ValueError(
-            f"matrix_condition_number expected a square matrix, got {_describe(matrix)}"
+            f"matrix_condition_number expected a square matrix, got {describe(matrix)}"
         )
     rel_tol = _check_real("rel_tol", rel_tol)
     if not 0 < rel_tol < 1:
         raise ValueError(f"rel_tol must be in (0, 1), got {rel_tol!r}")
     if not matrix.is_floating_point() or matrix.numel() == 0:
-        raise ValueError(f"matrix must be a non-empty floating matrix, got {_describe(matrix)}")
+        raise ValueError(f"matrix must be a non-empty floating matrix, got {describe(matrix)}")
     m = matrix.detach()
     asym = float((m - m.T).abs().max())
     if asym > _symmetry_tolerance(m.dtype) * float(m.abs().max()):
@@ -192,14 +181,9 @@ def dense_hessian(
             (relative asymmetry above :math:`10\sqrt{\text{machine epsilon}}`): the model's
             second derivatives are not exact. The model is left unchanged.
     """
-    _check_model(model)
-    _check_loss_fn(loss_fn)
-    batch = _check_batch(batch)
-    mode = check_mode(mode)
-    dtype = _check_dtype(dtype)
-    with preserve_state(model, mode) as snapshot:
-        _check_twice_differentiable(model, mode, "dense_hessian")
-        f = _ModelLoss(model, loss_fn, batch, snapshot, params=params, dtype=dtype)
+    with _model_loss(
+        model, loss_fn, batch, mode, params=params, dtype=dtype, second_order="dense_hessian"
+    ) as f:
         n = f.layout.dim
         if n == 0:
             raise ValueError("no parameters to differentiate: the selection is empty")
@@ -316,9 +300,7 @@ def layer_input_moments(
     Raises:
         ValueError: a named layer is not an ``nn.Linear``, did not run, or ran more than once.
     """
-    _check_model(model)
-    mode = check_mode(mode)
-    dtype = _check_dtype(dtype)
+    forward = _model_outputs(model, inputs, mode, dtype=dtype)
     chosen = _linear_layers(model, layers)
     seen: dict[str, tuple[Tensor, Tensor]] = {}
 
@@ -326,10 +308,8 @@ def layer_input_moments(
         mom = linear_input_moments(x)
         seen[name] = (mom.mean, mom.var)
 
-    with preserve_state(model, mode) as snapshot, torch.no_grad():
-        f = _ModelLoss(model, None, None, snapshot, params=(), dtype=dtype, inputs=inputs)
-        with _capture_inputs(chosen, store):
-            f.outputs(f.theta)
+    with forward as f, _capture_inputs(chosen, store):
+        f.outputs(f.theta)
     if layers is not None:
         missing = [n for n in chosen if n not in seen]
         if missing:
@@ -411,7 +391,7 @@ def bnp_reparametrization(
         if not isinstance(v, Tensor) or v.dim() not in (1, 2) or v.shape[0] != layout.dim:
             raise ValueError(
                 f"expected a tensor of shape ({layout.dim},) or ({layout.dim}, k), "
-                f"got {_describe(v)}"
+                f"got {describe(v)}"
             )
 
     def apply_p(v: Tensor) -> Tensor:
@@ -472,18 +452,12 @@ def preconditioned_gradient_norms(
         ``"<layer>.weight"`` -> norm, for every ``nn.Linear`` whose weight is trainable and that
         ran, in ``model.named_modules()`` order.
     """
-    _check_model(model)
-    _check_loss_fn(loss_fn)
-    batch = _check_batch(batch)
-    mode = check_mode(mode)
-    dtype = _check_dtype(dtype)
+    model_loss = _model_loss(model, loss_fn, batch, mode, dtype=dtype)
     eps, floor = _check_eps_floor(eps, floor)
     linears = _linear_layers(model, None)
     inputs: dict[str, Tensor] = {}
-    with preserve_state(model, mode) as snapshot:
-        f = _ModelLoss(model, loss_fn, batch, snapshot, dtype=dtype)
-        with _capture_inputs(linears, inputs.__setitem__):
-            _, grad, _ = f.loss_and_grad(f.theta)
+    with model_loss as f, _capture_inputs(linears, inputs.__setitem__):
+        _, grad, _ = f.loss_and_grad(f.theta)
     grads = f.layout.unflatten(grad.detach())
     norms = {}
     for name, layer in linears.items():

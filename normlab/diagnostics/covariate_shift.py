@@ -21,18 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from normlab.diagnostics.hvp import (
-    LossFn,
-    Mode,
-    _check_batch,
-    _check_dtype,
-    _check_loss_fn,
-    _check_model,
-    _check_positive_int,
-    _ModelLoss,
-    check_mode,
-    preserve_state,
-)
+from normlab.diagnostics.hvp import LossFn, Mode, _check_positive_int, _model_loss, _model_outputs
 
 __all__ = [
     "DistributionShift",
@@ -102,11 +91,7 @@ def gradient_covariate_shift(
     Returns:
         One :class:`GradientShift` per entry of ``layers``, in order.
     """
-    _check_model(model)
-    _check_loss_fn(loss_fn)
-    batch = _check_batch(batch)
-    mode = check_mode(mode)
-    dtype = _check_dtype(dtype)
+    model_loss = _model_loss(model, loss_fn, batch, mode, dtype=dtype)
     if isinstance(layers, str) or not isinstance(layers, Sequence):
         raise TypeError(f"layers must be a sequence of submodule names, got {layers!r}")
     if len(layers) == 0:
@@ -118,8 +103,7 @@ def gradient_covariate_shift(
     ):
         raise ValueError(f"lr must be a finite float, got {lr!r}")
     modules = dict(model.named_modules())
-    with preserve_state(model, mode) as snapshot:
-        f = _ModelLoss(model, loss_fn, batch, snapshot, dtype=dtype)
+    with model_loss as f:
         layout = f.layout
         members = []
         for layer in layers:
@@ -183,9 +167,7 @@ def layer_inputs(
     Raises:
         ValueError: ``layer`` is unknown or did not run exactly once.
     """
-    _check_model(model)
-    mode = check_mode(mode)
-    dtype = _check_dtype(dtype)
+    forward = _model_outputs(model, inputs, mode, dtype=dtype)
     modules = dict(model.named_modules())
     if not isinstance(layer, str) or layer not in modules:
         raise ValueError(f"unknown layer {layer!r}; submodules are {list(modules)}")
@@ -196,8 +178,7 @@ def layer_inputs(
             raise TypeError(f"layer {layer!r} was not called with a Tensor as first argument")
         captured.append(args[0].detach().clone())
 
-    with preserve_state(model, mode) as snapshot, torch.no_grad():
-        f = _ModelLoss(model, None, None, snapshot, params=(), dtype=dtype, inputs=inputs)
+    with forward as f:
         handle = modules[layer].register_forward_pre_hook(hook)
         try:
             f.outputs(f.theta)

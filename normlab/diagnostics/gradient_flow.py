@@ -17,17 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from normlab.diagnostics.hvp import (
-    LossFn,
-    Mode,
-    _check_batch,
-    _check_dtype,
-    _check_loss_fn,
-    _check_model,
-    _ModelLoss,
-    check_mode,
-    preserve_state,
-)
+from normlab.diagnostics.hvp import LossFn, Mode, _model_loss
 
 __all__ = ["GradientFlow", "gradient_flow"]
 
@@ -96,13 +86,7 @@ def gradient_flow(
     Returns:
         :class:`GradientFlow`.
     """
-    _check_model(model)
-    _check_loss_fn(loss_fn)
-    batch = _check_batch(batch)
-    mode = check_mode(mode)
-    dtype = _check_dtype(dtype)
-    with preserve_state(model, mode) as snapshot:
-        f = _ModelLoss(model, loss_fn, batch, snapshot, params=params, dtype=dtype, select=_weights)
+    with _model_loss(model, loss_fn, batch, mode, params=params, dtype=dtype, select=_weights) as f:
         loss, grad, _ = f.loss_and_grad(f.theta)
         layout = f.layout
         grads = layout.unflatten(grad.detach())

@@ -20,13 +20,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from normlab.diagnostics._validate import (
-    _check_count,
-    _check_matrix,
-    _check_positive,
-    _check_vector,
-    _describe,
-)
+from normlab.diagnostics import _validate as check
 
 __all__ = [
     "HalfspaceProblem",
@@ -82,20 +76,16 @@ def halfspace_problem(inputs: Tensor, labels: Tensor) -> HalfspaceProblem:
     r"""Build :class:`HalfspaceProblem` from inputs ``(N, d)`` and labels in ``{0, 1}`` or
     ``{-1, +1}`` (``(N,)``; 0 is mapped to -1). The inputs are not centred: the halfspace goes
     through the origin."""
-    x = _check_matrix("inputs", inputs)
-    if not isinstance(labels, Tensor) or labels.shape != (x.shape[0],):
-        raise ValueError(f"labels must have shape ({x.shape[0]},), got {_describe(labels)}")
+    x, labels = check.samples(inputs, "labels", labels)
     values = set(torch.unique(labels).tolist())
     if not values <= {0, 1, -1}:
         raise ValueError(f"labels must be in {{0, 1}} or {{-1, +1}}, got values {sorted(values)}")
     y = labels.to(torch.float64)
     y = torch.where(y == 0, -1.0, y)
     z = -y[:, None] * x
-    s = x.T @ x / x.shape[0]
-    s = 0.5 * (s + s.T)
-    eig = torch.linalg.eigvalsh(s)
-    if not float(eig[0]) > 1e-12 * float(eig[-1]):
-        raise ValueError("E[x x^T] is singular: need N > d and inputs spanning R^d")
+    s, eig = check.nonsingular_second_moment(
+        x, "E[x x^T] is singular: need N > d and inputs spanning R^d"
+    )
     return HalfspaceProblem(z, s, eig, torch.linalg.cholesky(s))
 
 
@@ -123,8 +113,8 @@ def logistic_minimizer(
             minimizer (its infimum 0 is approached as :math:`\|\tilde w\| \to \infty`); or no
             convergence within ``max_iterations``.
     """
-    _check_count("max_iterations", max_iterations)
-    _check_positive("tol", tol)
+    check.count("max_iterations", max_iterations)
+    check.positive("tol", tol)
     z = problem.z
     w = torch.zeros(problem.dim, dtype=torch.float64)
     for _ in range(max_iterations):
@@ -161,8 +151,8 @@ def bisect_length(
     lo, hi = (float(bracket[0]), float(bracket[1]))
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
         raise ValueError(f"bracket must be a finite interval (a, b) with a < b, got {bracket!r}")
-    _check_count("steps", steps, minimum=0)
-    w = _check_vector("w", w, problem.dim)
+    check.count("steps", steps, minimum=0)
+    w = check.vector("w", w, problem.dim)
     margins = problem.z @ w / problem.s_norm(w)
     if _length_derivative(margins, lo) >= 0:
         return lo
@@ -238,9 +228,9 @@ def halfspace_gd(
 ) -> HalfspaceTrace:
     r"""Gradient descent :math:`\tilde w_{k+1} = \tilde w_k - \eta\nabla f(\tilde w_k)` with a
     constant learning rate :math:`\eta` (``lr``) for ``iterations`` steps."""
-    w = _check_vector("w0", w0, problem.dim)
-    lr = _check_positive("lr", lr)
-    _check_count("iterations", iterations, minimum=0)
+    w = check.vector("w0", w0, problem.dim)
+    lr = check.positive("lr", lr)
+    check.count("iterations", iterations, minimum=0)
     rows = [_measure(problem, w)]
     for _ in range(iterations):
         w = w - lr * logistic_gradient(problem, w)
@@ -283,11 +273,11 @@ def gdnp(
         bisection_steps: :math:`T_s` per iteration. Default 30.
         bracket: the interval searched for :math:`g`. Default ``(-100, 100)``.
     """
-    w = _check_vector("w0", w0, problem.dim)
+    w = check.vector("w0", w0, problem.dim)
     if float(w.norm()) == 0.0:
         raise ValueError("w0 must be nonzero")
-    _check_count("iterations", iterations, minimum=0)
-    c = _check_positive("step_scale", step_scale)
+    check.count("iterations", iterations, minimum=0)
+    c = check.positive("step_scale", step_scale)
     lipschitz = float(problem.eigenvalues[-1])
     rows = []
     for it in range(iterations + 1):

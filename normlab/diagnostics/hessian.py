@@ -18,11 +18,12 @@ docs/diagnostics.md ("Hessian spectrum", "Invariant directions").
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -33,11 +34,10 @@ from normlab.diagnostics.hvp import (
     LossFn,
     Mode,
     _check_batch,
-    _check_dtype,
     _check_generator,
     _check_model,
     _check_positive_int,
-    _ModelLoss,
+    _model_outputs,
     check_mode,
     hessian_operator,
     preserve_state,
@@ -171,13 +171,10 @@ def invariant_directions(
     Returns:
         :class:`InvariantDirections`.
     """
-    _check_model(model)
-    mode = check_mode(mode)
-    dtype = _check_dtype(dtype)
+    forward = _model_outputs(model, inputs, mode, params=params, dtype=dtype)
     rtol = _check_tol(rtol)
     gen = _check_generator(generator)
-    with preserve_state(model, mode) as snapshot, torch.no_grad():
-        f = _ModelLoss(model, None, None, snapshot, params=params, dtype=dtype, inputs=inputs)
+    with forward as f:
         theta, layout = f.theta, f.layout
         out0 = _flat_outputs(f.outputs(theta))
 
@@ -289,6 +286,15 @@ class HessianSpectrum:
     loss: float
 
 
+class _Operator(NamedTuple):
+    op: HessianOperator
+    matvec: Matvec  # op.matvec, or the restricted PHP
+    project: Callable[[Tensor], Tensor] | None  # None if unrestricted
+    removed: int  # invariant directions projected out
+    generator: torch.Generator
+
+
+@contextlib.contextmanager
 def _operator(
     model: nn.Module,
     loss_fn: LossFn,
@@ -297,28 +303,35 @@ def _operator(
     restrict: bool,
     params: Sequence[str] | None,
     dtype: torch.dtype | None,
-    generator: torch.Generator,
-) -> tuple[HessianOperator, Matvec, Callable[[Tensor], Tensor] | None, int]:
-    # The (possibly restricted) operator, its projector (None if unrestricted) and its dimension.
+    generator: torch.Generator | None,
+) -> Iterator[_Operator]:
+    # Checks the arguments shared by the spectrum, trace and density, then yields the (possibly
+    # restricted) operator; the model is restored when the block exits.
+    _check_model(model)
+    mode = check_mode(mode)
+    gen = _check_generator(generator)
+    batch = _check_batch(batch)
     if not isinstance(restrict, bool):
         raise TypeError(f"restrict must be a bool, got {restrict!r}")
-    op = hessian_operator(model, loss_fn, batch, mode=mode, params=params, dtype=dtype)
-    if op.dim == 0:
-        raise ValueError("no parameters to differentiate: the selection is empty")
-    if not restrict:
-        return op, op.matvec, None, 0
-    dirs = invariant_directions(
-        model, batch[0], mode=mode, params=params, dtype=dtype, generator=generator
-    )
-    if dirs.count >= op.dim:
-        raise ValueError("every direction is invariant: the restricted space is empty")
-    if dirs.count == 0:
-        logger.info("restrict=True but no invariant directions were found (mode=%s)", mode)
+    with preserve_state(model):
+        op = hessian_operator(model, loss_fn, batch, mode=mode, params=params, dtype=dtype)
+        if op.dim == 0:
+            raise ValueError("no parameters to differentiate: the selection is empty")
+        if not restrict:
+            yield _Operator(op, op.matvec, None, 0, gen)
+            return
+        dirs = invariant_directions(
+            model, batch[0], mode=mode, params=params, dtype=dtype, generator=gen
+        )
+        if dirs.count >= op.dim:
+            raise ValueError("every direction is invariant: the restricted space is empty")
+        if dirs.count == 0:
+            logger.info("restrict=True but no invariant directions were found (mode=%s)", mode)
 
-    def restricted(v: Tensor) -> Tensor:
-        return dirs.project(op.matvec(dirs.project(v)))
+        def restricted(v: Tensor) -> Tensor:
+            return dirs.project(op.matvec(dirs.project(v)))
 
-    return op, restricted, dirs.project, dirs.count
+        yield _Operator(op, restricted, dirs.project, dirs.count, gen)
 
 
 def hessian_spectrum(
@@ -376,25 +389,18 @@ def hessian_spectrum(
         >>> s.converged, s.lambda_min < 0 < s.lambda_max, s.condition_number
         (True, True, inf)
     """
-    _check_model(model)
-    mode = check_mode(mode)
     k = _check_positive_int("k", k)
     max_iterations = _check_positive_int("max_iterations", max_iterations)
     tol = _check_tol(tol)
-    gen = _check_generator(generator)
-    batch = _check_batch(batch)
-    with preserve_state(model):
-        op, matvec, project, removed = _operator(
-            model, loss_fn, batch, mode, restrict, params, dtype, gen
-        )
-        dim = op.dim - removed
+    with _operator(model, loss_fn, batch, mode, restrict, params, dtype, generator) as h:
+        op, dim = h.op, h.op.dim - h.removed
         if k > dim:
             raise ValueError(f"k must be at most the dimension {dim}, got {k}")
-        start = _random_vector(op.dim, gen, op.dtype, op.device)
-        if project is not None:
-            start = project(start)
+        start = _random_vector(op.dim, h.generator, op.dtype, op.device)
+        if h.project is not None:
+            start = h.project(start)
         r = lanczos(
-            matvec, op.dim, max_iterations=min(max_iterations, dim), k=k, which="both", tol=tol,
+            h.matvec, op.dim, max_iterations=min(max_iterations, dim), k=k, which="both", tol=tol,
             start=start, dtype=op.dtype, device=op.device,
         )  # fmt: skip
     theta, res = r.eigenvalues, r.residuals
@@ -411,7 +417,7 @@ def hessian_spectrum(
         iterations=r.iterations,
         converged=r.converged,
         dim=dim,
-        num_projected=removed,
+        num_projected=h.removed,
         mode=mode,
         loss=op.loss,
     )
@@ -436,15 +442,10 @@ def hessian_trace(
     :func:`~normlab.diagnostics.lanczos.hutchinson_trace` for the variance. Other arguments as in
     :func:`hessian_spectrum`.
     """
-    _check_model(model)
-    mode = check_mode(mode)
-    gen = _check_generator(generator)
-    batch = _check_batch(batch)
-    with preserve_state(model):
-        op, matvec, _, _ = _operator(model, loss_fn, batch, mode, restrict, params, dtype, gen)
+    with _operator(model, loss_fn, batch, mode, restrict, params, dtype, generator) as h:
         return hutchinson_trace(
-            matvec, op.dim, num_samples=num_samples, distribution=distribution,  # type: ignore[arg-type]
-            generator=gen, dtype=op.dtype, device=op.device,
+            h.matvec, h.op.dim, num_samples=num_samples, distribution=distribution,  # type: ignore[arg-type]
+            generator=h.generator, dtype=h.op.dtype, device=h.op.device,
         )  # fmt: skip
 
 
@@ -467,15 +468,8 @@ def hessian_density(
     steps each; see :class:`~normlab.diagnostics.lanczos.SpectralDensity`. Other arguments as in
     :func:`hessian_spectrum`.
     """
-    _check_model(model)
-    mode = check_mode(mode)
-    gen = _check_generator(generator)
-    batch = _check_batch(batch)
-    with preserve_state(model):
-        op, matvec, project, _ = _operator(
-            model, loss_fn, batch, mode, restrict, params, dtype, gen
-        )
+    with _operator(model, loss_fn, batch, mode, restrict, params, dtype, generator) as h:
         return spectral_density(
-            matvec, op.dim, num_iterations=num_iterations, num_probes=num_probes,
-            generator=gen, dtype=op.dtype, device=op.device, project=project,
+            h.matvec, h.op.dim, num_iterations=num_iterations, num_probes=num_probes,
+            generator=h.generator, dtype=h.op.dtype, device=h.op.device, project=h.project,
         )  # fmt: skip

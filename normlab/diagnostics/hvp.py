@@ -416,6 +416,53 @@ class _ModelLoss:
         return value, grad, leaf
 
 
+def _model_loss(
+    model: nn.Module, loss_fn: LossFn, batch: tuple[Any, Any], mode: Mode, **options: Any
+) -> contextlib.AbstractContextManager[_ModelLoss]:
+    """Check the arguments every loss-level diagnostic shares, now (before any state is touched),
+    and return a context manager that enters :func:`preserve_state` with the model in ``mode``
+    and yields the model's :class:`_ModelLoss`.
+
+    ``options``: ``params``, ``dtype`` and ``select`` of :class:`_ModelLoss`; ``second_order``,
+    the caller's name: a train-mode model must then be twice differentiable
+    (:class:`SecondDerivativeError` naming the caller).
+    """
+    _check_model(model)
+    _check_loss_fn(loss_fn)
+    batch = _check_batch(batch)
+    mode = check_mode(mode)
+    options["dtype"] = _check_dtype(options.get("dtype"))
+    return _evaluation(model, mode, loss_fn=loss_fn, batch=batch, **options)
+
+
+def _model_outputs(
+    model: nn.Module, inputs: Any, mode: Mode, **options: Any
+) -> contextlib.AbstractContextManager[_ModelLoss]:
+    """As :func:`_model_loss` for forward passes on ``inputs`` only (``outputs``, no loss), under
+    ``torch.no_grad()``; ``params`` selects the flat ``theta`` (default: none)."""
+    _check_model(model)
+    mode = check_mode(mode)
+    options["dtype"] = _check_dtype(options.get("dtype"))
+    options.setdefault("params", ())
+    return _evaluation(model, mode, grad=False, loss_fn=None, batch=None, inputs=inputs, **options)
+
+
+@contextlib.contextmanager
+def _evaluation(
+    model: nn.Module,
+    mode: Mode,
+    *,
+    second_order: str | None = None,
+    grad: bool = True,
+    **loss_args: Any,
+) -> Iterator[_ModelLoss]:
+    with preserve_state(model, mode) as snapshot:
+        with contextlib.nullcontext() if grad else torch.no_grad():
+            if second_order is not None:
+                _check_twice_differentiable(model, mode, second_order)
+            yield _ModelLoss(model, snapshot=snapshot, **loss_args)
+
+
 # ----------------------------------------------------------------------------- the operator
 
 
@@ -534,14 +581,9 @@ def hessian_operator(
             comparing :math:`u^\top Hv` with :math:`v^\top Hu`): the model's second derivatives
             are not exact. The model is left unchanged.
     """
-    _check_model(model)
-    _check_loss_fn(loss_fn)
-    batch = _check_batch(batch)
-    mode = check_mode(mode)
-    dtype = _check_dtype(dtype)
-    with preserve_state(model, mode) as snapshot:
-        _check_twice_differentiable(model, mode, "hessian_operator")
-        f = _ModelLoss(model, loss_fn, batch, snapshot, params=params, dtype=dtype)
+    with _model_loss(
+        model, loss_fn, batch, mode, params=params, dtype=dtype, second_order="hessian_operator"
+    ) as f:
         loss, grad, leaf = f.loss_and_grad(f.theta, create_graph=True)
         op = HessianOperator(f.layout, mode, leaf, loss, grad)
         op._check_symmetric("hessian_operator")

@@ -319,60 +319,57 @@ class EigenvalueEstimate:
     converged: bool
 
 
-def _extreme(result: LanczosResult, k: int, top: bool) -> EigenvalueEstimate:
-    k = min(k, result.iterations)
-    if top:
-        values, res = result.eigenvalues.flip(0)[:k], result.residuals.flip(0)[:k]
-    else:
-        values, res = result.eigenvalues[:k], result.residuals[:k]
-    return EigenvalueEstimate(
-        tuple(values.tolist()), tuple(res.tolist()), result.iterations, result.converged
-    )
+def _extreme_eigenvalues(
+    name: str, which: Literal["largest", "smallest"], doc: str
+) -> Callable[..., EigenvalueEstimate]:
+    # top_eigenvalues / bottom_eigenvalues: one Lanczos run, the k Ritz values at one end.
+    top = which == "largest"
+
+    def extreme(
+        matvec: Matvec,
+        dim: int,
+        k: int = 1,
+        *,
+        max_iterations: int = 100,
+        tol: float = 1e-8,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = None,
+    ) -> EigenvalueEstimate:
+        r = lanczos(
+            matvec, dim, max_iterations=max_iterations, k=k, which=which, tol=tol,
+            generator=generator, dtype=dtype, device=device,
+        )  # fmt: skip
+        n = min(k, r.iterations)
+        values, res = r.eigenvalues, r.residuals  # ascending
+        if top:
+            values, res = values.flip(0), res.flip(0)
+        return EigenvalueEstimate(
+            tuple(values[:n].tolist()), tuple(res[:n].tolist()), r.iterations, r.converged
+        )
+
+    extreme.__name__ = extreme.__qualname__ = name
+    extreme.__doc__ = doc
+    return extreme
 
 
-def top_eigenvalues(
-    matvec: Matvec,
-    dim: int,
-    k: int = 1,
-    *,
-    max_iterations: int = 100,
-    tol: float = 1e-8,
-    generator: torch.Generator | None = None,
-    dtype: torch.dtype = torch.float64,
-    device: torch.device | str | None = None,
-) -> EigenvalueEstimate:
+top_eigenvalues = _extreme_eigenvalues(
+    "top_eigenvalues",
+    "largest",
     r"""The ``k`` largest (algebraic) eigenvalues :math:`\lambda_1\ge\dots\ge\lambda_k` by Lanczos.
 
     Arguments as in :func:`lanczos` (with ``which="largest"``).
-    """
-    r = lanczos(
-        matvec, dim, max_iterations=max_iterations, k=k, which="largest", tol=tol,
-        generator=generator, dtype=dtype, device=device,
-    )  # fmt: skip
-    return _extreme(r, k, top=True)
-
-
-def bottom_eigenvalues(
-    matvec: Matvec,
-    dim: int,
-    k: int = 1,
-    *,
-    max_iterations: int = 100,
-    tol: float = 1e-8,
-    generator: torch.Generator | None = None,
-    dtype: torch.dtype = torch.float64,
-    device: torch.device | str | None = None,
-) -> EigenvalueEstimate:
+    """,
+)
+bottom_eigenvalues = _extreme_eigenvalues(
+    "bottom_eigenvalues",
+    "smallest",
     r"""The ``k`` smallest (algebraic) eigenvalues; ``values[0]`` is :math:`\lambda_{\min}`.
 
     For an indefinite matrix :math:`\lambda_{\min} < 0`. Lanczos finds it directly, without the
     shift :math:`A-\lambda_{\max}I` that power iteration needs. Arguments as in :func:`lanczos`.
-    """
-    r = lanczos(
-        matvec, dim, max_iterations=max_iterations, k=k, which="smallest", tol=tol,
-        generator=generator, dtype=dtype, device=device,
-    )  # fmt: skip
-    return _extreme(r, k, top=False)
+    """,
+)
 
 
 def projected_matvec(matvec: Matvec, basis: Tensor) -> Matvec:

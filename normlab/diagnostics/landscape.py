@@ -23,17 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from normlab.diagnostics.hvp import (
-    LossFn,
-    Mode,
-    _check_batch,
-    _check_dtype,
-    _check_loss_fn,
-    _check_model,
-    _ModelLoss,
-    check_mode,
-    preserve_state,
-)
+from normlab.diagnostics.hvp import LossFn, Mode, _model_loss
 from normlab.functional.batch_norm import channel_shape, reduce_dims
 from normlab.nn.batchnorm import BatchNorm1d as _NLBatchNorm1d
 from normlab.nn.batchnorm import BatchNorm2d as _NLBatchNorm2d
@@ -129,14 +119,9 @@ def loss_landscape(
     Returns:
         :class:`LandscapeProbe`.
     """
-    _check_model(model)
-    _check_loss_fn(loss_fn)
-    batch = _check_batch(batch)
-    mode = check_mode(mode)
-    dtype = _check_dtype(dtype)
+    model_loss = _model_loss(model, loss_fn, batch, mode, params=params, dtype=dtype)
     steps = _check_step_sizes(step_sizes)
-    with preserve_state(model, mode) as snapshot:
-        f = _ModelLoss(model, loss_fn, batch, snapshot, params=params, dtype=dtype)
+    with model_loss as f:
         loss, grad, _ = f.loss_and_grad(f.theta)
         grad = grad.detach()
         if direction is None:
@@ -244,10 +229,7 @@ def bn_gradient_bound(
     Returns:
         :class:`BNGradientBound`.
     """
-    _check_model(model)
-    _check_loss_fn(loss_fn)
-    batch = _check_batch(batch)
-    dtype = _check_dtype(dtype)
+    model_loss = _model_loss(model, loss_fn, batch, "train", dtype=dtype)
     modules = dict(model.named_modules())
     if not isinstance(layer, str) or layer not in modules:
         bns = [n for n, m in modules.items() if isinstance(m, _BN_TYPES)]
@@ -262,8 +244,7 @@ def bn_gradient_bound(
     def hook(_m: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         captured.append((args[0], output))
 
-    with preserve_state(model, "train") as snapshot:
-        f = _ModelLoss(model, loss_fn, batch, snapshot, dtype=dtype)
+    with model_loss as f:
         if isinstance(f.inputs, Tensor) and f.inputs.is_floating_point():
             # A leaf that requires grad, so a BN applied directly to the data is differentiable.
             f.inputs = f.inputs.detach().requires_grad_(True)

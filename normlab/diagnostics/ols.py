@@ -17,13 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from normlab.diagnostics._validate import (
-    _check_count,
-    _check_matrix,
-    _check_positive,
-    _check_vector,
-    _describe,
-)
+from normlab.diagnostics import _validate as check
 
 __all__ = [
     "BNOLSTrace",
@@ -110,19 +104,15 @@ def ols_problem(inputs: Tensor, targets: Tensor) -> OLSProblem:
         inputs: ``(N, d)``; :math:`H` must be nonsingular (``N > d``, no constant feature).
         targets: ``(N,)``.
     """
-    x = _check_matrix("inputs", inputs)
-    if not isinstance(targets, Tensor) or targets.shape != (x.shape[0],):
-        raise ValueError(f"targets must have shape ({x.shape[0]},), got {_describe(targets)}")
+    x, targets = check.samples(inputs, "targets", targets)
     y = targets.detach().to(torch.float64)
     x = x - x.mean(0)
     y = y - y.mean()
     n = x.shape[0]
-    h = x.T @ x / n
-    h = 0.5 * (h + h.T)
+    h, eig = check.nonsingular_second_moment(
+        x, "the input covariance is singular: need N > d and no constant feature"
+    )
     u = x.T @ y / n
-    eig = torch.linalg.eigvalsh(h)
-    if not float(eig[0]) > 1e-12 * float(eig[-1]):
-        raise ValueError("the input covariance is singular: need N > d and no constant feature")
     w_star = torch.linalg.solve(h, u)
     power = float(y @ y / n)
     return OLSProblem(h, u, power, w_star, 0.5 * (power - float(u @ w_star)), eig)
@@ -162,7 +152,7 @@ class BNOLSTrace(OLSTrace):
 def _check_lrs(lrs: Sequence[float]) -> Tensor:
     if isinstance(lrs, (str, bytes)) or not isinstance(lrs, Sequence) or len(lrs) == 0:
         raise TypeError(f"lrs must be a non-empty sequence of floats, got {lrs!r}")
-    return torch.tensor([_check_positive("learning rate", lr) for lr in lrs], dtype=torch.float64)
+    return torch.tensor([check.positive("learning rate", lr) for lr in lrs], dtype=torch.float64)
 
 
 def _descend(
@@ -232,10 +222,10 @@ def _check_run_args(
 ) -> Tensor:
     if not isinstance(problem, OLSProblem):
         raise TypeError(f"problem must be an OLSProblem, got {type(problem).__name__}")
-    w0 = _check_vector("w0", w0, problem.dim)
-    _check_count("max_iterations", max_iterations)
-    _check_positive("tol", tol)
-    _check_positive("divergence", divergence)
+    w0 = check.vector("w0", w0, problem.dim)
+    check.count("max_iterations", max_iterations)
+    check.positive("tol", tol)
+    check.positive("divergence", divergence)
     return w0
 
 
@@ -352,7 +342,7 @@ def bn_ols_gd(
     lr_t = _check_lrs(lrs)
     if isinstance(scale0, bool) or not isinstance(scale0, (int, float)):
         raise TypeError(f"scale0 must be a float, got {scale0!r}")
-    scale_lr = _check_positive("scale_lr", scale_lr)
+    scale_lr = check.positive("scale_lr", scale_lr)
     d = problem.dim
     start = torch.cat([w0, torch.tensor([float(scale0)], dtype=torch.float64)])  # (d + 1,)
 

@@ -1,122 +1,18 @@
-"""Pure tensor math: no modules, no buffers, no globals. Importable without the rest of normlab."""
+"""Pure tensor math: no modules, no buffers, no globals. Importable without the rest of normlab.
 
-from normlab.functional.batch_norm import (
-    BatchNormTrainFn,
-    Moments,
-    batch_norm_backward,
-    batch_norm_eval,
-    batch_norm_train,
-    channel_shape,
-    moments,
-    reduce_dims,
-)
-from normlab.functional.distributed import (
-    SyncBatchNormTrainFn,
-    all_reduce_packed,
-    group_size,
-    needs_sync,
-    packet_dtype,
-    sync_batch_norm_train,
-    sync_bytes_per_step,
-    sync_moments,
-)
-from normlab.functional.full_norm import (
-    ESTIMATORS,
-    Estimator,
-    FullNormStats,
-    FullNormTrainFn,
-    OuterFactor,
-    alpha_schedule,
-    batch_outer_factor,
-    batch_representativeness,
-    full_norm_backward,
-    full_norm_eval,
-    full_norm_train,
-    full_norm_update,
-    outer_correction,
-    running_outer_update,
-)
-from normlab.functional.mabn import MABNTrainFn, mabn_renorm_factors, mabn_train, pooled_moments
-from normlab.functional.online_norm import (
-    OnlineNormFn,
-    OnlineStats,
-    activation_clamp,
-    layer_scaling,
-    linear_scan,
-    online_norm_control,
-    online_norm_stats,
-    online_norm_train,
-    sample_moments,
-)
-from normlab.functional.precondition import (
-    RunningMoments,
-    conv2d_channel_moments,
-    conv2d_patch_moments,
-    ema_moments,
-    ema_update,
-    linear_input_moments,
-    precondition_conv2d,
-    precondition_conv2d_,
-    precondition_linear,
-    precondition_linear_,
-    preconditioner_factor,
-    preconditioner_variance,
-)
+Re-exports the public names of its submodules (each submodule's ``__all__``).
+"""
+
+from normlab.functional import batch_norm, distributed, full_norm, mabn, online_norm, precondition
+from normlab.functional.batch_norm import *  # noqa: F403
+from normlab.functional.distributed import *  # noqa: F403
+from normlab.functional.full_norm import *  # noqa: F403
+from normlab.functional.mabn import *  # noqa: F403
+from normlab.functional.online_norm import *  # noqa: F403
+from normlab.functional.precondition import *  # noqa: F403
 
 __all__ = [
-    "SyncBatchNormTrainFn",
-    "all_reduce_packed",
-    "group_size",
-    "needs_sync",
-    "packet_dtype",
-    "sync_batch_norm_train",
-    "sync_bytes_per_step",
-    "sync_moments",
-    "ESTIMATORS",
-    "Estimator",
-    "FullNormStats",
-    "FullNormTrainFn",
-    "OuterFactor",
-    "alpha_schedule",
-    "batch_outer_factor",
-    "batch_representativeness",
-    "full_norm_backward",
-    "full_norm_eval",
-    "full_norm_train",
-    "full_norm_update",
-    "outer_correction",
-    "running_outer_update",
-    "BatchNormTrainFn",
-    "Moments",
-    "batch_norm_backward",
-    "batch_norm_eval",
-    "batch_norm_train",
-    "channel_shape",
-    "moments",
-    "reduce_dims",
-    "RunningMoments",
-    "conv2d_channel_moments",
-    "conv2d_patch_moments",
-    "ema_moments",
-    "linear_input_moments",
-    "precondition_conv2d",
-    "precondition_linear",
-    "precondition_linear_",
-    "precondition_conv2d_",
-    "ema_update",
-    "preconditioner_factor",
-    "preconditioner_variance",
-    "MABNTrainFn",
-    "mabn_renorm_factors",
-    "mabn_train",
-    "pooled_moments",
-    "OnlineNormFn",
-    "OnlineStats",
-    "activation_clamp",
-    "layer_scaling",
-    "linear_scan",
-    "online_norm_control",
-    "online_norm_stats",
-    "online_norm_train",
-    "sample_moments",
+    name
+    for module in (distributed, full_norm, batch_norm, precondition, mabn, online_norm)
+    for name in module.__all__
 ]

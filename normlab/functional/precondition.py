@@ -21,8 +21,10 @@ every training forward; the transforms come in place (``precondition_linear_``,
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -44,6 +46,9 @@ __all__ = [
     "preconditioner_factor",
     "preconditioner_variance",
 ]
+
+
+_Transform = TypeVar("_Transform", bound=Callable[..., tuple[Tensor, Tensor | None]])
 
 
 class RunningMoments(NamedTuple):
@@ -98,6 +103,17 @@ def linear_input_moments(x: Tensor) -> Moments:
     return Moments(mean, var, rows.shape[0])
 
 
+def _batched_image(fn: str, x: Tensor) -> Tensor:
+    # A convolution's input (N, C, H, W) or unbatched (C, H, W) as (N, C, H, W), in the
+    # statistics dtype.
+    if x.dim() not in (3, 4):
+        raise ValueError(
+            f"{fn} expected (N, C, H, W) or (C, H, W) input, "
+            f"got {x.dim()}D with shape {tuple(x.shape)}"
+        )
+    return _stat_dtype(x if x.dim() == 4 else x.unsqueeze(0))
+
+
 def conv2d_channel_moments(x: Tensor) -> Moments:
     r"""Per-channel mean and biased variance of a convolution's input, over (N, H, W).
 
@@ -107,12 +123,7 @@ def conv2d_channel_moments(x: Tensor) -> Moments:
     Raises:
         ValueError: an input that is not 3-D or 4-D.
     """
-    if x.dim() not in (3, 4):
-        raise ValueError(
-            "conv2d_channel_moments expected (N, C, H, W) or (C, H, W) input, "
-            f"got {x.dim()}D with shape {tuple(x.shape)}"
-        )
-    xs = _stat_dtype(x if x.dim() == 4 else x.unsqueeze(0))  # (N, C, H, W)
+    xs = _batched_image("conv2d_channel_moments", x)
     mean, var = _two_pass(xs, (0, 2, 3), (1, -1, 1, 1))
     return Moments(mean, var, xs.numel() // xs.shape[1])
 
@@ -137,13 +148,8 @@ def conv2d_patch_moments(
     Raises:
         ValueError: an input that is not 3-D or 4-D.
     """
-    if x.dim() not in (3, 4):
-        raise ValueError(
-            "conv2d_patch_moments expected (N, C, H, W) or (C, H, W) input, "
-            f"got {x.dim()}D with shape {tuple(x.shape)}"
-        )
+    xs = _batched_image("conv2d_patch_moments", x)
     kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
-    xs = _stat_dtype(x if x.dim() == 4 else x.unsqueeze(0))
     cols = F.unfold(xs, (kh, kw), dilation=dilation, padding=padding, stride=stride)
     mean, var = _two_pass(cols, (0, 2), (1, -1, 1))  # (N, C*kh*kw, L) -> (C*kh*kw,)
     channels = x.shape[-3]
@@ -344,25 +350,33 @@ def precondition_linear_(
     return grad_weight, grad_bias
 
 
-def precondition_linear(
-    grad_weight: Tensor,
-    grad_bias: Tensor | None,
-    mean: Tensor,
-    var: Tensor,
-    *,
-    eps: float = 1e-5,
-    floor: float = 0.0,
-) -> tuple[Tensor, Tensor | None]:
-    r"""BNP transform of a dense layer's gradients, out of place.
+def _out_of_place(inplace: _Transform, summary: str) -> _Transform:
+    # The out-of-place twin of an in-place BNP transform: the same function applied to copies of
+    # the gradients, with the same signature (``functools.wraps``) and its own name and docstring.
+    name = inplace.__name__.removesuffix("_")
 
-    :func:`precondition_linear_` applied to copies (same arguments, same bits); the inputs are
+    @functools.wraps(inplace)
+    def transform(
+        grad_weight: Tensor, grad_bias: Tensor | None, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, Tensor | None]:
+        gb = None if grad_bias is None else grad_bias.clone()
+        return inplace(grad_weight.clone(), gb, *args, **kwargs)
+
+    transform.__name__ = transform.__qualname__ = name
+    transform.__doc__ = f"""{summary}
+
+    :func:`{inplace.__name__}` applied to copies (same arguments, same bits); the inputs are
     not modified.
 
     Returns:
         ``(grad_weight, grad_bias)`` preconditioned (``grad_bias`` is ``None`` if it was).
     """
-    gb = None if grad_bias is None else grad_bias.clone()
-    return precondition_linear_(grad_weight.clone(), gb, mean, var, eps=eps, floor=floor)
+    return transform  # type: ignore[return-value]
+
+
+precondition_linear = _out_of_place(
+    precondition_linear_, "BNP transform of a dense layer's gradients, out of place."
+)
 
 
 def _row_stat(stat: Tensor, kernel: tuple[int, int]) -> Tensor:
@@ -433,28 +447,9 @@ def precondition_conv2d_(
     return grad_weight, grad_bias
 
 
-def precondition_conv2d(
-    grad_weight: Tensor,
-    grad_bias: Tensor | None,
-    mean: Tensor,
-    var: Tensor,
-    *,
-    eps: float = 1e-5,
-    floor: float = 0.0,
-    groups: int = 1,
-) -> tuple[Tensor, Tensor | None]:
-    r"""BNP transform of a 2-D convolution's gradients, out of place.
-
-    :func:`precondition_conv2d_` applied to copies (same arguments, same bits); the inputs are
-    not modified.
-
-    Returns:
-        ``(grad_weight, grad_bias)`` preconditioned (``grad_bias`` is ``None`` if it was).
-    """
-    gb = None if grad_bias is None else grad_bias.clone()
-    return precondition_conv2d_(
-        grad_weight.clone(), gb, mean, var, eps=eps, floor=floor, groups=groups
-    )
+precondition_conv2d = _out_of_place(
+    precondition_conv2d_, "BNP transform of a 2-D convolution's gradients, out of place."
+)
 
 
 def preconditioner_factor(

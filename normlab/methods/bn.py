@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from normlab.methods._layers import by_kind, keyword_defaults
@@ -28,28 +30,29 @@ BRN_OPTIONS = (
 )
 
 
-def _classes(module: object, prefix: str) -> dict[str, type[nn.Module] | None]:
-    return {k: getattr(module, f"{prefix}{k}", None) for k in ("1d", "2d", "3d")}
+def _method(
+    name: str, description: str, module: object, prefix: str, options: tuple[str, ...], **fixed: Any
+) -> Method:
+    # A batch-statistics method: the classes <prefix>1d/2d/3d of `module` by slot kind, their
+    # constructor defaults for `options` (read from the 2d class), then the `fixed` values.
+    classes = {k: getattr(module, f"{prefix}{k}", None) for k in ("1d", "2d", "3d")}
+    defaults = keyword_defaults(classes["2d"].__init__, options)  # type: ignore[union-attr,misc]
+    return Method(
+        name,
+        description,
+        by_kind(name, classes),
+        min_batch_size=2,
+        layer_options={**defaults, **fixed},
+    )
 
 
-BN = Method(
-    "bn",
-    "normlab reference BatchNorm",
-    by_kind("bn", _classes(nbn, "BatchNorm")),
-    min_batch_size=2,
-    layer_options=keyword_defaults(nbn.BatchNorm2d.__init__, BN_OPTIONS),
-)
-TORCH_BN = Method(
-    "torch-bn",
-    "torch.nn.BatchNorm1d/2d/3d",
-    by_kind("torch-bn", _classes(nn, "BatchNorm")),
-    min_batch_size=2,
-    layer_options=keyword_defaults(nn.BatchNorm2d.__init__, BN_OPTIONS),
-)
-BRN = Method(
+BN = _method("bn", "normlab reference BatchNorm", nbn, "BatchNorm", BN_OPTIONS)
+TORCH_BN = _method("torch-bn", "torch.nn.BatchNorm1d/2d/3d", nn, "BatchNorm", BN_OPTIONS)
+BRN = _method(
     "brn",
     "Batch Renormalization (compressed r_max/d_max ramp)",
-    by_kind("brn", _classes(nrn, "BatchRenorm")),
-    min_batch_size=2,
-    layer_options={**keyword_defaults(nrn.BatchRenorm2d.__init__, BRN_OPTIONS), **BRN_CPU_SCHEDULE},
+    nrn,
+    "BatchRenorm",
+    BRN_OPTIONS,
+    **BRN_CPU_SCHEDULE,
 )

@@ -16,7 +16,9 @@ Interface for subclasses (stable):
   :meth:`NormBase.reset_running_stats` (calling ``super()``);
 * ``self._check_input(x)`` validates an input; ``self._finite_guard(x, var)`` applies the
   non-finite policy before a statistics update and returns ``None`` (statistics finite, update
-  freely) or a device boolean flag for :meth:`NormBase._write_guarded`;
+  freely) or a device boolean flag for :meth:`NormBase._write_guarded` and
+  :meth:`NormBase._count_batch`; ``self._normalize_running(x)`` is the eval-mode output
+  (normalized with the running statistics, then the affine map);
 * :meth:`NormBase.__prepare_scriptable__` refuses ``torch.jit.script`` with a clear ``TypeError``
   unless a subclass overrides it.
 """
@@ -28,6 +30,8 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
+
+from normlab.functional import batch_norm as bnf
 
 __all__ = ["NormBase", "check_norm_args", "check_norm_input"]
 
@@ -263,6 +267,17 @@ class NormBase(nn.Module):
         ok = torch.isfinite(var).all()
         self.non_finite_batches.add_(ok.logical_not())  # type: ignore[operator]
         return ok
+
+    def _normalize_running(self, input: Tensor) -> Tensor:
+        """``weight * (input - running_mean) / sqrt(running_var + eps) + bias`` per channel."""
+        return bnf.batch_norm_eval(
+            input, self.running_mean, self.running_var, self.weight, self.bias, self.eps
+        )
+
+    def _count_batch(self, ok: Tensor | None) -> None:
+        """``num_batches_tracked += 1``, or ``+= ok`` (a device flag from :meth:`_finite_guard`)
+        without host synchronisation."""
+        self.num_batches_tracked.add_(1 if ok is None else ok.to(torch.long))  # type: ignore[union-attr]
 
     @staticmethod
     def _write_guarded(buffer: Tensor, new: Tensor, ok: Tensor | None) -> None:

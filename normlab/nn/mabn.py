@@ -83,8 +83,11 @@ class _MABN(NormBase):
         device, dtype: factory arguments of the parameters and buffers.
 
     Raises:
-        ValueError: an argument out of range; at call time, an input of the wrong
-            dimensionality or channel count, or a non-finite training batch (CPU).
+        ValueError: ``momentum=None``, ``buffer_size < 1``, a negative ``warmup_iters`` or
+            ``renorm_iters``, ``r_max < 1`` or ``d_max < 0`` (or another argument out of range);
+            at call time, an input of the wrong dimensionality or channel count, or a non-finite
+            training batch (CPU).
+        BatchTooSmallError: one value per channel in training (without ``mean_free``).
         TypeError: a non-floating-point input.
     """
 
@@ -159,9 +162,7 @@ class _MABN(NormBase):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
         if not self.training or input.numel() == 0:  # eval, or an empty batch: no state change
-            return bnf.batch_norm_eval(
-                input, self.running_mean, self.running_var, self.weight, self.bias, self.eps
-            )
+            return self._normalize_running(input)
         count = input.numel() // input.shape[1]
         if count == 1 and not self.mean_free:
             raise BatchTooSmallError(
@@ -232,8 +233,7 @@ class _MABN(NormBase):
         self._write_guarded(self.var_window[slot], batch_var, ok)  # type: ignore[index]
         rv = self.running_var
         self._write_guarded(rv, rv.to(var.dtype).lerp(var, momentum), ok)  # type: ignore[union-attr,arg-type]
-        tracked = self.num_batches_tracked
-        tracked.add_(1 if ok is None else ok.to(torch.long))  # type: ignore[union-attr]
+        self._count_batch(ok)
 
 
 class MABN1d(_MABN):

@@ -76,8 +76,10 @@ class _OnlineNorm(NormBase):
         device, dtype: factory arguments of the parameters and buffers.
 
     Raises:
-        ValueError: an argument out of range; at call time, an input of the wrong
-            dimensionality or channel count, or a non-finite training batch (CPU).
+        ValueError: ``alpha_fwd`` or ``alpha_bkw`` outside ``[0, 1)``, an unknown ``ecm``, a
+            non-positive ``ls_eps`` or ``clamp_value`` (or another argument out of range); at call
+            time, an input of the wrong dimensionality or channel count, or a non-finite training
+            batch (CPU).
         TypeError: a non-floating-point input.
     """
 
@@ -141,10 +143,7 @@ class _OnlineNorm(NormBase):
         self._check_input(input)
         if not self.training or input.numel() == 0:
             # Eval (or an empty batch, which changes no state): the streams normalize.
-            y = bnf.batch_norm_eval(
-                input, self.running_mean, self.running_var, self.weight, self.bias, self.eps
-            )
-            return self._compensate(y)
+            return self._compensate(self._normalize_running(input))
         y, mean, var = onf.online_norm_train(
             input,
             self.running_mean,  # type: ignore[arg-type]
@@ -159,8 +158,7 @@ class _OnlineNorm(NormBase):
         with torch.no_grad():
             self._write_guarded(self.running_mean, mean, ok)  # type: ignore[arg-type]
             self._write_guarded(self.running_var, var, ok)  # type: ignore[arg-type]
-            tracked = self.num_batches_tracked
-            tracked.add_(1 if ok is None else ok.to(torch.long))  # type: ignore[union-attr]
+            self._count_batch(ok)
         if self.affine:
             shape = bnf.channel_shape(input)
             weight = self.weight.to(y.dtype).reshape(shape)  # type: ignore[union-attr]

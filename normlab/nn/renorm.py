@@ -160,9 +160,7 @@ class _BatchRenorm(_BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
         if not self.training:
-            return bnf.batch_norm_eval(
-                input, self.running_mean, self.running_var, self.weight, self.bias, self.eps
-            )
+            return self._normalize_running(input)
         count = self._batch_count(input)
         xhat, mean, var = bnf.batch_norm_train(input, None, None, self.eps)
         if count == 0:  # empty batch: counted, statistics unchanged (as BatchNorm)

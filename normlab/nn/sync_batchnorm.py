@@ -104,25 +104,9 @@ class SyncBatchNorm(_BatchNorm):
         bias: bool = True,
     ) -> None:
         super().__init__(
-            num_features,
-            eps=eps,
-            momentum=momentum,
-            affine=affine,
-            track_running_stats=track_running_stats,
-            device=device,
-            dtype=dtype,
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
         )
         self.process_group = process_group
-        if self.affine and not bias:
-            self.bias = None
-
-    def reset_parameters(self) -> None:
-        """Running statistics reset; ``weight`` to ones and ``bias`` (if any) to zeros."""
-        self.reset_running_stats()
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
 
     def forward(self, input: Tensor) -> Tensor:
         # Only training with batch statistics synchronizes; eval never issues a collective
