@@ -2,9 +2,13 @@
 
 Verbs: ``compare`` (the main job), ``run <experiment>``, ``list``, ``plot <run_dir>``.
 Experiment flags are derived from the experiment's config dataclass (kebab-case; booleans as
-``--flag/--no-flag``; tuples as comma-separated values); ``normlab run <experiment> --help`` lists
-them with their defaults and the trailing ``# comment`` of each field. Precedence: dataclass
-defaults < ``--smoke`` < ``--config file.toml`` < flags.
+``--flag/--no-flag``; tuples as comma-separated values; dicts as JSON). A nested dataclass field
+(an experiment's ``base: TrainConfig``) gets ``--base.<field>`` flags, a ``[base]`` table in TOML,
+and ``--base`` for a JSON object of fields; a nested field that no top-level field shadows is also
+reachable by its own name (``--lr`` for ``--base.lr``), and those the experiment sets per cell
+(its ``cell_fields``) are not offered. ``normlab run <experiment> --help`` lists them all with
+their defaults and the trailing ``# comment`` of each field. Precedence: dataclass defaults <
+``--smoke`` < ``--config file.toml`` < flags.
 
 Exit status: 0 success; 2 bad input found before training (arguments, config names and values,
 an ``--out`` normlab may not write into, a run of another config, a corrupt checkpoint), reported
@@ -33,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from normlab.errors import CheckpointError, ConfigMismatchError, UsageError
+
+DIST_TIMEOUT = 300.0  # seconds; normlab.distributed.DEFAULT_TIMEOUT (not imported at start-up)
 
 __all__ = ["main"]
 
@@ -114,13 +120,112 @@ def _fields(config_cls: type) -> dict[str, tuple[Any, Any]]:
     return {f.name: (hints[f.name], f) for f in dataclasses.fields(config_cls)}
 
 
+def _nested_cls(tp: Any) -> type | None:
+    """The dataclass a field of type ``tp`` holds (a nested config), or None."""
+    base, _ = _base_type(tp)
+    return base if isinstance(base, type) and dataclasses.is_dataclass(base) else None
+
+
+def _default(f: Any) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _cell_fields(config_cls: type) -> frozenset[str]:
+    """``"<field>.<subfield>"`` of nested fields the experiment sets for each cell itself (its
+    ``cell_fields`` class variable): they get no flag and are refused in configs."""
+    return frozenset(getattr(config_cls, "cell_fields", ()))
+
+
+def _nested_flags(config_cls: type) -> dict[str, tuple[type, list[str]]]:
+    """Nested dataclass field -> (its class, the subfields that may be configured)."""
+    hidden = _cell_fields(config_cls)
+    nested = {}
+    for name, (tp, _) in _fields(config_cls).items():
+        sub = _nested_cls(tp)
+        if sub is not None:
+            nested[name] = (sub, [s for s in _fields(sub) if f"{name}.{s}" not in hidden])
+    return nested
+
+
+def _aliases(config_cls: type) -> dict[str, str]:
+    """Convenience names: a configurable nested subfield whose name no top-level field, no other
+    nested field and no generic option (``--device``) uses is also reachable by that name (``lr``
+    for ``base.lr``)."""
+    top = set(_fields(config_cls)) | {f[2:].replace("-", "_") for f in _generic_flags()}
+    seen: dict[str, list[str]] = {}
+    for name, (_, subs) in _nested_flags(config_cls).items():
+        for s in subs:
+            seen.setdefault(s, []).append(f"{name}.{s}")
+    return {s: dotted[0] for s, dotted in seen.items() if s not in top and len(dotted) == 1}
+
+
 def _apply(config_cls: type, base: Any, values: dict[str, Any], source: str) -> Any:
+    """``base`` with ``values`` applied, each converted to its field's type.
+
+    A nested dataclass field takes a mapping of its fields (a TOML table, a JSON object string,
+    or an instance), merged into its current value; ``"<field>.<subfield>"`` keys and the
+    convenience aliases of :func:`_aliases` set one subfield.
+    """
     fields = _fields(config_cls)
-    unknown = sorted(set(values) - set(fields))
+    aliases = _aliases(config_cls)
+    plain: dict[str, Any] = {}
+    parts: dict[str, dict[str, Any]] = {}
+    for key, value in values.items():
+        head, _, sub = (key if key in fields else aliases.get(key, key)).partition(".")
+        if sub and head in fields and _nested_cls(fields[head][0]) is not None:
+            parts.setdefault(head, {})[sub] = value
+        else:
+            plain[key] = value
+    unknown = sorted(set(plain) - set(fields))
     if unknown:
-        raise CLIError(f"{source}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(fields)}")
-    converted = {k: _convert(v, fields[k][0], f"{source}: {k}") for k, v in values.items()}
+        valid = [*fields, *(f"{n}.<field>" for n in _nested_flags(config_cls))]
+        raise CLIError(f"{source}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    converted = {}
+    for k in [*plain, *(k for k in parts if k not in plain)]:
+        tp = fields[k][0]
+        sub_cls = _nested_cls(tp)
+        if sub_cls is None:
+            converted[k] = _convert(plain[k], tp, f"{source}: {k}")
+        else:
+            current = getattr(base, k)
+            converted[k] = _apply_nested(config_cls, k, sub_cls, current, plain, parts, source)
     return dataclasses.replace(base, **converted)
+
+
+def _apply_nested(
+    config_cls: type,
+    name: str,
+    sub_cls: type,
+    current: Any,
+    plain: dict[str, Any],
+    parts: dict[str, dict[str, Any]],
+    source: str,
+) -> Any:
+    source = f"{source}: {name}"
+    whole = plain.get(name, {})
+    if isinstance(whole, str):
+        try:
+            whole = json.loads(whole)
+        except json.JSONDecodeError:
+            pass
+    if isinstance(whole, sub_cls):
+        current, whole = whole, {}
+    if not isinstance(whole, dict):
+        raise CLIError(
+            f"{source}: expected a table (JSON object) of {sub_cls.__name__} fields, "
+            f"got {plain[name]!r}"
+        )
+    updates = {**whole, **parts.get(name, {})}
+    hidden = sorted(s for s in updates if f"{name}.{s}" in _cell_fields(config_cls))
+    if hidden:
+        raise CLIError(
+            f"{source}.{hidden[0]} is set for each cell by the experiment; it cannot be configured"
+        )
+    return _apply(sub_cls, current, updates, source)
 
 
 def _field_comments(config_cls: type) -> dict[str, str]:
@@ -159,39 +264,46 @@ def _shown(value: Any) -> str:
     return str(value)
 
 
+def _add_flag(group: Any, flags: list[str], dest: str, tp: Any, default: Any, comment: str) -> None:
+    default = "required" if default is dataclasses.MISSING else _shown(default)
+    text = f"{comment} (default: {default})" if comment else f"(default: {default})"
+    kind = {"metavar": "VALUE"}
+    if _base_type(tp)[0] is bool:
+        kind = {"action": argparse.BooleanOptionalAction}
+    group.add_argument(
+        *flags, dest=dest, default=argparse.SUPPRESS, help=text.replace("%", "%%"), **kind
+    )
+
+
 def _add_config_flags(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """One flag per field of ``config_cls``; a nested dataclass field gets a flag for its whole
+    value (a JSON object) and one ``--<field>.<subfield>`` flag per configurable subfield (also
+    reachable by its own name where :func:`_aliases` says so), in a group of its own."""
     group = parser.add_argument_group(
         f"{config_cls.__name__} fields",
         "precedence: defaults < --smoke < --config file.toml < these flags",
     )
     comments = _field_comments(config_cls)
-    for name, (tp, f) in _fields(config_cls).items():
-        flag = "--" + name.replace("_", "-")
-        base, _ = _base_type(tp)
-        if f.default is not dataclasses.MISSING:
-            default = _shown(f.default)
-        elif f.default_factory is not dataclasses.MISSING:
-            default = _shown(f.default_factory())
-        else:
-            default = "required"
-        text = (
-            f"{comments[name]} (default: {default})"
-            if name in comments
-            else f"(default: {default})"
+    fields = _fields(config_cls)
+    for name, (tp, f) in fields.items():
+        flags = ["--" + name.replace("_", "-")]
+        _add_flag(group, flags, name, tp, _default(f), comments.get(name, ""))
+    aliases = {dotted: alias for alias, dotted in _aliases(config_cls).items()}
+    for name, (sub_cls, subs) in _nested_flags(config_cls).items():
+        value = _default(fields[name][1])
+        nested = parser.add_argument_group(
+            f"{name}: {sub_cls.__name__} fields",
+            f"--{name}.<field> (or the field's own name where shown); a TOML table [{name}]",
         )
-        text = text.replace("%", "%%")
-        if base is bool:
-            group.add_argument(
-                flag,
-                dest=name,
-                action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS,
-                help=text,
-            )
-        else:
-            group.add_argument(
-                flag, dest=name, default=argparse.SUPPRESS, metavar="VALUE", help=text
-            )
+        sub_comments = _field_comments(sub_cls)
+        for s, (tp, f) in _fields(sub_cls).items():
+            if s not in subs:
+                continue
+            flags = [f"--{name}.{s.replace('_', '-')}"]
+            if f"{name}.{s}" in aliases:
+                flags.append("--" + s.replace("_", "-"))
+            default = _default(f) if value is dataclasses.MISSING else getattr(value, s)
+            _add_flag(nested, flags, f"{name}.{s}", tp, default, sub_comments.get(s, ""))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -233,6 +345,13 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _generic_flags() -> list[str]:
+    """The ``--`` options every experiment run takes (``--out``, ``--device``, ...)."""
+    parser = _Parser(add_help=False)
+    _add_run_options(parser)
+    return _option_strings(parser)
+
+
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-h", "--help", action="store_true", help="show this help and exit")
     _add_common(parser)
@@ -256,6 +375,22 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         default="fp32",
         choices=("fp32", "bf16", "fp16"),
         help="autocast precision of every training run (default: fp32)",
+    )
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train every run on N local processes (DistributedDataParallel: gloo on CPU, nccl "
+        "on GPU; batch sizes are per process); under torchrun the launch decides (default: 1)",
+    )
+    parser.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DIST_TIMEOUT,
+        metavar="SECONDS",
+        help="with several processes, fail when a peer is silent this long (a dead or hung "
+        f"process) instead of waiting (default: {DIST_TIMEOUT:g})",
     )
 
 
@@ -325,14 +460,28 @@ def _run(args: argparse.Namespace, extra: list[str], name: str | None, prog: str
     cfg = _apply(exp.config_cls, cfg, vars(flags), "flags")
     out = args.out or Path("runs") / (name + ("-smoke" if args.smoke else ""))
     progress = not args.no_progress and sys.stderr.isatty()
-    log.info("running %s into %s", name, out)
-    results = run_experiment(
-        name,
-        cfg,
-        out,
-        RunContext(progress=progress, device=args.device, precision=args.precision),
-        fresh=args.fresh,
+    if args.nproc < 1:
+        raise CLIError(f"--nproc must be >= 1, got {args.nproc}")
+    if not args.dist_timeout > 0:
+        raise CLIError(
+            f"--dist-timeout must be a positive number of seconds, got {args.dist_timeout}"
+        )
+    ctx = RunContext(
+        progress=progress,
+        device=args.device,
+        precision=args.precision,
+        nproc=args.nproc,
+        dist_timeout=args.dist_timeout,
     )
+    from normlab import distributed
+
+    if distributed.launched_by_torchrun():  # join torchrun's group; rank 0 leads the others
+        distributed.join_torchrun(args.device, args.dist_timeout)
+        if not distributed.is_main_process():
+            return distributed.follow()
+    log.info("running %s into %s", name, out)
+    with distributed.leading():
+        results = run_experiment(name, cfg, out, ctx, fresh=args.fresh)
     print(exp.report(results))
     for fig in results.get("figures", []):
         print(f"figure: {fig}")

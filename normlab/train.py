@@ -6,6 +6,15 @@ again in the same directory resumes from the checkpoint; the resumed run's metri
 uninterrupted run's (apart from wall-clock times), because the checkpoint holds the model,
 optimizer, method hook, sampler position and RNG state, and ``metrics.jsonl`` is cut back to
 the checkpoint's offset.
+
+**Distributed.** When ``torch.distributed`` is initialised with more than one rank (by
+:mod:`normlab.distributed`'s launcher, torchrun, or the caller), every rank calls :func:`train`
+with the same config and the loop runs under ``DistributedDataParallel``: the scenario's sampler
+gives each rank its share of every epoch (``batch_size`` per rank), each step's loss is the mean
+over the union of the ranks' batches, rank 0 alone writes ``config.json``, ``metrics.jsonl`` and
+the checkpoint (with every rank's sampler, hook and RNG state), every rank resumes from it, and
+evaluations are sums all-reduced over the ranks' shares of each split, evaluated with rank 0's
+model. See docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -102,7 +112,7 @@ class TrainConfig:
     method: str = "bn"  # a name from normlab.methods.METHODS
     scenario: str = "shuffled"  # a name from normlab.data.SCENARIOS
     batch_size: int | None = None  # overrides the scenario's batch size
-    k: int | None = None  # overrides k for the k-labels scenario
+    k: int | None = None  # overrides k of the k-labels (classes per batch), noniid (per rank)
     scale: tuple[float, float] | None = None  # per-sample random input scaling (lo, hi)
     optimizer: str = "sgd"  # sgd | momentum | adam
     lr: float = 0.1
@@ -348,13 +358,29 @@ def train(
 
     The caller's global RNG state is the same after the call as before it.
 
+    Distributed (``torch.distributed`` initialised with more than one rank): every rank of the
+    default group must call ``train`` with the same ``cfg`` and ``out_dir`` (a directory every
+    rank can read). The model (built on every rank from ``cfg.seed``) is wrapped in
+    ``DistributedDataParallel`` with torch's defaults (gradients averaged, buffers broadcast
+    from rank 0 at each forward); on CUDA each rank uses its current device. Each rank trains on
+    its own batches (:meth:`normlab.data.Scenario.make_sampler` with its rank), scaled so that
+    the gradient is that of the mean loss over the union of the ranks' batches; step records
+    hold that union's loss and accuracy. Rank 0 writes the run directory; every rank resumes
+    from its checkpoint, which must have been written with the same number of ranks.
+    Evaluations use rank 0's parameters and buffers on every rank, each rank evaluating every
+    ``W``-th batch of a split, with the sums all-reduced. ``on_step`` and ``on_eval`` run on
+    every rank (``on_eval`` with the rank's own buffers, and it may issue collectives; rank 0's
+    mapping is written). A batch too small on one rank raises ``BatchTooSmallError`` on every
+    rank; any other failure of one rank makes its peers fail within the process group's
+    timeout.
+
     Raises:
         ValueError/TypeError: a bad config (:func:`validate_config`), before anything is written.
         normlab.errors.BatchTooSmallError: a batch-dependent method got batches of one sample.
         normlab.errors.DivergenceError: the loss became NaN or infinite.
         normlab.errors.CheckpointError: the run directory's checkpoint is corrupt or unreadable.
         normlab.errors.ConfigMismatchError: the run directory's checkpoint was written by a run
-            with a different config.
+            with a different config or number of ranks.
         Anything else a layer raises (a bug or bad input) propagates unchanged. After a failure
         the run directory holds the last good checkpoint.
     """
@@ -415,12 +441,119 @@ def _load_data(cfg: TrainConfig, data: Any) -> Any:
     return data if data is not None else load_named_data(cfg.dataset, cfg.data_root, cfg.seed)
 
 
+def _rank_world() -> tuple[int, int]:
+    """``(rank, world size)`` of the default process group; ``(0, 1)`` when none is
+    initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _comm_device(device: torch.device) -> torch.device:
+    # Small control tensors (step totals, evaluation sums) live where the backend reduces them.
+    return device if device.type == "cuda" else torch.device("cpu")
+
+
+def _forward_synced(
+    net: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    loss_of: Callable[[Tensor], Tensor],
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]],
+    task: str,
+    world: int,
+    device: torch.device,
+) -> tuple[Tensor, Tensor, float, float]:
+    """One distributed training forward: ``(output, loss to backpropagate, union loss, union
+    accuracy)``; ``loss_of(output)`` is this rank's mean loss. The step's totals (loss sum,
+    correct, samples, too-small flag) are all-reduced in one collective, so a failure or a
+    non-finite loss is seen by every rank; the local mean loss is scaled by ``W n_r / N`` so that
+    DDP's averaged gradient is that of the union's mean loss (a factor of exactly 1 for equal
+    batches)."""
+    failure: ValueError | None = None
+    out_batch = loss = None
+    with autocast():
+        try:
+            out_batch = net(x)
+        except ValueError as exc:
+            if not (isinstance(exc, BatchTooSmallError) or _TORCH_BN_TOO_SMALL in str(exc)):
+                raise
+            failure = exc
+        else:
+            loss = loss_of(out_batch)
+    n = len(x)
+    totals = [0.0, 0.0, float(n), 1.0 if failure is not None else 0.0]
+    if loss is not None:
+        totals[0] = loss.item() * n
+        if task == "classification":
+            totals[1] = float((out_batch.argmax(-1) == y).sum())
+    reduced = torch.tensor(totals, dtype=torch.float64, device=_comm_device(device))
+    dist.all_reduce(reduced)
+    loss_sum, correct, count, failed = reduced.tolist()
+    if failed or failure is not None:
+        message = str(failure) if failure is not None else "a batch too small on another rank"
+        raise BatchTooSmallError(f"{message} ({int(failed)} of {world} ranks)") from failure
+    assert out_batch is not None and loss is not None
+    return out_batch, loss * (world * n / count), loss_sum / count, correct / count
+
+
+@torch.no_grad()
+def _evaluate_shard(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    task: str,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]],
+    rank: int,
+    world: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """:func:`evaluate_batches` over the ranks: this rank evaluates batches ``rank, rank + W,
+    ...``; the sums are all-reduced, so every rank returns the same means."""
+    loss_fn = loss_fn_for(task)
+    total_loss, correct, n = 0.0, 0, 0
+    for i, (xb, yb) in enumerate(batches):
+        if i % world != rank:
+            continue
+        with autocast():
+            out = model(xb).float()
+        total_loss += float(loss_fn(out, yb)) * len(xb)
+        if task == "classification":
+            correct += int((out.argmax(-1) == yb).sum())
+        n += len(xb)
+    sums = torch.tensor([total_loss, correct, n], dtype=torch.float64, device=_comm_device(device))
+    dist.all_reduce(sums)
+    total_loss, correct, n = sums.tolist()
+    result = {"loss": total_loss / n}
+    if task == "classification":
+        result["acc"] = correct / n
+    return result
+
+
+def _gather_states(state: dict[str, Any], rank: int, world: int) -> list[Any] | None:
+    """Every rank's ``state`` on rank 0 (rank order), ``None`` elsewhere."""
+    gathered: list[Any] | None = [None] * world if rank == 0 else None
+    dist.gather_object(state, gathered, dst=0)
+    return gathered
+
+
+def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
+
+
 def _train(cfg, out_dir, user_model, data, progress, on_step, on_eval) -> RunResult:
     out = Path(out_dir) if out_dir is not None else None
     method, options = resolve_method(cfg.method, cfg.method_options)
     scenario = _scenario(cfg)
     device = resolve_device(cfg.device)
     amp_dtype = PRECISIONS[cfg.precision]
+    rank, world = _rank_world()
+    distributed = world > 1
+    if distributed and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
 
     # Data, model, optimizer, method hook, sampler: all seeded from cfg.seed.
     torch.manual_seed(cfg.seed)
@@ -429,7 +562,7 @@ def _train(cfg, out_dir, user_model, data, progress, on_step, on_eval) -> RunRes
     optimizer = build_optimizer(cfg, model.parameters())
     hook = method.training_hook(model, options)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
-    sampler = scenario.make_sampler(source.labels, cfg.seed)
+    sampler = scenario.make_sampler(source.labels, cfg.seed, rank=rank, world_size=world)
     sampler.set_epoch(0)
     loss_fn = loss_fn_for(source.task)
 
@@ -451,23 +584,32 @@ def _train(cfg, out_dir, user_model, data, progress, on_step, on_eval) -> RunRes
                 f"(differs in: {', '.join(diff)}); use another directory or start over "
                 "with --fresh"
             )
+        if ckpt.get("world_size", 1) != world:
+            raise ConfigMismatchError(
+                f"{out} holds a checkpoint of a run on {ckpt.get('world_size', 1)} process(es), "
+                f"this run has {world}; resume with the same number of processes or start over "
+                "with --fresh"
+            )
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        own = ckpt["ranks"][rank] if distributed else ckpt  # this rank's sampler, hook, RNG
         if hook is not None:
-            hook.load_state_dict(ckpt["hook"])
-        sampler.load_state_dict(ckpt["sampler"])
-        torch.set_rng_state(ckpt["rng"].cpu())
+            hook.load_state_dict(own["hook"])
+        sampler.load_state_dict(own["sampler"])
+        torch.set_rng_state(own["rng"].cpu())
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         step, epoch, elapsed = ckpt["step"], ckpt["epoch"], ckpt["elapsed"]
         evaluations, offset = ckpt["evaluations"], ckpt["metrics_offset"]
         log.info("resuming %s at epoch %d, step %d", out, epoch, step)
-    elif out is not None:
-        atomic_write_json(
-            out / "config.json",
-            {"config": config, "seed": cfg.seed, "environment": environment_info()},
-        )
-    metrics = _MetricsLog(out / "metrics.jsonl" if out is not None else None, offset)
+    elif out is not None and rank == 0:
+        info = {"config": config, "seed": cfg.seed, "environment": environment_info()}
+        if distributed:
+            info["world_size"] = world
+        atomic_write_json(out / "config.json", info)
+    writes = out is not None and rank == 0
+    metrics = _MetricsLog(out / "metrics.jsonl" if writes else None, offset)
+    net = _wrap_ddp(model, device) if distributed else model
 
     def run_evaluation() -> dict[str, Any]:
         if cfg.precise_bn:
@@ -479,10 +621,24 @@ def _train(cfg, out_dir, user_model, data, progress, on_step, on_eval) -> RunRes
         model.eval()
         with hook.paused() if hook is not None else contextlib.nullcontext():
             record: dict[str, Any] = {"kind": "eval", "step": step, "epoch": epoch, "time": elapsed}
+            own_buffers = []
+            if distributed:  # evaluate rank 0's model everywhere, then restore the rank's own
+                own_buffers = [b.detach().clone() for b in model.buffers()]
+                for b in model.buffers():
+                    dist.broadcast(b, src=0)
             for split in ("test", "train") if cfg.eval_train else ("test",):
                 batches = source.batches(split, cfg.eval_batch_size)
-                for key, value in evaluate_batches(model, batches, source.task, autocast).items():
+                if distributed:
+                    values = _evaluate_shard(
+                        model, batches, source.task, autocast, rank, world, device
+                    )
+                else:
+                    values = evaluate_batches(model, batches, source.task, autocast)
+                for key, value in values.items():
                     record[f"{split}_{key}"] = value
+            with torch.no_grad():
+                for b, saved in zip(model.buffers(), own_buffers, strict=False):
+                    b.copy_(saved)
             if on_eval is not None:
                 record.update(on_eval(model, record) or {})
         model.train()
@@ -493,23 +649,29 @@ def _train(cfg, out_dir, user_model, data, progress, on_step, on_eval) -> RunRes
     def checkpoint() -> None:
         if ckpt_path is None:
             return
-        save_checkpoint(
-            {
-                "config": config,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "hook": hook.state_dict() if hook is not None else None,
-                "sampler": sampler.state_dict(),
-                "rng": torch.get_rng_state(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "step": step,
-                "epoch": epoch,
-                "elapsed": elapsed,
-                "evaluations": evaluations,
-                "metrics_offset": metrics.offset,
-            },
-            ckpt_path,
-        )
+        own = {
+            "hook": hook.state_dict() if hook is not None else None,
+            "sampler": sampler.state_dict(),
+            "rng": torch.get_rng_state(),
+        }
+        ranks = _gather_states(own, rank, world) if distributed else None
+        if rank != 0:
+            return
+        state = {
+            "config": config,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            **own,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "step": step,
+            "epoch": epoch,
+            "elapsed": elapsed,
+            "evaluations": evaluations,
+            "metrics_offset": metrics.offset,
+        }
+        if distributed:
+            state.update(world_size=world, ranks=ranks)
+        save_checkpoint(state, ckpt_path)
 
     total_steps = cfg.epochs * len(sampler)
     if cfg.max_steps is not None:
@@ -517,21 +679,33 @@ def _train(cfg, out_dir, user_model, data, progress, on_step, on_eval) -> RunRes
     done = lambda: epoch >= cfg.epochs or (cfg.max_steps is not None and step >= cfg.max_steps)  # noqa: E731
     model.train()
     try:
-        with _progress(total_steps, progress, f"{cfg.method}/{scenario.name}") as bar:
+        with _progress(total_steps, progress and rank == 0, f"{cfg.method}/{scenario.name}") as bar:
             if bar is not None:
                 bar.update(step)
             while not done():
                 for idx in sampler:
                     t0 = time.perf_counter()
                     x, y = source.train_batch(idx)
-                    with autocast():
-                        try:
-                            out_batch = model(x)
-                        except ValueError as exc:
-                            if _TORCH_BN_TOO_SMALL in str(exc):
-                                raise BatchTooSmallError(str(exc)) from exc
-                            raise
-                        loss = loss_fn(out_batch.float(), y)
+                    if distributed:
+                        out_batch, loss, union_loss, union_acc = _forward_synced(
+                            net,
+                            x,
+                            y,
+                            lambda out, y=y: loss_fn(out.float(), y),
+                            autocast,
+                            source.task,
+                            world,
+                            device,
+                        )
+                    else:
+                        with autocast():
+                            try:
+                                out_batch = model(x)
+                            except ValueError as exc:
+                                if _TORCH_BN_TOO_SMALL in str(exc):
+                                    raise BatchTooSmallError(str(exc)) from exc
+                                raise
+                            loss = loss_fn(out_batch.float(), y)
                     optimizer.zero_grad(set_to_none=True)
                     if scaler is None:
                         loss.backward()
@@ -551,14 +725,18 @@ def _train(cfg, out_dir, user_model, data, progress, on_step, on_eval) -> RunRes
                         "kind": "step",
                         "step": step,
                         "epoch": epoch,
-                        "loss": loss.item(),
+                        "loss": union_loss if distributed else loss.item(),
                         "time": elapsed,
                     }
                     if source.task == "classification":
-                        record["acc"] = (out_batch.argmax(-1) == y).float().mean().item()
-                    if not torch.isfinite(loss):
+                        record["acc"] = (
+                            union_acc
+                            if distributed
+                            else (out_batch.argmax(-1) == y).float().mean().item()
+                        )
+                    if not math.isfinite(record["loss"]):
                         raise DivergenceError(
-                            f"loss became {loss.item()} at step {step} "
+                            f"loss became {record['loss']} at step {step} "
                             f"(method {cfg.method}, lr {cfg.lr})"
                         )
                     if cfg.log_every and step % cfg.log_every == 0:

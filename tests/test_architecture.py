@@ -29,7 +29,20 @@ ALLOWED: dict[str, set[str]] = {
     "models": {"nn", "models"} | BASE,
     "train": {"functional", "nn", "optim", "diagnostics", "data", "methods", "models", "train"}
     | BASE,
+    "distributed": {
+        "functional",
+        "nn",
+        "optim",
+        "diagnostics",
+        "data",
+        "methods",
+        "models",
+        "train",
+        "distributed",
+    }
+    | BASE,
     "experiments": {
+        "distributed",
         "functional",
         "nn",
         "optim",
@@ -42,6 +55,7 @@ ALLOWED: dict[str, set[str]] = {
     }
     | BASE,
     "report": {
+        "distributed",
         "functional",
         "nn",
         "optim",
@@ -55,6 +69,7 @@ ALLOWED: dict[str, set[str]] = {
     }
     | BASE,
     "cli": {
+        "distributed",
         "report",
         "functional",
         "nn",

@@ -1,4 +1,5 @@
-"""The ``bnp`` method on the training platform, and the BNP experiments' Hessian tools.
+"""The ``bnp`` method on the training platform, the BNP Hessian tools, and the experiments'
+learning-rate rule.
 
 Oracles: the ``none`` method's network (BNP builds the same plain network); the layer maths
 written out by hand after ``convert``; a hand-written training loop around ``BNPreconditioner``
@@ -21,15 +22,15 @@ from torch.nn import functional as F
 
 from normlab._io import save_checkpoint
 from normlab.data import get_scenario, load_dataset
-from normlab.experiments.bnp import (
-    condition_number,
-    hessian_conditioning,
+from normlab.diagnostics import (
+    ParameterLayout,
+    bnp_reparametrization,
+    dense_hessian,
     layer_input_moments,
-    loss_hessian,
-    lr_for,
-    normalized_parametrization,
-    php_key,
+    matrix_condition_number,
 )
+from normlab.experiments.bnp_conditioning import hessian_conditioning, php_key
+from normlab.experiments.common import scaled_lr
 from normlab.functional.precondition import (
     conv2d_channel_moments,
     ema_moments,
@@ -37,11 +38,11 @@ from normlab.functional.precondition import (
     precondition_linear,
 )
 from normlab.methods import convert, get_method, list_methods
-from normlab.train import build_model_for as build_model
-from normlab.nn.convert import NoNorm, find_norm_slots
 from normlab.methods.bnp import BNP_OPTIONS
+from normlab.nn.convert import NoNorm, find_norm_slots
 from normlab.optim.preconditioner import BNPreconditioner
 from normlab.train import TrainConfig, build_optimizer, train
+from normlab.train import build_model_for as build_model
 
 F64 = torch.float64
 
@@ -73,7 +74,7 @@ def test_bnp_builds_the_plain_network_with_biases(model_name, shape):
     method = get_method("bnp")
     assert "bnp" in list_methods()
     assert method.bias and not method.batch_dependent
-    assert method.make_hook is not None and set(method.hook_options) == set(BNP_OPTIONS)
+    assert method.make_hook is not None and set(method.hook_options) == set(BNP_OPTIONS) | {"sync"}
     torch.manual_seed(3)
     model = build_model(model_name, shape, 10, "bnp")
     torch.manual_seed(3)
@@ -354,10 +355,12 @@ def _uneven_inputs(n: int = 40) -> torch.Tensor:
 def test_parametrization_matrix_gives_the_preconditioned_gradient():
     model = _small_mlp().double()
     x, y = _uneven_inputs().double(), torch.arange(40) % 3
-    moments = layer_input_moments(model, x)
+    moments = layer_input_moments(model, x, mode="train", dtype=F64)
     assert set(moments) == {"0", "2"}
     torch.testing.assert_close(moments["0"][1], x.var(0, correction=0))
-    p = normalized_parametrization(model, moments, eps=1e-5, floor=1e-3)
+    layout = ParameterLayout.of(list(model.named_parameters()))
+    apply_p, _ = bnp_reparametrization(layout, moments, eps=1e-5, floor=1e-3)
+    p = apply_p(torch.eye(layout.dim, dtype=F64))
     F.cross_entropy(model(x), y).backward()
     g = torch.cat([q.grad.reshape(-1) for q in model.parameters()])
     precond = BNPreconditioner(model, eps=1e-5, floor=1e-3)
@@ -371,7 +374,7 @@ def test_loss_hessian_of_softmax_regression_is_the_closed_form():
     torch.manual_seed(11)
     model = nn.Linear(5, 3)
     x, y = _uneven_inputs(30), torch.arange(30) % 3
-    hess = loss_hessian(model, x, y)
+    hess = dense_hessian(model, F.cross_entropy, (x, y), mode="train", dtype=F64)
     xd = x.double()
     probs = F.softmax(model.double()(xd), -1)  # (N, 3)
     aug = torch.cat([xd, torch.ones(30, 1, dtype=F64)], 1)  # (N, 6): [x; 1]
@@ -388,20 +391,21 @@ def test_condition_number_matches_numpy_eigenvalues():
     eig = np.array([5.0, 2.0, 0.5, 1e-3, -0.25, 0.0, 1e-14])
     q, _ = np.linalg.qr(g.standard_normal((7, 7)))
     matrix = torch.from_numpy(q @ np.diag(eig) @ q.T)
-    got = condition_number(matrix)
-    assert got["cond"] == pytest.approx(5.0 / 1e-3, rel=1e-6)
-    assert got["cond_pos"] == pytest.approx(5.0 / 1e-3, rel=1e-6)
-    assert got["lambda_max"] == pytest.approx(5.0)
-    assert got["negative_fraction"] == pytest.approx(1 / 7)
-    assert condition_number(matrix, rel_tol=1e-3)["cond"] == pytest.approx(5.0 / 0.25, rel=1e-6)
+    got = matrix_condition_number(matrix)
+    assert got.cond == pytest.approx(5.0 / 1e-3, rel=1e-6)
+    assert got.cond_pos == pytest.approx(5.0 / 1e-3, rel=1e-6)
+    assert got.lambda_max == pytest.approx(5.0)
+    assert got.negative_fraction == pytest.approx(1 / 7)
+    assert matrix_condition_number(matrix, rel_tol=1e-3).cond == pytest.approx(5.0 / 0.25, rel=1e-6)
     with pytest.raises(ValueError, match="square"):
-        condition_number(torch.zeros(2, 3))
+        matrix_condition_number(torch.zeros(2, 3))
 
 
 def test_bnp_conditions_the_hessian_of_uneven_inputs():
     model = _small_mlp()
     x, y = _uneven_inputs(), torch.arange(40) % 3
-    result = hessian_conditioning(model, x, y, floors=(1e-3, 0.1))
+    eps = get_method("bnp").hook_options["eps"]  # the eps the bnp method trains with
+    result = hessian_conditioning(model, x, y, eps=eps, floors=(1e-3, 0.1))
     assert set(result) == {"all", "0", "2"}
     assert all(set(r) == {"H", php_key(1e-3), php_key(0.1)} for r in result.values())
     assert result["0"][php_key(1e-3)]["cond"] < result["0"]["H"]["cond"] / 10
@@ -410,6 +414,6 @@ def test_bnp_conditions_the_hessian_of_uneven_inputs():
 
 
 def test_learning_rate_rule():
-    assert lr_for(0.1, 64) == pytest.approx(0.1)
-    assert lr_for(0.1, 16) == pytest.approx(0.05)
-    assert lr_for(0.1, 1, exponent=1.0) == pytest.approx(0.1 / 64)
+    assert scaled_lr(0.1, 64) == pytest.approx(0.1)
+    assert scaled_lr(0.1, 16) == pytest.approx(0.05)
+    assert scaled_lr(0.1, 1, exponent=1.0) == pytest.approx(0.1 / 64)

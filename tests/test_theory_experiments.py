@@ -35,9 +35,8 @@ from normlab.diagnostics import (
     preconditioned_gradient_norms,
     spectral_density,
 )
-from normlab.experiments import bnp as bnp_experiments
-from normlab.experiments import gradient_flow_depth, hessian_conditioning
 from normlab.experiments.cai_ols import converging_range
+from normlab.experiments.common import preconditioner_options
 from normlab.experiments.gradient_flow_depth import spread_decades
 from normlab.experiments.hessian_conditioning import positive_quantile, preconditioned_spectrum
 from normlab.experiments.kohler import first_below, fitted_rate
@@ -286,15 +285,17 @@ def test_bnp_reparametrization_matches_preconditioner_factor_and_precondition_li
         torch.testing.assert_close(pg[f"{name}.bias"], gb, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize(
-    "module", [bnp_experiments, gradient_flow_depth, hessian_conditioning], ids=lambda m: m.__name__
-)
-def test_experiments_measure_bnp_with_the_eps_and_floor_it_trains_with(module):
-    # Oracle: the preconditioner built with the cell's method options.
+def test_experiments_measure_bnp_with_the_eps_and_floor_it_trains_with():
+    # Oracle: the preconditioner the bnp method's training hook builds with the cell's options.
+    # (bnp-conditioning, gradient-flow and hessian-conditioning all read them this way.)
+    from normlab.methods import get_method
+
     for options in ({}, {"floor": 0.25}, {"eps": 1e-3, "floor": 0.0, "rho": 0.5}):
-        pre = BNPreconditioner(nn.Linear(2, 2), **options)
+        pre = get_method("bnp").training_hook(nn.Linear(2, 2), options)
         cell = SimpleNamespace(method="bnp", method_options=options)
-        assert module._bnp_eps_floor(cell) == (pre.eps, pre.floor)
+        assert preconditioner_options(cell) == {"eps": pre.eps, "floor": pre.floor}
+        pre.remove()
+    assert preconditioner_options(SimpleNamespace(method="bn", method_options={})) is None
 
 
 def test_preconditioned_gradient_norms_match_bnpreconditioner_after_one_forward():
@@ -410,3 +411,60 @@ def test_santurkar_summary_names_what_tracks_speed():
     assert v["smoothness_tracks_speed"] is True
     assert v["least_ics"] == "none/lr=0.1"  # relative shift 0.05 vs 0.25
     assert v["ics_tracks_speed"] is False
+
+
+# ------------------------------------------------------------- cells built from the methods
+
+
+def test_an_alias_cell_trains_as_its_main_method_with_the_alias_options():
+    from normlab.experiments.common import method_cell
+    from normlab.experiments.fn_unshuffled import FnUnshuffledConfig
+    from normlab.methods import get_method, resolve_method
+
+    cfg = FnUnshuffledConfig(method_options={"fn-batch": {"alpha": 0.05}})
+    for label in ("fn-batch", "fn-running", "fn"):
+        cell = method_cell(cfg, label)
+        assert get_method(cell.method).alias_of is None  # the main method, never the alias
+        # Oracle: the registered alias with the same options resolves to the same layers.
+        assert resolve_method(cell.method, cell.method_options) == resolve_method(
+            label, cfg.method_options.get(label)
+        )
+    assert method_cell(cfg, "fn-batch").method_options["alpha"] == 0.05
+
+
+def test_learning_rates_come_from_lrs_then_base_then_the_method():
+    from normlab.experiments.common import method_lr
+    from normlab.methods import get_method
+
+    cfg = SimpleNamespace(base=SimpleNamespace(lr=None), lrs={"bnp": 0.01})
+    assert method_lr(cfg, "bnp") == 0.01
+    assert method_lr(cfg, "gn") == get_method("gn").lr
+    cfg.base.lr = 0.3
+    assert (method_lr(cfg, "bnp"), method_lr(cfg, "gn")) == (0.01, 0.3)
+
+
+def test_fn_batch_size_learning_rates_and_smallest_batches():
+    # Oracle: the former rule of fn-batch-size, 0.05 at batch size 16 scaled by sqrt(b / 16), and
+    # each method's smallest trainable batch size.
+    from normlab.experiments.fn_batch_size import FnBatchSizeConfig, cells
+    from normlab.methods import get_method
+
+    got = cells(FnBatchSizeConfig(methods=("fn", "torch-bn", "gn"), batch_sizes=(1, 16)))
+    assert list(got) == ["fn/b=1", "fn/b=16", "torch-bn/b=1", "torch-bn/b=2", "torch-bn/b=16",
+                         "gn/b=1", "gn/b=16"]  # fmt: skip
+    assert get_method("torch-bn").min_batch_size == 2
+    for name, cell in got.items():
+        assert cell.lr == 0.05 * (cell.batch_size / 16) ** 0.5, name
+
+
+def test_methods_that_train_identically_run_once():
+    from normlab.experiments.common import distinct_methods
+    from normlab.experiments.fn_unshuffled import FnUnshuffledConfig
+    from normlab.nn.fullnorm import FullNorm1d
+
+    default = f"fn-{FullNorm1d(1).estimator}"  # the layer's own default estimator
+    others = [f"fn-{e}" for e in ("batch", "running", "none") if f"fn-{e}" != default]
+    methods, aliases = distinct_methods(FnUnshuffledConfig(methods=("fn", default, *others)))
+    assert methods == ["fn", *others] and aliases == {default: "fn"}
+    kept, _ = distinct_methods(FnUnshuffledConfig(methods=(default, *others)))
+    assert kept == [default, *others]  # alone, the alias runs under its own name

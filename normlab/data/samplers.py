@@ -29,6 +29,20 @@ Kinds (:data:`SAMPLERS`):
 
 ``unshuffled`` and ``k-labels`` need integer class labels and raise :class:`ValueError` for
 regression targets.
+
+**Several ranks** (distributed training, see docs/distributed.md). ``make_sampler(...,
+rank=r, world_size=W)`` with ``W > 1`` gives rank ``r`` its share of each epoch:
+
+- the kinds above are wrapped in a :class:`ShardedSampler`: the single-process plan (batches of
+  ``batch_size``, so ``batch_size`` is the *per-rank* batch) is dealt round-robin, step ``t``
+  of rank ``r`` being batch ``t W + r``. For ``shuffled`` this splits the epoch's permutation:
+  the ranks' batches at one step are consecutive slices of it. When the number of batches is not
+  a multiple of ``W``, the largest batches (the last one among equals) are halved until it is,
+  so every rank runs the same number of steps, no rank gets an empty batch, each sample is still
+  used once per epoch, and a half of a single-label (at most ``k``-label) batch keeps that
+  property;
+- :class:`NonIIDSampler` (kind ``noniid``, in :data:`PARTITION_SAMPLERS`) is defined by the
+  rank: each rank draws only from its own disjoint subset of the labels.
 """
 
 from __future__ import annotations
@@ -44,13 +58,17 @@ from torch import Tensor
 from normlab.registry import Registry
 
 __all__ = [
+    "PARTITION_SAMPLERS",
     "SAMPLERS",
     "BatchSampler",
     "KLabelsSampler",
+    "NonIIDSampler",
     "OnlineSampler",
+    "ShardedSampler",
     "ShuffledSampler",
     "UnshuffledSampler",
     "make_sampler",
+    "noniid_labels",
 ]
 
 # One epoch's plan: ``order`` (a permutation, or a subset with drop_last) and the batch
@@ -419,10 +437,204 @@ class KLabelsSampler(BatchSampler):
         return np.concatenate(parts), np.concatenate([[0], np.cumsum(sizes)])
 
 
-#: Sampler kind -> class, in registration order.
+def _check_rank(rank: Any, world_size: Any) -> tuple[int, int]:
+    world_size = _check_int("world_size", world_size, 1)
+    rank = _check_int("rank", rank, 0)
+    if rank >= world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    return rank, world_size
+
+
+class ShardedSampler(BatchSampler):
+    r"""Rank ``rank``'s share of another sampler's epochs, for ``world_size`` ranks.
+
+    Each epoch, the wrapped sampler's batches (its plan for ``(seed, epoch)``, the same on every
+    rank) become *pieces*: while their number is not a multiple of ``world_size``, the largest
+    piece (the last one among equals) is cut into two halves (sizes :math:`\lceil s/2 \rceil`,
+    :math:`\lfloor s/2 \rfloor`). Then piece :math:`t W + r` is step :math:`t` of rank
+    :math:`r`. So every rank has the same number of steps per epoch, the ranks' batches
+    together hold each sample of the wrapped epoch exactly once, and every batch is a part of
+    one of the wrapped sampler's batches (label structure kept). Halves keep at least two
+    samples: once the largest piece has fewer than 4, the last ``2m`` pieces are merged
+    pairwise instead (``m`` = pieces modulo ``world_size``; with ``batch_size < 4`` a few
+    batches at the end of the epoch then hold up to ``2 batch_size`` samples, possibly from two
+    of the wrapped batches).
+
+    The state (epoch, position, seed) is this rank's; ranks advance together under DDP.
+
+    Raises:
+        ValueError: ``rank``/``world_size`` out of range, or an epoch with fewer samples than
+            ranks (some rank would get no sample).
+    """
+
+    kind = "sharded"
+
+    def __init__(self, base: BatchSampler, *, rank: int, world_size: int) -> None:
+        if not isinstance(base, BatchSampler) or isinstance(base, ShardedSampler):
+            raise TypeError(
+                f"ShardedSampler wraps a normlab BatchSampler, got {type(base).__name__}"
+            )
+        super().__init__(
+            base.num_samples, base.batch_size, seed=base.seed, drop_last=base.drop_last
+        )
+        self.base = base
+        self.rank, self.world_size = _check_rank(rank, world_size)
+        self._plan(self._seed, 0)
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            **self.base._config(),
+            "base_kind": self.base.kind,
+            "rank": self.rank,
+            "world_size": self.world_size,
+        }
+
+    def _plan(self, seed: int, epoch: int) -> _Plan:
+        if self._cache is not None and self._cache[:2] == (seed, epoch):
+            return self._cache[2]
+        order, bounds = self.base._plan(seed, epoch)
+        w = self.world_size
+        if len(order) < w:
+            raise ValueError(
+                f"epoch {epoch} of sampler {self.base.kind!r} has {len(order)} samples, fewer "
+                f"than the {w} ranks"
+            )
+        pieces = [[int(a), int(b)] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        while len(pieces) % w:
+            sizes = np.array([b - a for a, b in pieces])
+            i = len(sizes) - 1 - int(np.argmax(sizes[::-1]))  # the last largest piece
+            a, b = pieces[i]
+            if b - a >= 4:  # both halves keep two samples or more
+                mid = a + (b - a + 1) // 2
+                pieces[i : i + 1] = [[a, mid], [mid, b]]
+            else:  # small batches: merge the last 2m pieces pairwise instead
+                m = len(pieces) % w
+                tail = pieces[len(pieces) - 2 * m :]
+                merged = [[tail[j][0], tail[j + 1][1]] for j in range(0, 2 * m, 2)]
+                pieces[len(pieces) - 2 * m :] = merged
+        mine = pieces[self.rank :: w]
+        own = np.concatenate([order[a:b] for a, b in mine])
+        sizes = np.array([b - a for a, b in mine], dtype=np.int64)
+        plan = (own.astype(np.int64, copy=False), np.concatenate([[0], np.cumsum(sizes)]))
+        self._cache = (seed, epoch, plan)
+        return plan
+
+
+def noniid_labels(classes: Any, rank: int, world_size: int, k: int | None = None) -> np.ndarray:
+    """The labels rank ``rank`` holds under ``noniid``: with the distinct ``classes`` sorted,
+    rank ``r`` holds ``sorted[r k : (r + 1) k]``; ``k=None`` splits all of them as evenly as
+    possible (``numpy.array_split``, the first ranks one more).
+
+    Raises:
+        ValueError: ``k * world_size`` exceeds the number of classes, or fewer classes than
+            ranks with ``k=None``.
+    """
+    rank, world_size = _check_rank(rank, world_size)
+    classes = np.unique(np.asarray(classes))
+    if k is None:
+        if len(classes) < world_size:
+            raise ValueError(
+                f"noniid: {len(classes)} classes cannot give each of {world_size} ranks its own "
+                "label"
+            )
+        return np.array_split(classes, world_size)[rank]
+    k = _check_int("k", k, 1)
+    if k * world_size > len(classes):
+        raise ValueError(
+            f"noniid: k={k} labels for each of {world_size} ranks needs {k * world_size} "
+            f"disjoint classes, the data has {len(classes)}"
+        )
+    return classes[rank * k : (rank + 1) * k]
+
+
+class NonIIDSampler(BatchSampler):
+    r"""Non-i.i.d. workers: rank ``rank`` trains on the samples of its own labels only.
+
+    The labels are split into disjoint subsets (:func:`noniid_labels`: ``k`` per rank, or all of
+    them as evenly as possible with ``k=None``). Each epoch, the epoch's permutation of the whole
+    training set (stream ``[seed, epoch]``, the same on every rank) is filtered to this rank's
+    samples and cut into ``S`` batches of near-equal size (``numpy.array_split``), where ``S =
+    ceil(n_max / batch_size)`` for the largest rank's ``n_max`` samples, the same on every rank,
+    so ranks step together and each batch holds at most ``batch_size`` samples. Every sample
+    of a held label is used once per epoch; samples of labels no rank holds (``k * W`` below the
+    number of classes) are never used. With ``drop_last``, ``S = floor(n_min / batch_size)``
+    full batches and the rest is dropped.
+
+    One process (``world_size=1``) is rank 0 of one rank: all labels with ``k=None`` (shuffled
+    batches of near-equal size), the ``k`` smallest labels otherwise.
+
+    Raises:
+        ValueError: regression targets; too few classes (:func:`noniid_labels`); a rank with
+            fewer samples than ``S`` (it could not fill every step).
+    """
+
+    kind = "noniid"
+
+    def __init__(
+        self,
+        labels: Tensor | np.ndarray,
+        batch_size: int,
+        k: int | None = None,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        drop_last: bool = False,
+    ):
+        y = _class_labels(self.kind, labels)
+        super().__init__(len(y), batch_size, seed=seed, drop_last=drop_last)
+        self.rank, self.world_size = _check_rank(rank, world_size)
+        self.k = None if k is None else _check_int("k", k, 1)
+        self._labels_crc = zlib.crc32(y.tobytes())
+        self._labels, self._max_labels = y, None
+        counts = []
+        for r in range(self.world_size):
+            held = noniid_labels(y, r, self.world_size, self.k)
+            counts.append(int(np.isin(y, held).sum()))
+        self.held_labels = noniid_labels(y, self.rank, self.world_size, self.k)
+        self._mask = np.isin(y, self.held_labels)
+        b = self.batch_size
+        if drop_last:
+            self._steps = min(counts) // b
+        else:
+            self._steps = -(-max(counts) // b)
+            if min(counts) < self._steps:
+                raise ValueError(
+                    f"noniid: a rank holds {min(counts)} samples, fewer than the {self._steps} "
+                    f"steps per epoch that its largest peer's {max(counts)} samples need at "
+                    f"batch_size={b}; use a larger batch_size"
+                )
+        self._plan(self._seed, 0)
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            **super()._config(),
+            "k": self.k,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "labels_crc32": self._labels_crc,
+        }
+
+    def _plan_epoch(self, rng: np.random.Generator) -> _Plan:
+        perm = rng.permutation(self.num_samples)
+        own = perm[self._mask[perm]]
+        if self.drop_last:
+            own = own[: self._steps * self.batch_size]
+        sizes = np.array([len(p) for p in np.array_split(own, self._steps)], dtype=np.int64)
+        return own, np.concatenate([[0], np.cumsum(sizes)])
+
+    def _avoid_singletons(self, order: np.ndarray, bounds: np.ndarray) -> _Plan:
+        return order, bounds  # near-equal sizes: a singleton only where a rank has S samples
+
+
+#: Sampler kind -> class, in registration order (kinds whose batches do not depend on a rank).
 SAMPLERS: Registry[type[BatchSampler]] = Registry("sampler kind")
 for _cls in (ShuffledSampler, UnshuffledSampler, KLabelsSampler, OnlineSampler):
     SAMPLERS.register(_cls.kind, _cls)
+
+#: Kinds defined by a partition of the data over the ranks (``noniid``).
+PARTITION_SAMPLERS: Registry[type[BatchSampler]] = Registry("partition sampler kind")
+PARTITION_SAMPLERS.register(NonIIDSampler.kind, NonIIDSampler)
 
 
 def make_sampler(
@@ -434,13 +646,38 @@ def make_sampler(
     k: int | None = None,
     drop_last: bool = False,
     shuffle_blocks: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> BatchSampler:
     """Build a sampler of ``kind`` over a training set with these ``labels``.
 
     ``labels`` only provides the size for ``shuffled``/``online`` (so regression targets work
-    there). ``batch_size`` must be 1 for ``online``; ``k`` is required by ``k-labels`` only.
+    there). ``batch_size`` must be 1 for ``online``; ``k`` is required by ``k-labels`` and
+    optional for ``noniid`` (labels per rank). With ``world_size > 1`` the sampler yields rank
+    ``rank``'s batches (:class:`ShardedSampler`, or :class:`NonIIDSampler` for ``noniid``);
+    ``world_size=1`` returns the plain sampler.
     """
+    rank, world_size = _check_rank(rank, world_size)
+    if kind in PARTITION_SAMPLERS:
+        return NonIIDSampler(
+            labels, batch_size, k, rank=rank, world_size=world_size, seed=seed, drop_last=drop_last
+        )
     SAMPLERS[kind]  # raises ValueError naming the valid kinds
+    sampler = _make_local(kind, labels, batch_size, seed, k, drop_last, shuffle_blocks)
+    if world_size == 1:
+        return sampler
+    return ShardedSampler(sampler, rank=rank, world_size=world_size)
+
+
+def _make_local(
+    kind: str,
+    labels: Tensor | np.ndarray,
+    batch_size: int,
+    seed: int,
+    k: int | None,
+    drop_last: bool,
+    shuffle_blocks: bool,
+) -> BatchSampler:
     t = torch.as_tensor(labels)
     if t.dim() != 1:
         raise ValueError(f"sampler {kind!r} expected labels of shape (N,), got {tuple(t.shape)}")

@@ -14,7 +14,17 @@ name            sampler      b      notes
 ``online``      online       1      one sample per step
 ``small-batch`` shuffled     2      the smallest batch on which batch statistics exist
 ``scaled``      shuffled     16     each sample times a factor ~ U[0.1, 10], fixed per sample
+``noniid``      noniid       64     each rank holds a disjoint subset of the labels (``k`` per
+                                    rank; ``None``: all labels split evenly over the ranks)
 =============== ============ ====== =========================================================
+
+**Several ranks.** :meth:`Scenario.make_sampler` takes the process's ``rank`` and
+``world_size``: ``batch_size`` is then the per-rank batch, a shuffled scenario splits each
+epoch's permutation over the ranks, the single-label and ``k``-labels scenarios deal each rank
+its own batches (:class:`~normlab.data.samplers.ShardedSampler`), and ``noniid`` gives each rank
+the samples of its own labels (:class:`~normlab.data.samplers.NonIIDSampler`). With one process,
+``noniid`` is rank 0 of one rank: every label with ``k=None``, the ``k`` smallest labels
+otherwise. See docs/distributed.md.
 
 ``scaled`` follows Lian & Liu 2019's "MNIST with each input multiplied by a random scaling
 factor" (at batch sizes 1 and 16; the paper's range is unknown, so ``[0.1, 10]`` is our choice;
@@ -35,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +53,7 @@ import torch
 from torch import Tensor
 
 from normlab.data.datasets import Dataset
-from normlab.data.samplers import SAMPLERS, BatchSampler, make_sampler
+from normlab.data.samplers import PARTITION_SAMPLERS, SAMPLERS, BatchSampler, make_sampler
 from normlab.registry import Registry
 
 __all__ = [
@@ -128,7 +137,8 @@ class Scenario:
         sampler: sampler kind, a key of :data:`normlab.data.samplers.SAMPLERS`.
         batch_size: batch size (the maximum for ``k-labels`` and for a class's last
             ``unshuffled`` block); must be 1 for ``online``.
-        k: classes per batch for ``k-labels``; must be ``None`` for other kinds.
+        k: classes per batch for ``k-labels``; labels per rank for ``noniid`` (``None``: all
+            labels split evenly over the ranks); must be ``None`` for other kinds.
         scale: ``(lo, hi)`` of the per-sample scaling transform, or ``None`` for no transform.
         scale_dist: ``"uniform"`` or ``"log-uniform"`` (see the module docstring).
         drop_last: drop batches smaller than ``batch_size`` (not for ``online``).
@@ -147,10 +157,9 @@ class Scenario:
     description: str = ""
 
     def __post_init__(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise ValueError(
-                f"Scenario sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}"
-            )
+        if self.sampler not in SAMPLERS and self.sampler not in PARTITION_SAMPLERS:
+            valid = ", ".join([*SAMPLERS, *PARTITION_SAMPLERS])
+            raise ValueError(f"Scenario sampler must be one of {valid}, got {self.sampler!r}")
         b = self.batch_size
         if isinstance(b, bool) or not isinstance(b, int) or b < 1:
             raise ValueError(f"Scenario batch_size must be an int >= 1, got {b!r}")
@@ -160,10 +169,16 @@ class Scenario:
             k = self.k
             if isinstance(k, bool) or not isinstance(k, int) or k < 1:
                 raise ValueError(f"Scenario k (classes per batch) must be an int >= 1, got {k!r}")
+        elif self.sampler in PARTITION_SAMPLERS:
+            k = self.k
+            if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+                raise ValueError(
+                    f"Scenario k (labels per rank) must be None or an int >= 1, got {k!r}"
+                )
         elif self.k is not None:
             raise ValueError(
-                f"Scenario k applies to sampler 'k-labels' only, got k={self.k!r} with sampler "
-                f"{self.sampler!r}"
+                f"Scenario k applies to sampler 'k-labels' only (and to 'noniid', labels per "
+                f"rank), got k={self.k!r} with sampler {self.sampler!r}"
             )
         if isinstance(self.scale, list):  # e.g. from JSON/TOML; stored as a tuple
             object.__setattr__(self, "scale", tuple(self.scale))
@@ -186,8 +201,16 @@ class Scenario:
             parts.append(f"scale{dist}=[{self.scale[0]:g}, {self.scale[1]:g}]")
         return " ".join(parts)
 
-    def make_sampler(self, labels: Tensor, seed: int) -> BatchSampler:
-        """The sampler for a training set with these ``labels`` (targets, for regression)."""
+    @property
+    def takes_k(self) -> bool:
+        """Whether ``k`` means something for this scenario's sampler (``k-labels``, ``noniid``)."""
+        return self.sampler == "k-labels" or self.sampler in PARTITION_SAMPLERS
+
+    def make_sampler(
+        self, labels: Tensor, seed: int, *, rank: int = 0, world_size: int = 1
+    ) -> BatchSampler:
+        """The sampler for a training set with these ``labels`` (targets, for regression), for
+        process ``rank`` of ``world_size`` (see the module docstring)."""
         return make_sampler(
             self.sampler,
             labels,
@@ -196,6 +219,8 @@ class Scenario:
             k=self.k,
             drop_last=self.drop_last,
             shuffle_blocks=self.shuffle_blocks,
+            rank=rank,
+            world_size=world_size,
         )
 
     def apply(self, dataset: Dataset, seed: int) -> Dataset:
@@ -229,8 +254,10 @@ class Scenario:
             raise ValueError(
                 f"unknown Scenario field(s) {unknown}; valid fields: {', '.join(fields)}"
             )
-        if overrides.get("sampler", self.sampler) != "k-labels" and "k" not in overrides:
-            overrides["k"] = None  # k is meaningless once the kind is not k-labels
+        sampler = overrides.get("sampler", self.sampler)
+        label_kinds = ("k-labels", *PARTITION_SAMPLERS)
+        if sampler not in label_kinds and "k" not in overrides:
+            overrides["k"] = None  # k is meaningless once the kind takes no k
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
@@ -260,6 +287,12 @@ for _preset in (
         16,
         scale=(0.1, 10.0),
         description="random batches of 16, each sample times a fixed factor ~ U[0.1, 10]",
+    ),
+    Scenario(
+        "noniid",
+        "noniid",
+        64,
+        description="each rank holds a disjoint subset of the labels; random batches of 64",
     ),
 ):
     SCENARIOS.register(_preset.name, _preset)

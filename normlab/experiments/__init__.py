@@ -3,35 +3,24 @@
 # Importing an experiment module registers it.
 from normlab.experiments import (  # noqa: F401
     batch_dependence,
-    bnp,
+    bnp_batch_size,
+    bnp_conditioning,
+    bnp_online,
     cai_ols,
     compare,
-    fn,
+    core,
+    fn_batch_size,
+    fn_logistic_variance,
+    fn_tiny_dataset,
+    fn_unshuffled,
     gradient_flow_depth,
     hessian_conditioning,
     ioffe,
     kohler,
     lr_speedup,
+    noniid_workers,
     santurkar,
 )
-from normlab.experiments.core import (
-    EXPERIMENTS,
-    Experiment,
-    RunContext,
-    get_experiment,
-    list_experiments,
-    register_experiment,
-    run_cells,
-    run_experiment,
-)
+from normlab.experiments.core import *  # noqa: F403
 
-__all__ = [
-    "EXPERIMENTS",
-    "Experiment",
-    "RunContext",
-    "get_experiment",
-    "list_experiments",
-    "register_experiment",
-    "run_cells",
-    "run_experiment",
-]
+__all__ = core.__all__  # the machinery's public names are the package's

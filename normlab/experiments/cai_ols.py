@@ -1,29 +1,17 @@
 r"""``cai-ols``: BN-GD on least squares converges over a far wider learning-rate range than GD.
 
 Cai, Li & Shen, "A Quantitative Analysis of the Effect of Batch Normalization on Gradient
-Descent", ICML 2019 (https://arxiv.org/abs/1810.00122). On the
-``ols-heterogeneous`` regression data (centred; full batch, deterministic), plain gradient descent
-on :math:`J_0(w) = \tfrac12\mathrm E[(y - x^\top w)^2]` converges only for
-:math:`\varepsilon < 2/\lambda_{\max}(H)`, while BN-GD, gradient descent on the batch-normalized
-model :math:`J(a, w) = \tfrac12\mathrm E[(y - a\,x^\top w/\|w\|_H)^2]` (full-batch statistics,
-:math:`\epsilon = 0`), converges for every weight learning rate :math:`\varepsilon`: the scale
-invariance makes :math:`\|w_k\|` grow until the effective step :math:`\varepsilon/\|w_k\|^2` is
-small enough. The maths is in :mod:`normlab.diagnostics.ols`
-(:func:`~normlab.diagnostics.ols_gd`, :func:`~normlab.diagnostics.bn_ols_gd`) and
-docs/diagnostics.md ("BN-GD on least squares").
-
-For each :math:`\varepsilon` of a log grid the experiment records the iterations until the relative
-excess loss :math:`(J - J^*)/(J_0(0) - J^*)` falls to ``tol`` (both methods measured on the same
-predictor, :math:`\tilde w = a\,w/\|w\|_H` for BN-GD, and from the same :math:`w_0`, a random unit
-vector). It also checks the scaling law (runs with :math:`(\varepsilon, c\,w_0)` and
-:math:`(\varepsilon/c^2, w_0)` give the same losses) and reports :math:`\kappa(H)` and Cai et al.'s
-effective :math:`\kappa^*`. The defaults (:math:`d = 100`, feature scales 0.3..3, so
-:math:`\kappa(H) \approx 100`) are those of a pilot run that separates the two methods.
+Descent", ICML 2019 (https://arxiv.org/abs/1810.00122). On the ``ols-heterogeneous`` regression
+data (full batch), runs plain gradient descent and gradient descent on the batch-normalized model
+(:func:`normlab.diagnostics.ols_gd`, :func:`normlab.diagnostics.bn_ols_gd`) from the same random
+unit vector for each learning rate of a log grid, and reports the iterations until the relative
+excess loss falls to ``tol``, the range of learning rates that converge, a check of BN-GD's
+scaling law, and :math:`\kappa(H)` with Cai et al.'s effective :math:`\kappa^*`. See
+docs/experiments.md.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,14 +21,7 @@ import torch
 
 from normlab.data import load_dataset
 from normlab.diagnostics import OLSTrace, bn_ols_gd, ols_gd, ols_problem
-from normlab.experiments.core import (
-    Experiment,
-    RunContext,
-    format_table,
-    pyplot,
-    register_experiment,
-    savefig,
-)
+from normlab.experiments import common, core
 
 __all__ = ["CaiOLSConfig", "converging_range"]
 
@@ -74,7 +55,7 @@ def _trace_dict(trace: OLSTrace) -> dict[str, Any]:
     }
 
 
-def run(cfg: CaiOLSConfig, out: Path, ctx: RunContext) -> dict[str, Any]:
+def run(cfg: CaiOLSConfig, out: Path, ctx: core.RunContext) -> dict[str, Any]:
     del ctx  # nothing is trained with the loop; the data has problem-specific options
     data = load_dataset(
         "ols-heterogeneous",
@@ -158,13 +139,13 @@ def report(results: dict[str, Any]) -> str:
         ]
         for g, b in zip(results["gd"], results["bn_gd"], strict=True)
     ]
-    lines = [
+    title = (
         f"OLS (ols-heterogeneous, d={p['dim']}, N={p['samples']}, full batch): kappa(H) = "
         f"{p['kappa']:.1f}, Cai et al.'s kappa* = {p['kappa_star']:.1f}; GD is stable for "
-        f"lr < 2/lambda_max = {p['gd_stable_below']:.3g}",
-        f"iterations to relative excess loss {results['tol']:g} (from the same random unit w0)",
-        format_table(rows, ["lr", "GD", "BN-GD", "BN-GD final ||w||"]),
-    ]
+        f"lr < 2/lambda_max = {p['gd_stable_below']:.3g}\n"
+        f"iterations to relative excess loss {results['tol']:g} (from the same random unit w0)"
+    )
+    lines = [common.table(title, rows, ["lr", "GD", "BN-GD", "BN-GD final ||w||"])]
     for name, label in (("gd", "GD"), ("bn_gd", "BN-GD")):
         s = results["summary"][name]
         if s["converging_lrs"] is None:
@@ -184,14 +165,19 @@ def report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _log_log(ax: Any, xlabel: str, ylabel: str, title: str, legend: float = 6) -> None:
+    ax.set_xscale("log")
+    common.axes_style(ax, xlabel=xlabel, ylabel=ylabel, title=title, log=True, legend=legend)
+
+
 def _x(trace: dict[str, Any]) -> list[int]:
     return [max(step, 1) for step in trace["steps"]]  # log axis: iteration 0 drawn at 1
 
 
-def plot(run_dir: Path) -> list[Path]:
-    results = json.loads((run_dir / "results.json").read_text())
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+@common.figure_file("cai_ols.png")
+def plot(results: dict[str, Any]) -> Any:
+    plt = core.pyplot()
+    fig, axes = common.subplots(3, panel=(5, 4))
     cap = results["max_iterations"]
     ax = axes[0]
     for name, label, colour in (("gd", "GD", "C0"), ("bn_gd", "BN-GD", "C1")):
@@ -206,16 +192,21 @@ def plot(run_dir: Path) -> list[Path]:
         slow = [t["lr"] for t in traces if t["iterations"] is None and not t["diverged"]]
         if slow:
             ax.plot(
-                slow, [cap * 1.2] * len(slow), "^", color=colour, mfc="none",
+                slow,
+                [cap * 1.2] * len(slow),
+                "^",
+                color=colour,
+                mfc="none",
                 label=f"{label}: > {cap} iterations",
-            )  # fmt: skip
+            )
     ax.axvline(results["problem"]["gd_stable_below"], color="gray", ls="--", lw=0.8)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("weight learning rate")
-    ax.set_ylabel(f"iterations to relative excess {results['tol']:g}")
-    ax.set_title("iterations to converge (dashed: 2/lambda_max)", fontsize=9)
-    ax.legend(fontsize=7)
+    _log_log(
+        ax,
+        "weight learning rate",
+        f"iterations to relative excess {results['tol']:g}",
+        "iterations to converge (dashed: 2/lambda_max)",
+        legend=7,
+    )
     ax = axes[1]
     gd_best = results["summary"]["gd"]["best_lr"]
     for t in results["gd"]:
@@ -226,38 +217,22 @@ def plot(run_dir: Path) -> list[Path]:
     shades = [plt.cm.Oranges(0.4 + 0.6 * i / max(1, len(picks) - 1)) for i in range(len(picks))]
     for t, shade in zip(picks, shades, strict=True):
         ax.plot(_x(t), t["excess"], color=shade, label=f"BN-GD lr={t['lr']:g}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("relative excess loss")
-    ax.set_title("loss curves", fontsize=9)
-    ax.legend(fontsize=6)
+    _log_log(ax, "iteration", "relative excess loss", "loss curves")
     ax = axes[2]
     for t, shade in zip(picks, shades, strict=True):
         ax.plot(_x(t), t["weight_norms"], color=shade, label=f"lr={t['lr']:g}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("||w_k|| (BN-GD)")
-    ax.set_title("BN-GD: ||w|| grows (automatic step-size decay)", fontsize=9)
-    ax.legend(fontsize=6)
+    _log_log(ax, "iteration", "||w_k|| (BN-GD)", "BN-GD: ||w|| grows (automatic step-size decay)")
     p = results["problem"]
     fig.suptitle(
         f"Cai et al.: BN-GD vs GD on least squares (d={p['dim']}, kappa={p['kappa']:.0f})",
         fontsize=10,
     )
     fig.tight_layout()
-    return [savefig(fig, run_dir / "cai_ols.png")]
+    return fig
 
 
-register_experiment(
-    Experiment(
-        name="cai-ols",
-        description="BN-GD vs GD on least squares over a wide lr grid: iterations to converge",
-        config_cls=CaiOLSConfig,
-        run=run,
-        plot=plot,
-        report=report,
-        smoke={"dim": 8, "n": 200, "lrs": (0.01, 1.0, 100.0), "max_iterations": 200},
-    )
+DESCRIPTION = "BN-GD vs GD on least squares over a wide lr grid: iterations to converge"
+SMOKE = {"dim": 8, "n": 200, "lrs": (0.01, 1.0, 100.0), "max_iterations": 200}
+core.register_experiment(
+    core.Experiment("cai-ols", DESCRIPTION, CaiOLSConfig, run, plot, report, SMOKE)
 )

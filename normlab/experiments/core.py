@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from normlab import distributed
 from normlab._io import atomic_write_json
+from normlab.distributed import DEFAULT_TIMEOUT
 from normlab.errors import ConfigMismatchError, ExpectedTrainingFailure, UsageError
 from normlab.registry import Registry
 from normlab.train import RunResult, TrainConfig, load_named_data, train, validate_config
@@ -43,11 +45,15 @@ log = logging.getLogger(__name__)
 class RunContext:
     """How to run, whatever the experiment: progress bars, the device and precision every cell
     trains on (``TrainConfig.device``/``precision``; the defaults leave the cells' own values),
-    and cached dataset objects shared across cells."""
+    the number of processes each cell trains on (``nproc > 1``: data-parallel under
+    :func:`normlab.distributed.launch`, collectives failing after ``dist_timeout`` seconds of
+    silence from a peer), and cached dataset objects shared across cells."""
 
     progress: bool = False
     device: str = "auto"
     precision: str = "fp32"
+    nproc: int = 1
+    dist_timeout: float = DEFAULT_TIMEOUT
     datasets: dict[Any, Any] = field(default_factory=dict, compare=False)
 
     def dataset(self, name: str, root: str | None, seed: int) -> Any:
@@ -215,10 +221,17 @@ def run_cells(
     Before the first cell is trained, every cell's config is validated and the datasets of the
     unfinished cells are loaded.
 
+    With ``ctx.nproc > 1`` the unfinished cells train one after the other on ``ctx.nproc``
+    processes started once for all of them (:func:`normlab.distributed.launch`; each process
+    loads the datasets by name, and ``on_eval`` must be picklable: a module-level function);
+    inside a torchrun group (:func:`normlab.distributed.join_torchrun`) rank 0 hands them to
+    every rank instead. Rank 0 writes the summaries.
+
     Raises:
         normlab.errors.UsageError: a cell's config is invalid (the message names the cell), or
             its dataset's files are missing.
         TypeError: a cell is not a :class:`normlab.train.TrainConfig` (a bug in the experiment).
+        normlab.distributed.DistributedError: a process of a distributed run failed.
     """
     overrides = {k: getattr(ctx, k) for k in ("device", "precision")}
     overrides = {k: v for k, v in overrides.items() if v != getattr(RunContext, k)}
@@ -237,30 +250,81 @@ def run_cells(
             ctx.dataset(cfg.dataset, cfg.data_root, cfg.seed)
         except FileNotFoundError as exc:
             raise UsageError(f"cell {name!r}: {exc}") from exc
+    trained: dict[str, dict[str, Any]] = {}
+    jobs = [(name, cfg, str(cell_dirs[name])) for name, cfg in todo.items()]
+    if jobs and distributed.world_size() > 1:  # a torchrun group: rank 0 leads
+        trained = distributed.run_on_all_ranks(_train_cells, jobs, ctx.progress, on_eval, None)
+    elif jobs and ctx.nproc > 1:  # the processes get the loaded datasets (shared memory)
+        data = {(c.dataset, c.data_root, c.seed): None for c in todo.values()}
+        data = {key: ctx.dataset(*key) for key in data}
+        trained = distributed.launch(
+            _train_cells,
+            ctx.nproc,
+            jobs,
+            ctx.progress,
+            on_eval,
+            data,
+            device=jobs[0][1].device,
+            timeout=ctx.dist_timeout,
+        )
     summaries: dict[str, dict[str, Any]] = {}
     for name, cfg in cells.items():
-        cell_dir = cell_dirs[name]
-        done_path = cell_dir / "summary.json"
-        if name not in todo:
+        done_path = cell_dirs[name] / "summary.json"
+        if name in trained:
+            summaries[name] = trained[name]
+        elif name not in todo:
             summaries[name] = json.loads(done_path.read_text())
-            continue
-        dataset = ctx.dataset(cfg.dataset, cfg.data_root, cfg.seed)
-        try:
-            result = train(
-                cfg,
-                cell_dir,
-                dataset=dataset,
-                progress=ctx.progress,
-                on_eval=on_eval(name) if on_eval is not None else None,
+        else:
+            dataset = ctx.dataset(cfg.dataset, cfg.data_root, cfg.seed)
+            summaries[name] = _train_cell(
+                name, cfg, cell_dirs[name], dataset, ctx.progress, on_eval
             )
-            summary = _cell_summary(result)
-        except ExpectedTrainingFailure as exc:
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            log.info("cell %s cannot train: %s", name, reason)
-            log.debug("%s", traceback.format_exc())
-            summary = {"ok": False, "error": reason}
-        atomic_write_json(done_path, summary)
-        summaries[name] = summary
+    return summaries
+
+
+def _train_cell(
+    name: str,
+    cfg: TrainConfig,
+    cell_dir: Path,
+    dataset: Any,
+    progress: bool,
+    on_eval: Callable[[str], Callable[..., dict[str, Any] | None] | None] | None,
+) -> dict[str, Any]:
+    """Train one cell and write its ``summary.json`` (rank 0 of a distributed run only)."""
+    try:
+        result = train(
+            cfg,
+            cell_dir,
+            dataset=dataset,
+            progress=progress,
+            on_eval=on_eval(name) if on_eval is not None else None,
+        )
+        summary = _cell_summary(result)
+    except ExpectedTrainingFailure as exc:
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        log.info("cell %s cannot train: %s", name, reason)
+        log.debug("%s", traceback.format_exc())
+        summary = {"ok": False, "error": reason}
+    if distributed.is_main_process():
+        atomic_write_json(cell_dir / "summary.json", summary)
+    return summary
+
+
+def _train_cells(
+    jobs: list[tuple[str, TrainConfig, str]],
+    progress: bool,
+    on_eval: Callable[[str], Callable[..., dict[str, Any] | None] | None] | None,
+    datasets: dict[tuple[Any, ...], Any] | None,
+) -> dict[str, dict[str, Any]]:
+    """Every rank's part of a distributed :func:`run_cells`: the cells in order, on the given
+    ``(dataset, data_root, seed) -> data``, or data loaded by name once per process."""
+    datasets = dict(datasets or {})
+    summaries = {}
+    for name, cfg, cell_dir in jobs:
+        key = (cfg.dataset, cfg.data_root, cfg.seed)
+        if key not in datasets:
+            datasets[key] = load_named_data(*key)
+        summaries[name] = _train_cell(name, cfg, Path(cell_dir), datasets[key], progress, on_eval)
     return summaries
 
 

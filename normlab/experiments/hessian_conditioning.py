@@ -1,36 +1,23 @@
 r"""``hessian-conditioning``: extreme Hessian eigenvalues and condition number over training.
 
-For each method in ``methods`` that is registered when the experiment runs (none, BN, BNP, FN by
-default; the others get a row saying so), a small MLP on digits is trained with SGD through
-:func:`normlab.train.train`, and at every evaluation ``on_eval`` runs
-:func:`normlab.diagnostics.hessian_spectrum` on the **training-mode** Hessian of the
-cross-entropy on one fixed batch of training samples (float64, at most ``lanczos_iterations``
-Hessian-vector products), recording :math:`\lambda_{\max}`, :math:`\lambda_{\min}`,
-:func:`normlab.diagnostics.condition_number`, the negative-curvature ratio
-:math:`\lambda_{\min}/\lambda_{\max}` and the density-based :math:`\kappa_q`
-(:func:`positive_quantile` of :func:`normlab.diagnostics.hessian_density`), with Lanczos's
-``converged`` flag.
-
-* **BN** (and any method whose layers make rows of a weight scale- or shift-invariant): the
-  spectrum is also taken on the complement of those directions (``restrict=True``).
-* **BNP**: the spectrum of :math:`P^\top H P`, the Hessian in BNP's input-normalized
-  parametrization (:func:`preconditioned_spectrum`), with :math:`P` built from the exact input
-  moments of every ``nn.Linear`` on the same batch and the ``eps``/``floor`` the run trains with.
-
-A method whose layers are not twice differentiable in training mode (FN) is refused by the
-diagnostics, and its cell records the error. Definitions: docs/diagnostics.md ("Hessian
-spectrum", "Condition numbers", "BNP's normalized parametrization").
+Trains a small MLP with each registered method of ``methods`` (none, BN, BNP, FN by default) and,
+at every evaluation, estimates the spectrum of the training-mode Hessian of the loss on a fixed
+batch of training samples (Lanczos, float64): :math:`\lambda_{\max}`, :math:`\lambda_{\min}`,
+the condition number, the negative-curvature ratio and the density-based :math:`\kappa_q`. For
+a method whose layers make weights scale- or shift-invariant (BN) also on the complement of those
+directions; for a method that preconditions gradients (BNP) also of :math:`P^\top H P`, the
+Hessian in its normalized parametrization. A method whose layers are not twice differentiable
+(FN) records the refusal. See docs/experiments.md.
 """
 
 from __future__ import annotations
 
-import inspect
-import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -49,55 +36,36 @@ from normlab.diagnostics import (
     layer_input_moments,
     spectral_density,
 )
-from normlab.experiments.core import (
-    Experiment,
-    RunContext,
-    cell_text,
-    format_table,
-    pyplot,
-    register_experiment,
-    run_cells,
-    savefig,
-)
-from normlab.methods import list_methods
-from normlab.optim import BNPreconditioner
+from normlab.errors import UsageError
+from normlab.experiments import common, core
 from normlab.train import TrainConfig
 
-__all__ = [
-    "HessianConditioningConfig",
-    "positive_quantile",
-    "preconditioned_spectrum",
-]
+__all__ = ["HessianConditioningConfig", "positive_quantile", "preconditioned_spectrum"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class HessianConditioningConfig:
-    dataset: str = "digits"
-    data_root: str | None = None
-    widths: tuple[int, ...] = (32, 32)  # about 3.5k parameters
-    activation: str = "relu"
+    # widths: about 3.5k parameters; eval_every: steps between Hessian measurements
+    base: TrainConfig = TrainConfig(  # shared by every cell; lr None: each method's own
+        widths=(32, 32), batch_size=64, eval_every=50, lr=None, log_every=0
+    )
     methods: tuple[str, ...] = ("none", "bn", "bnp", "fn")  # unregistered ones are skipped
-    batch_size: int = 64
+    # method -> lr (else base.lr, Method.lr); BNP's steps are scaled by 1/var of each input
+    lrs: dict[str, float] | None = field(default_factory=lambda: {"bnp": 0.01})
+    method_options: dict[str, dict[str, Any]] | None = None  # method -> its options
     steps: int = 300
-    eval_every: int = 50  # steps between Hessian measurements
-    lr: float = 0.1
-    bnp_lr: float = 0.01  # BNP's steps are scaled by 1/var of each layer input
     hessian_samples: int = 256  # the fixed batch (first training samples)
     lanczos_iterations: int = 60  # Hessian-vector products per spectrum (cap)
     tol: float = 1e-4  # Lanczos residual tolerance, relative to max |Ritz value|
     quantile: float = 0.1  # kappa_q = lambda_max / (this quantile of the positive spectrum)
-    seed: int = 0
 
-
-def _bnp_eps_floor(cell_cfg: TrainConfig) -> tuple[float, float]:
-    """``(eps, floor)`` of BNP in this cell: BNPreconditioner's defaults, overridden by the cell's
-    ``method_options``."""
-    params = inspect.signature(BNPreconditioner).parameters
-    options = {"eps": params["eps"].default, "floor": params["floor"].default}
-    options.update({k: v for k, v in cell_cfg.method_options.items() if k in options})
-    return float(options["eps"]), float(options["floor"])
+    cell_fields: ClassVar = common.METHOD_FIELDS | {
+        "base.scenario",
+        "base.epochs",
+        "base.max_steps",
+    }
 
 
 def positive_quantile(density: SpectralDensity, q: float) -> float | None:
@@ -188,85 +156,84 @@ def preconditioned_spectrum(
 def _probe(
     batch: tuple[Tensor, Tensor],
     cfg: HessianConditioningConfig,
-    method: str,
-    bnp_eps_floor: tuple[float, float],
+    name: str,
+    options: dict[str, float] | None,
 ):
     def spectrum(model: nn.Module, restrict: bool) -> dict[str, Any]:
         common = {"mode": "train", "restrict": restrict, "dtype": torch.float64}
         s = hessian_spectrum(
-            model, F.cross_entropy, batch, max_iterations=cfg.lanczos_iterations, tol=cfg.tol,
+            model,
+            F.cross_entropy,
+            batch,
+            max_iterations=cfg.lanczos_iterations,
+            tol=cfg.tol,
             **common,
-        )  # fmt: skip
+        )
         density = hessian_density(
             model, F.cross_entropy, batch, num_iterations=cfg.lanczos_iterations, **common
         )
         return _entry(
-            s.lambda_max, s.lambda_min, s.converged, s.iterations, s.num_projected, density,
+            s.lambda_max,
+            s.lambda_min,
+            s.converged,
+            s.iterations,
+            s.num_projected,
+            density,
             cfg.quantile,
-        )  # fmt: skip
+        )
 
     def measure(model: nn.Module, record: dict[str, Any]) -> dict[str, Any]:
         del record
         try:
             out = {"H": spectrum(model, False)}
         except SecondDerivativeError as exc:  # e.g. FN: its backward is differentiable once
-            log.info("hessian-conditioning: %s not measured: %s", method, exc)
+            log.info("hessian-conditioning: %s not measured: %s", name, exc)
             return {"hessian_error": str(exc).splitlines()[0]}
         dirs = invariant_directions(model, batch[0], mode="train", dtype=torch.float64)
         if dirs.count > 0:
             out["H_restricted"] = spectrum(model, True)
-        if method == "bnp":
-            eps, floor = bnp_eps_floor
+        if options is not None:  # a preconditioned method: the spectrum it trains on
             out["PHP"] = preconditioned_spectrum(
-                model, batch, max_iterations=cfg.lanczos_iterations, tol=cfg.tol,
-                quantile=cfg.quantile, eps=eps, floor=floor,
-            )  # fmt: skip
+                model,
+                batch,
+                max_iterations=cfg.lanczos_iterations,
+                tol=cfg.tol,
+                quantile=cfg.quantile,
+                **options,
+            )
         return {"hessian": out}
 
     return measure
 
 
-def run(cfg: HessianConditioningConfig, out: Path, ctx: RunContext) -> dict[str, Any]:
-    if cfg.hessian_samples < 2:
-        raise ValueError(f"hessian_samples must be >= 2, got {cfg.hessian_samples}")
-    data = ctx.dataset(cfg.dataset, cfg.data_root, cfg.seed)
-    batch = (data.x_train[: cfg.hessian_samples], data.y_train[: cfg.hessian_samples])
-    registered = set(list_methods())
-    methods = [m for m in cfg.methods if m in registered]
-    missing = [m for m in cfg.methods if m not in registered]
-    for m in missing:
-        log.info("hessian-conditioning: method %r is not registered; skipped", m)
-    steps_per_epoch = max(1, len(data.x_train) // cfg.batch_size)
-    cells = {
-        m: TrainConfig(
-            dataset=cfg.dataset,
-            data_root=cfg.data_root,
-            widths=cfg.widths,
-            activation=cfg.activation,
-            method=m,
-            scenario="shuffled",
-            batch_size=cfg.batch_size,
-            epochs=cfg.steps // steps_per_epoch + 1,
-            max_steps=cfg.steps,
-            eval_every=cfg.eval_every,
-            lr=cfg.bnp_lr if m == "bnp" else cfg.lr,
-            log_every=0,
-            seed=cfg.seed,
-        )
+def cells(cfg: HessianConditioningConfig, methods: list[str], n_train: int):
+    """``{"<method>": TrainConfig}``: ``steps`` steps each."""
+    epochs = cfg.steps // max(1, n_train // cfg.base.batch_size) + 1
+    return {
+        m: common.method_cell(cfg, m, scenario="shuffled", epochs=epochs, max_steps=cfg.steps)
         for m in methods
     }
-    summaries = run_cells(
-        cells, out, ctx, on_eval=lambda name: _probe(batch, cfg, name, _bnp_eps_floor(cells[name]))
+
+
+def run(cfg: HessianConditioningConfig, out: Path, ctx: core.RunContext) -> dict[str, Any]:
+    if cfg.hessian_samples < 2:
+        raise UsageError(f"hessian_samples must be >= 2, got {cfg.hessian_samples}")
+
+    def probe(batch: tuple[Tensor, Tensor], name: str, cell: TrainConfig):
+        return _probe(batch, cfg, name, common.preconditioner_options(cell))
+
+    result = common.run_probed(
+        cfg, out, ctx, "hessian-conditioning", cfg.hessian_samples, partial(cells, cfg), probe
     )
     return {
-        "methods": methods,
-        "not_registered": missing,
-        "hessian_samples": int(batch[0].shape[0]),
+        "hessian_samples": result.pop("samples"),
         "lanczos_iterations": cfg.lanczos_iterations,
         "quantile": cfg.quantile,
-        "lrs": {m: c.lr for m, c in cells.items()},
-        "cells": summaries,
+        **result,
     }
+
+
+MATRICES = {"H": "H", "H_restricted": "H restricted", "PHP": "P^T H P"}
 
 
 def _series(cell: dict[str, Any], which: str, key: str) -> tuple[list[int], list[float | None]]:
@@ -274,106 +241,109 @@ def _series(cell: dict[str, Any], which: str, key: str) -> tuple[list[int], list
     return [e["step"] for e in ev], [e["hessian"][which][key] for e in ev]
 
 
-def _fmt(value: float | None, spec: str = ".3g") -> str:
-    return "inf" if value is None else format(value, spec)
+def _pad(row: list[str], width: int = 9) -> list[str]:
+    return row + [""] * (width - len(row))
+
+
+def _rows(method: str, cell: dict[str, Any]) -> list[list[str]]:
+    """The report rows of one cell: first and last measurement, the test accuracy last."""
+    if not cell.get("ok"):
+        return [_pad([method, "-", "-", core.cell_text(cell)])]
+    ev = [e for e in cell["evaluations"] if "hessian" in e]
+    rows = []
+    if not ev:
+        errors = [e["hessian_error"] for e in cell["evaluations"] if "hessian_error" in e]
+        why = errors[0] if errors else "no evaluation"
+        rows.append(_pad([method, "-", "not measured", why[:60]]))
+    for e in (ev[0], ev[-1]) if len(ev) > 1 else ev:
+        for which, h in e["hessian"].items():
+            rows.append(
+                [
+                    method,
+                    str(e["step"]),
+                    MATRICES[which],
+                    f"{h['lambda_max']:.3g}",
+                    f"{h['lambda_min']:.3g}",
+                    common.fmt(h["negative_ratio"], ".2e", "inf"),
+                    common.fmt(h["condition_number"], missing="inf"),
+                    common.fmt(h["kappa_q"], missing="inf"),
+                    f"{h['iterations']}{'' if h['converged'] else ' (not converged)'}",
+                ]
+            )
+    rows[-1].append(core.cell_text(cell))
+    return rows
 
 
 def report(results: dict[str, Any]) -> str:
-    rows = []
-    labels = {"H": "H", "H_restricted": "H restricted", "PHP": "P^T H P"}
-    for m in results["methods"]:
-        cell = results["cells"][m]
-        if not cell.get("ok"):
-            rows.append([m, "-", "-", cell_text(cell), "", "", "", "", ""])
-            continue
-        ev = [e for e in cell["evaluations"] if "hessian" in e]
-        if not ev:
-            errors = [e["hessian_error"] for e in cell["evaluations"] if "hessian_error" in e]
-            why = errors[0] if errors else "no evaluation"
-            rows.append([m, "-", "not measured", why[:60], "", "", "", "", ""])
-        for e in (ev[0], ev[-1]) if len(ev) > 1 else ev:
-            for which, h in e["hessian"].items():
-                rows.append(
-                    [
-                        m,
-                        str(e["step"]),
-                        labels[which],
-                        f"{h['lambda_max']:.3g}",
-                        f"{h['lambda_min']:.3g}",
-                        _fmt(h["negative_ratio"], ".2e"),
-                        _fmt(h["condition_number"]),
-                        _fmt(h["kappa_q"]),
-                        f"{h['iterations']}{'' if h['converged'] else ' (not converged)'}",
-                    ]
-                )
-        rows[-1].append(cell_text(cell))
-    for m in results["not_registered"]:
-        rows.append([m, "-", "not registered", "", "", "", "", "", ""])
+    rows = [r for m in results["methods"] for r in _rows(m, results["cells"][m])]
+    rows += [_pad([m, "-", "not registered"]) for m in results["not_registered"]]
+    header = [
+        "method",
+        "step",
+        "matrix",
+        "lambda_max",
+        "lambda_min",
+        "min/max",
+        "kappa",
+        f"kappa_q{round(100 * results['quantile'])}",
+        "HVPs",
+        "test acc",
+    ]
     width = max(len(r) for r in rows) if rows else 8
-    rows = [r + [""] * (width - len(r)) for r in rows]
-    header = ["method", "step", "matrix", "lambda_max", "lambda_min", "min/max", "kappa",
-              f"kappa_q{round(100 * results['quantile'])}", "HVPs", "test acc"][:width]  # fmt: skip
-    return (
+    title = (
         f"training-mode Hessian of the cross-entropy on {results['hessian_samples']} training "
         f"samples (float64, Lanczos <= {results['lanczos_iterations']} HVPs), first and last "
         "evaluation; kappa = lambda_max/lambda_min if positive definite, else inf; kappa_q = "
-        f"lambda_max / the {results['quantile']:g}-quantile of the positive spectrum (SLQ)\n"
-        + format_table(rows, header)
+        f"lambda_max / the {results['quantile']:g}-quantile of the positive spectrum (SLQ)"
     )
+    return common.table(title, [_pad(r, width) for r in rows], header[:width])
 
 
-def plot(run_dir: Path) -> list[Path]:
-    results = json.loads((run_dir / "results.json").read_text())
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+@common.figure_file("hessian_conditioning.png")
+def plot(results: dict[str, Any]) -> Any:
+    fig, axes = common.subplots(3, panel=(5, 4))
     styles = {"H": "-", "H_restricted": ":", "PHP": "--"}
-    names = {"H": "H", "H_restricted": "H restricted", "PHP": "P^T H P"}
     for i, m in enumerate(results["methods"]):
         cell = results["cells"][m]
         if not cell.get("ok"):
             continue
-        for which in ("H", "H_restricted", "PHP"):
+        for which, label in MATRICES.items():
             steps, lmax = _series(cell, which, "lambda_max")
             if not steps:
                 continue
-            label = f"{m}: {names[which]}"
-            kw = {"color": f"C{i}", "ls": styles[which], "marker": "o", "ms": 3, "label": label}
+            kw = {
+                "color": f"C{i}",
+                "ls": styles[which],
+                "marker": "o",
+                "ms": 3,
+                "label": f"{m}: {label}",
+            }
             axes[0].plot(steps, lmax, **kw)
             _, ratio = _series(cell, which, "negative_ratio")
             axes[1].plot(steps, [abs(r) if r is not None else math.nan for r in ratio], **kw)
             _, kappa = _series(cell, which, "kappa_q")
             axes[2].plot(steps, [k if k is not None else math.nan for k in kappa], **kw)
-    for ax, title in zip(
-        axes,
-        ("lambda_max", "|lambda_min| / lambda_max (negative curvature)",
-         f"kappa_q = lambda_max / {results['quantile']:g}-quantile of positive spectrum"),
-        strict=True,
-    ):  # fmt: skip
-        ax.set_yscale("log")
-        ax.set_xlabel("training step")
-        ax.set_title(title, fontsize=9)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=6)
+    titles = (
+        "lambda_max",
+        "|lambda_min| / lambda_max (negative curvature)",
+        f"kappa_q = lambda_max / {results['quantile']:g}-quantile of positive spectrum",
+    )
+    for ax, title in zip(axes, titles, strict=True):
+        common.axes_style(ax, xlabel="training step", title=title, log=True, legend=6)
     fig.suptitle("Hessian spectrum over training (train mode, fixed batch)", fontsize=10)
     fig.tight_layout()
-    return [savefig(fig, run_dir / "hessian_conditioning.png")]
+    return fig
 
 
-register_experiment(
-    Experiment(
-        name="hessian-conditioning",
-        description="Hessian lambda_max, lambda_min, condition number over training, by method",
-        config_cls=HessianConditioningConfig,
-        run=run,
-        plot=plot,
-        report=report,
-        smoke={
-            "widths": (4,),
-            "steps": 4,
-            "eval_every": 2,
-            "hessian_samples": 16,
-            "lanczos_iterations": 10,
-            "batch_size": 16,
-        },
+DESCRIPTION = "Hessian lambda_max, lambda_min, condition number over training, by method"
+SMOKE = {
+    "base": {"widths": (4,), "eval_every": 2, "batch_size": 16},
+    "steps": 4,
+    "hessian_samples": 16,
+    "lanczos_iterations": 10,
+}
+core.register_experiment(
+    core.Experiment(
+        "hessian-conditioning", DESCRIPTION, HessianConditioningConfig, run, plot, report, SMOKE
     )
 )

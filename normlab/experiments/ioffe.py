@@ -2,33 +2,20 @@
 
 Three hidden layers of 100 sigmoid units, with and without BN: (a) test accuracy against training
 steps, (b, c) the 15th, 50th and 85th percentiles of the input to one sigmoid of the last hidden
-layer over training, measured on fixed test inputs with the network in inference mode (seed 001,
-"Internal Covariate Shift"; DIAGNOSTICS.md section 1.4). The paper trains on MNIST for 50k steps
-with batches of 60; the defaults here use the bundled digits and fewer steps (``--dataset mnist
---data-root DIR`` for the real data).
+layer over training, on fixed test inputs with the network in inference mode. See
+docs/experiments.md.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from normlab.experiments.core import (
-    Experiment,
-    RunContext,
-    cell_text,
-    format_table,
-    plot_curves,
-    pyplot,
-    register_experiment,
-    run_cells,
-    savefig,
-)
+from normlab.experiments import common, core
 from normlab.train import TrainConfig
 
 PERCENTILES = (15, 50, 85)
@@ -36,18 +23,16 @@ PERCENTILES = (15, 50, 85)
 
 @dataclass(frozen=True)
 class IoffeConfig:
-    dataset: str = "digits"
-    data_root: str | None = None
-    widths: tuple[int, ...] = (100, 100, 100)
+    base: TrainConfig = TrainConfig(  # shared by every cell
+        batch_size=60, epochs=40, lr=0.5, eval_every=50, log_every=10, eval_train=False
+    )
     methods: tuple[str, ...] = ("none", "bn")
-    batch_size: int = 60
-    epochs: int = 40
-    lr: float = 0.5
-    eval_every: int = 50
+    lrs: dict[str, float] | None = None  # method -> lr (else base.lr)
+    method_options: dict[str, dict[str, Any]] | None = None  # method -> its options
     unit: int = 0  # which sigmoid of the last hidden layer to follow
     probe_samples: int = 500  # fixed test inputs the percentiles are taken over
-    seed: int = 0
-    max_steps: int | None = None  # cap on steps per training run (smoke runs)
+
+    cell_fields: ClassVar = common.METHOD_FIELDS | {"base.activation", "base.scenario"}
 
 
 def sigmoid_input_probe(x_probe: torch.Tensor, unit: int):
@@ -71,31 +56,16 @@ def sigmoid_input_probe(x_probe: torch.Tensor, unit: int):
     return probe
 
 
-def run(cfg: IoffeConfig, out: Path, ctx: RunContext) -> dict[str, Any]:
-    data = ctx.dataset(cfg.dataset, cfg.data_root, cfg.seed)
+def run(cfg: IoffeConfig, out: Path, ctx: core.RunContext) -> dict[str, Any]:
+    data = ctx.dataset(cfg.base.dataset, cfg.base.data_root, cfg.base.seed)
     probe = sigmoid_input_probe(data.x_test[: cfg.probe_samples], cfg.unit)
     cells = {
-        m: TrainConfig(
-            dataset=cfg.dataset,
-            data_root=cfg.data_root,
-            widths=cfg.widths,
-            activation="sigmoid",
-            method=m,
-            scenario="shuffled",
-            batch_size=cfg.batch_size,
-            epochs=cfg.epochs,
-            lr=cfg.lr,
-            eval_every=cfg.eval_every,
-            log_every=10,
-            eval_train=False,
-            seed=cfg.seed,
-            max_steps=cfg.max_steps,
-        )
+        m: common.method_cell(cfg, m, activation="sigmoid", scenario="shuffled")
         for m in cfg.methods
     }
     return {
         "methods": list(cfg.methods),
-        "cells": run_cells(cells, out, ctx, on_eval=lambda name: probe),
+        "cells": core.run_cells(cells, out, ctx, on_eval=lambda name: probe),
     }
 
 
@@ -103,7 +73,7 @@ def report(results: dict[str, Any]) -> str:
     rows = []
     for m in results["methods"]:
         cell = results["cells"][m]
-        row = [m, cell_text(cell)]
+        row = [m, core.cell_text(cell)]
         if cell.get("ok"):
             ev = cell["evaluations"]
             spread = [e["p85"] - e["p15"] for e in ev]
@@ -112,17 +82,14 @@ def report(results: dict[str, Any]) -> str:
         else:
             row += ["-", "-"]
         rows.append(row)
-    return format_table(rows, ["method", "test acc", "median drift", "p85-p15 range"])
+    return core.format_table(rows, ["method", "test acc", "median drift", "p85-p15 range"])
 
 
-def plot(run_dir: Path) -> list[Path]:
-    results = json.loads((run_dir / "results.json").read_text())
-    plt = pyplot()
+@common.figure_file("ioffe_fig1.png")
+def plot(results: dict[str, Any]) -> Any:
     methods = results["methods"]
-    fig, axes = plt.subplots(
-        1, 1 + len(methods), figsize=(4.2 * (1 + len(methods)), 3.6), sharey=False
-    )
-    plot_curves(axes[0], results["cells"])
+    fig, axes = common.subplots(1 + len(methods))
+    core.plot_curves(axes[0], results["cells"])
     axes[0].set_title("(a) test accuracy")
     for ax, m in zip(axes[1:], methods, strict=True):
         cell = results["cells"][m]
@@ -132,26 +99,15 @@ def plot(run_dir: Path) -> list[Path]:
         steps = [e["step"] for e in ev]
         for p in PERCENTILES:
             ax.plot(steps, [e[f"p{p}"] for e in ev], label=f"{p}th percentile")
-        ax.set_title(f"sigmoid input over training: {m}")
-        ax.set_xlabel("step")
-        ax.legend(fontsize=7)
-    return [savefig(fig, run_dir / "ioffe_fig1.png")]
+        common.axes_style(ax, xlabel="step", title=f"sigmoid input over training: {m}")
+    return fig
 
 
-register_experiment(
-    Experiment(
-        name="ioffe-fig1",
-        description="sigmoid MLP with/without BN: accuracy and sigmoid-input percentiles",
-        config_cls=IoffeConfig,
-        run=run,
-        plot=plot,
-        report=report,
-        smoke={
-            "max_steps": 20,
-            "epochs": 1,
-            "eval_every": 5,
-            "widths": (16, 16, 16),
-            "probe_samples": 50,
-        },
-    )
+DESCRIPTION = "sigmoid MLP with/without BN: accuracy and sigmoid-input percentiles"
+SMOKE = {
+    "base": {"max_steps": 20, "epochs": 1, "eval_every": 5, "widths": (16, 16, 16)},
+    "probe_samples": 50,
+}
+core.register_experiment(
+    core.Experiment("ioffe-fig1", DESCRIPTION, IoffeConfig, run, plot, report, SMOKE)
 )

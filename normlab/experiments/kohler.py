@@ -2,43 +2,16 @@ r"""``kohler-halfspace``: length-direction decoupled gradient descent (GDNP) vs 
 
 Kohler, Daneshmand, Lucchi, Hofmann, Zhou & Neymeyr, "Exponential convergence rates for Batch
 Normalization: the power of length-direction decoupling in non-convex optimization", AISTATS 2019
-(https://arxiv.org/abs/1805.10694). Batch normalization reparametrizes a unit
-as :math:`\tilde w = g\,w/\|w\|_S`; GDNP optimizes the length :math:`g` by bisection and the
-direction :math:`w` by gradient steps, and converges linearly at a rate set by
-:math:`\kappa(S)`, :math:`S = \mathrm E[xx^\top]`, whatever the curvature of the loss (the paper's
-bound: :math:`\|\nabla f\|_{S^{-1}}` contracts by :math:`1 - \mu/L` per direction step, with
-:math:`\mu, L` the extreme eigenvalues of :math:`S`). The maths is in
-:mod:`normlab.diagnostics.halfspace` (:func:`~normlab.diagnostics.gdnp`,
-:func:`~normlab.diagnostics.halfspace_gd`) and docs/diagnostics.md ("Length-direction
-decoupling on halfspaces").
-
-**Problem.** The ``gaussian-halfspace`` data (:math:`x \sim \mathcal N(0, \Sigma)`,
-:math:`\kappa(\Sigma) = 100`, :math:`d = 50`, labels from a teacher halfspace) with the logistic
-loss :math:`f(\tilde w) = \mathrm E[\log(1 + e^{-y x^\top\tilde w})]` over the training set (full
-batch). Teacher labels are linearly separable, so :math:`f` has no minimizer (its infimum 0 is
-approached only as :math:`\|\tilde w\| \to \infty`; GD then converges sublinearly and GDNP's
-length runs into its bracket). Kohler et al.'s analysis assumes a critical point exists, so by
-default a fraction ``label_noise`` of the training labels is flipped (seeded), which makes
-:math:`f` strictly convex with a finite minimizer :math:`\tilde w^*` (found by Newton's method);
-``label_noise=0`` runs the separable problem, measured against the infimum :math:`f^* = 0`.
-
-**Protocol.** Both methods start from the same random direction :math:`w_0`
-(:math:`\|w_0\|_S = 1`; GD from :math:`\tilde w_0 = w_0`, GDNP with the bisected length for it).
-GD runs with constant learning rates ``gd_lrs`` (in units of :math:`1/L`; :math:`4/L` is
-:math:`1/L_f`, the step the logistic loss's smoothness :math:`L_f = L/4` guarantees), GDNP with
-step multipliers ``gdnp_step_scales`` (its step rule is normlab's reconstruction of Kohler et
-al.'s Algorithm 1, see :func:`~normlab.diagnostics.gdnp`). Each method is reported at its
-best setting (smallest final gradient norm) and at every setting in the figure. Rates are
-per-iteration contraction factors of :math:`\|\nabla f\|_{S^{-1}}` fitted over the second half
-of each run (above a 1e-12 floor); the predictions are :math:`1 - \mu/L` (GDNP) and, for GD near
-:math:`\tilde w^*` with Hessian :math:`H^*` (local condition number :math:`\kappa^*`),
-:math:`1 - \lambda_{\min}(H^*)/L_f` at :math:`\eta = 1/L_f` and :math:`(\kappa^* - 1)/(\kappa^* +
-1)` at the best constant step.
+(https://arxiv.org/abs/1805.10694). On the ``gaussian-halfspace`` data with a fraction
+``label_noise`` of flipped labels, minimizes the logistic loss (full batch) with GD at each
+learning rate of ``gd_lrs`` and with GDNP (:func:`normlab.diagnostics.gdnp`) at each step
+multiplier of ``gdnp_step_scales``, from the same random direction, and reports the excess loss,
+the gradient norm :math:`\|\nabla f\|_{S^{-1}}`, its fitted per-iteration contraction rate
+against the predicted ones, and the iterations to ``tol``. See docs/experiments.md.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,14 +28,7 @@ from normlab.diagnostics import (
     halfspace_problem,
     logistic_minimizer,
 )
-from normlab.experiments.core import (
-    Experiment,
-    RunContext,
-    format_table,
-    pyplot,
-    register_experiment,
-    savefig,
-)
+from normlab.experiments import common, core
 
 __all__ = ["KohlerConfig", "fitted_rate", "first_below"]
 
@@ -140,7 +106,7 @@ def _best(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
     return min(ok, key=lambda r: (r["final_gradient_norm"], r["step"]), default=None)
 
 
-def run(cfg: KohlerConfig, out: Path, ctx: RunContext) -> dict[str, Any]:
+def run(cfg: KohlerConfig, out: Path, ctx: core.RunContext) -> dict[str, Any]:
     del ctx  # nothing is trained with the loop
     problem, gen, flipped = _problem(cfg)
     lipschitz = float(problem.eigenvalues[-1])
@@ -179,7 +145,7 @@ def run(cfg: KohlerConfig, out: Path, ctx: RunContext) -> dict[str, Any]:
             ),
             f_star,
             cfg.tol,
-        )  # fmt: skip
+        )
         for c in cfg.gdnp_step_scales
     ]
     return {
@@ -199,13 +165,11 @@ def run(cfg: KohlerConfig, out: Path, ctx: RunContext) -> dict[str, Any]:
         "predicted_rates": predicted,
         "gd": gd_runs,
         "gdnp": gdnp_runs,
-        "best": {"gd": _best(gd_runs)["step"] if _best(gd_runs) else None,
-                 "gdnp": _best(gdnp_runs)["step"] if _best(gdnp_runs) else None},
-    }  # fmt: skip
-
-
-def _fmt(value: float | None, spec: str = ".3g") -> str:
-    return "-" if value is None else format(value, spec)
+        "best": {
+            "gd": _best(gd_runs)["step"] if _best(gd_runs) else None,
+            "gdnp": _best(gdnp_runs)["step"] if _best(gdnp_runs) else None,
+        },
+    }
 
 
 def report(results: dict[str, Any]) -> str:
@@ -220,9 +184,9 @@ def report(results: dict[str, Any]) -> str:
                 [
                     label + (" *" if r["step"] == best else ""),
                     f"{unit}={setting:g}",
-                    "diverged" if r["diverged"] else _fmt(r["excess"][-1], ".2e"),
-                    "-" if r["diverged"] else _fmt(r["final_gradient_norm"], ".2e"),
-                    _fmt(r["rate"], ".4f"),
+                    "diverged" if r["diverged"] else common.fmt(r["excess"][-1], ".2e"),
+                    "-" if r["diverged"] else common.fmt(r["final_gradient_norm"], ".2e"),
+                    common.fmt(r["rate"], ".4f"),
                     str(r["iterations_to_tol"]) if r["iterations_to_tol"] is not None else "never",
                 ]
             )
@@ -235,20 +199,17 @@ def report(results: dict[str, Any]) -> str:
             else f", ||w*||_S={p['w_star_norm_S']:.2f}"
         )
         + f"), {results['iterations']} iterations; * = best setting"
-    )  # fmt: skip
+    )
+    header = [
+        "method",
+        "setting",
+        "f - f*",
+        "||grad||_{S^-1}",
+        "rate",
+        f"iters to {results['tol']:g}",
+    ]
     lines = [
-        head,
-        format_table(
-            rows,
-            [
-                "method",
-                "setting",
-                "f - f*",
-                "||grad||_{S^-1}",
-                "rate",
-                f"iters to {results['tol']:g}",
-            ],
-        ),  # fmt: skip
+        common.table(head, rows, header),
         f"predicted rate (per iteration, gradient norm): GDNP 1 - mu/L = {pred['gdnp']:.4f}",
     ]
     if "gd_best_step" in pred:
@@ -263,16 +224,15 @@ def report(results: dict[str, Any]) -> str:
         faster = "GDNP" if bn["final_gradient_norm"] < bg["final_gradient_norm"] else "GD"
         lines.append(
             f"best GD vs best GDNP: final gradient norm {bg['final_gradient_norm']:.2e} vs "
-            f"{bn['final_gradient_norm']:.2e}, fitted rate {_fmt(bg['rate'], '.4f')} vs "
-            f"{_fmt(bn['rate'], '.4f')}: {faster} is faster"
+            f"{bn['final_gradient_norm']:.2e}, fitted rate {common.fmt(bg['rate'], '.4f')} vs "
+            f"{common.fmt(bn['rate'], '.4f')}: {faster} is faster"
         )
     return "\n".join(lines)
 
 
-def plot(run_dir: Path) -> list[Path]:
-    results = json.loads((run_dir / "results.json").read_text())
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+@common.figure_file("kohler_halfspace.png")
+def plot(results: dict[str, Any]) -> Any:
+    fig, axes = common.subplots(2, panel=(5.5, 4))
     pred = results["predicted_rates"]
     for ax, key, label in (
         (axes[0], "excess", "f - f*"),
@@ -293,12 +253,16 @@ def plot(run_dir: Path) -> list[Path]:
             if bn is not None and bn["gradient_norms"]:
                 k = list(range(len(bn["gradient_norms"])))
                 g0 = bn["gradient_norms"][0]
-                ax.plot(k, [g0 * pred["gdnp"] ** i for i in k], "k--", lw=0.8,
-                        label=f"(1 - mu/L)^k = {pred['gdnp']:.3f}^k")  # fmt: skip
-        ax.set_yscale("log")
-        ax.set_xlabel("iteration (GD step / GDNP direction step)")
-        ax.set_ylabel(label)
-        ax.legend(fontsize=7)
+                ax.plot(
+                    k,
+                    [g0 * pred["gdnp"] ** i for i in k],
+                    "k--",
+                    lw=0.8,
+                    label=f"(1 - mu/L)^k = {pred['gdnp']:.3f}^k",
+                )
+        common.axes_style(
+            ax, xlabel="iteration (GD step / GDNP direction step)", ylabel=label, log=True
+        )
     p = results["problem"]
     fig.suptitle(
         f"Kohler et al.: GDNP vs GD, logistic halfspace (kappa(S)={p['kappa_S']:.0f}, "
@@ -306,24 +270,18 @@ def plot(run_dir: Path) -> list[Path]:
         fontsize=9,
     )
     fig.tight_layout()
-    return [savefig(fig, run_dir / "kohler_halfspace.png")]
+    return fig
 
 
-register_experiment(
-    Experiment(
-        name="kohler-halfspace",
-        description="length-direction decoupled GD (GDNP) vs GD on a Gaussian halfspace problem",
-        config_cls=KohlerConfig,
-        run=run,
-        plot=plot,
-        report=report,
-        smoke={
-            "dim": 5,
-            "n": 200,
-            "iterations": 20,
-            "gd_lrs": (4.0,),
-            "gdnp_step_scales": (0.25,),
-            "bisection_steps": 10,
-        },
-    )
+DESCRIPTION = "length-direction decoupled GD (GDNP) vs GD on a Gaussian halfspace problem"
+SMOKE = {
+    "dim": 5,
+    "n": 200,
+    "iterations": 20,
+    "gd_lrs": (4.0,),
+    "gdnp_step_scales": (0.25,),
+    "bisection_steps": 10,
+}
+core.register_experiment(
+    core.Experiment("kohler-halfspace", DESCRIPTION, KohlerConfig, run, plot, report, SMOKE)
 )

@@ -1,58 +1,32 @@
 r"""``santurkar-landscape``: does BN train faster through a smoother landscape or less ICS?
 
 Santurkar, Tsipras, Ilyas & Madry, "How Does Batch Normalization Help Optimization?", NeurIPS 2018
-(https://arxiv.org/abs/1805.11604), Sec. 2-3. A deep MLP (a VGG stand-in: hidden layers of
-128 ReLUs on digits) is trained with and without BN by
-plain SGD through :func:`normlab.train.train`; at every evaluation, on one fixed training batch
-with BN in training mode (batch statistics), ``on_eval`` measures
-
-* the **loss landscape** along the gradient (:func:`normlab.diagnostics.loss_landscape`, step
-  sizes :math:`S = \{\tfrac12, 1, 2, 4\}\times` lr): the loss band
-  :math:`\{L(\theta - \eta g)\}_{\eta\in S}`, **gradient predictiveness**
-  :math:`\max_{\eta\in S}\|\nabla L(\theta - \eta g) - g\|_2` and the **effective**
-  :math:`\beta`-smoothness :math:`\max_\eta \|\nabla L(\theta-\eta g) - g\|/\|\eta g\|`;
-* **internal covariate shift**, Santurkar et al.'s gradient-based Definition 2.1
-  (:func:`normlab.diagnostics.gradient_covariate_shift`): for the weight of two hidden layers,
-  :math:`\|G - G'\|_2` and :math:`\cos(G, G')` between its gradient before and after the earlier
-  layers take their SGD step (lr of the run) on the same batch.
-
-Training speed is the number of steps until the full training-set loss first falls to
-``loss_target`` (and the mean training loss over the evaluations, which also ranks runs that
-never get there). The report then says, for each learning rate where both methods trained,
-whether the faster method is the one with the smoother landscape (lower median
-:math:`\beta_{\text{eff}}` over the run) and whether it is the one with less ICS (lower median
-relative shift :math:`\|G - G'\|/\|G\|`; the raw :math:`\|G - G'\|` shrinks with the gradient as
-a run converges, the artifact the paper's Fig. 3 caption warns about, so it is reported but not
-used for the verdict): Santurkar et al.'s claim is that smoothness tracks training speed and ICS
-does not. Departures from the paper: an MLP (four hidden layers of 128, where the plain network
-still trains with PyTorch's default initialization; with six it stalls) on digits instead of
-VGG on CIFAR-10, and a fixed probe batch (the paper does not say which batch it used).
+(https://arxiv.org/abs/1805.11604). A deep ReLU MLP trains with and without BN at each learning
+rate of ``lr_grid``; at every evaluation, on one fixed training batch in training mode, it
+measures the loss landscape along the gradient (loss band, gradient predictiveness, effective
+:math:`\beta`-smoothness; :func:`normlab.diagnostics.loss_landscape`) and Santurkar et al.'s
+gradient-based internal covariate shift of two hidden layers
+(:func:`normlab.diagnostics.gradient_covariate_shift`). Training speed is the number of steps
+until the training loss first reaches ``loss_target``; the report says, per learning rate, whether
+the faster method is the smoother one and whether it is the one with less ICS. See
+docs/experiments.md.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
-from typing import Any
+from typing import Any, ClassVar
 
 import torch.nn.functional as F
 from torch import nn
 
 from normlab.diagnostics import gradient_covariate_shift, loss_landscape
-from normlab.experiments.core import (
-    Experiment,
-    RunContext,
-    cell_text,
-    format_table,
-    pyplot,
-    register_experiment,
-    run_cells,
-    savefig,
-)
+from normlab.errors import UsageError
+from normlab.experiments import common, core
 from normlab.train import TrainConfig
 
 __all__ = ["SanturkarConfig", "steps_to_loss", "summarize"]
@@ -60,21 +34,19 @@ __all__ = ["SanturkarConfig", "steps_to_loss", "summarize"]
 
 @dataclass(frozen=True)
 class SanturkarConfig:
-    dataset: str = "digits"
-    data_root: str | None = None
-    widths: tuple[int, ...] = (128, 128, 128, 128)
-    activation: str = "relu"
+    # eval_every: steps between landscape / ICS probes
+    base: TrainConfig = TrainConfig(  # shared by every cell
+        widths=(128, 128, 128, 128), batch_size=128, epochs=50, eval_every=25, log_every=0
+    )
     methods: tuple[str, ...] = ("none", "bn")
-    lrs: tuple[float, ...] = (0.1, 0.5)
-    batch_size: int = 128
-    epochs: int = 50
-    eval_every: int = 25  # steps between landscape / ICS probes
+    method_options: dict[str, dict[str, Any]] | None = None  # method -> its options
+    lr_grid: tuple[float, ...] = (0.1, 0.5)  # every method trains at each
     step_multipliers: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)  # S = multipliers x lr
     probe_samples: int = 128  # the fixed training batch the probes use (first samples)
     ics_layers: tuple[int, ...] = (2, 4)  # hidden layers (2..depth) whose weight ICS is measured
     loss_target: float = 0.1  # training loss that defines "steps to train"
-    seed: int = 0
-    max_steps: int | None = None  # cap on steps per training run (smoke runs)
+
+    cell_fields: ClassVar = common.METHOD_FIELDS | {"base.lr", "base.scenario"}
 
 
 def _probe(
@@ -104,47 +76,31 @@ def _probe(
 
 
 def _layer_names(cfg: SanturkarConfig) -> list[str]:
-    depth = len(cfg.widths)
+    depth = len(cfg.base.widths)
     if not cfg.ics_layers or any(not 2 <= i <= depth for i in cfg.ics_layers):
         # Layer 1 has no earlier layer to move, so its ICS is 0 by definition.
-        raise ValueError(f"ics_layers must be hidden layers 2..{depth}, got {list(cfg.ics_layers)}")
+        raise UsageError(f"ics_layers must be hidden layers 2..{depth}, got {list(cfg.ics_layers)}")
     # MLP = Flatten, blocks 1..depth of (Linear, norm, activation): "<i>.0" is layer i's Linear.
     return [f"{i}.0" for i in cfg.ics_layers]
 
 
-def run(cfg: SanturkarConfig, out: Path, ctx: RunContext) -> dict[str, Any]:
-    data = ctx.dataset(cfg.dataset, cfg.data_root, cfg.seed)
-    batch = (data.x_train[: cfg.probe_samples], data.y_train[: cfg.probe_samples])
+def run(cfg: SanturkarConfig, out: Path, ctx: core.RunContext) -> dict[str, Any]:
+    batch = common.probe_batch(ctx, cfg.base, cfg.probe_samples)
     layers = _layer_names(cfg)
     cells = {
-        f"{m}/lr={lr}": TrainConfig(
-            dataset=cfg.dataset,
-            data_root=cfg.data_root,
-            widths=cfg.widths,
-            activation=cfg.activation,
-            method=m,
-            scenario="shuffled",
-            batch_size=cfg.batch_size,
-            epochs=cfg.epochs,
-            lr=lr,
-            eval_every=cfg.eval_every,
-            log_every=0,
-            seed=cfg.seed,
-            max_steps=cfg.max_steps,
-        )
-        for lr in cfg.lrs
+        common.cell_name(m, lr=lr): common.method_cell(cfg, m, lr=lr, scenario="shuffled")
+        for lr in cfg.lr_grid
         for m in cfg.methods
     }
-    lr_of = {name: c.lr for name, c in cells.items()}
-    summaries = run_cells(
+    summaries = core.run_cells(
         cells,
         out,
         ctx,
-        on_eval=lambda name: _probe(batch, lr_of[name], cfg.step_multipliers, layers),
+        on_eval=lambda name: _probe(batch, cells[name].lr, cfg.step_multipliers, layers),
     )
     results = {
         "methods": list(cfg.methods),
-        "lrs": list(cfg.lrs),
+        "lrs": list(cfg.lr_grid),
         "layers": layers,
         "step_multipliers": list(cfg.step_multipliers),
         "loss_target": cfg.loss_target,
@@ -208,7 +164,8 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     }
     verdicts = {}
     for lr in results["lrs"]:
-        names = [f"{m}/lr={lr}" for m in results["methods"] if f"{m}/lr={lr}" in stats]
+        names = [common.cell_name(m, lr=lr) for m in results["methods"]]
+        names = [n for n in names if n in stats]
         if len(names) < 2:
             verdicts[str(lr)] = None
             continue
@@ -227,47 +184,52 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     return {"cells": stats, "verdicts": verdicts}
 
 
-def _fmt(value: float | None, spec: str = ".3g") -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def report(results: dict[str, Any]) -> str:
     s = results["summary"]
     rows = []
     for lr in results["lrs"]:
         for m in results["methods"]:
-            name = f"{m}/lr={lr}"
+            name = common.cell_name(m, lr=lr)
             cell = results["cells"][name]
             if not cell.get("ok"):
-                rows.append([m, f"{lr:g}", cell_text(cell)] + ["-"] * 8)
+                rows.append([m, f"{lr:g}", core.cell_text(cell)] + ["-"] * 8)
                 continue
             st = s["cells"][name]
             rows.append(
                 [
                     m,
                     f"{lr:g}",
-                    cell_text(cell),
+                    core.cell_text(cell),
                     str(st["steps_to_target"]) if st["steps_to_target"] is not None else "never",
-                    _fmt(st["final_train_loss"]),
-                    _fmt(st["beta_eff"]),
-                    _fmt(st["gradient_change"]),
-                    _fmt(st["loss_band"]),
-                    _fmt(st["ics_l2"]),
-                    _fmt(st["ics_relative"]),
-                    _fmt(st["ics_cosine"], ".3f"),
+                    common.fmt(st["final_train_loss"]),
+                    common.fmt(st["beta_eff"]),
+                    common.fmt(st["gradient_change"]),
+                    common.fmt(st["loss_band"]),
+                    common.fmt(st["ics_l2"]),
+                    common.fmt(st["ics_relative"]),
+                    common.fmt(st["ics_cosine"], ".3f"),
                 ]
             )
     header = [
-        "method", "lr", "test acc", f"steps to loss {results['loss_target']:g}", "train loss",
-        "beta_eff", "grad change", "loss band", "ICS l2", "ICS l2/|G|", "ICS cos",
-    ]  # fmt: skip
-    lines = [
+        "method",
+        "lr",
+        "test acc",
+        f"steps to loss {results['loss_target']:g}",
+        "train loss",
+        "beta_eff",
+        "grad change",
+        "loss band",
+        "ICS l2",
+        "ICS l2/|G|",
+        "ICS cos",
+    ]
+    title = (
         f"medians over evaluations; landscape and ICS on a fixed batch of "
         f"{results['probe_samples']} training samples (train mode), S = "
         f"{', '.join(f'{m:g}' for m in results['step_multipliers'])} x lr; ICS of layers "
-        f"{', '.join(results['layers'])} (averaged)",
-        format_table(rows, header),
-    ]
+        f"{', '.join(results['layers'])} (averaged)"
+    )
+    lines = [common.table(title, rows, header)]
     for lr in results["lrs"]:
         v = s["verdicts"][str(lr)]
         if v is None:
@@ -282,12 +244,11 @@ def report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(run_dir: Path) -> list[Path]:
-    results = json.loads((run_dir / "results.json").read_text())
-    plt = pyplot()
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    ax_loss, ax_band, ax_pred, ax_beta, ax_l2, ax_cos = axes.flat
-    names = [f"{m}/lr={lr}" for lr in results["lrs"] for m in results["methods"]]
+@common.figure_file("santurkar_landscape.png")
+def plot(results: dict[str, Any]) -> Any:
+    fig, axes = common.subplots(3, 2, panel=(5, 4))
+    ax_loss, ax_band, ax_pred, ax_beta, ax_l2, ax_cos = axes
+    names = [common.cell_name(m, lr=lr) for lr in results["lrs"] for m in results["methods"]]
     for i, name in enumerate(names):
         cell = results["cells"][name]
         if not cell.get("ok"):
@@ -309,10 +270,10 @@ def plot(run_dir: Path) -> list[Path]:
             steps, [e["landscape"]["effective_beta"] for e in ev], color=colour, label=name
         )
         for layer, style in zip(results["layers"], ("-", "--", ":", "-."), strict=False):
-            ax_l2.plot(steps, [e["ics"][layer]["l2"] for e in ev], style, color=colour,
-                       label=f"{name} layer {layer}")  # fmt: skip
-            ax_cos.plot(steps, [e["ics"][layer]["cosine"] for e in ev], style, color=colour,
-                        label=f"{name} layer {layer}")  # fmt: skip
+            label = f"{name} layer {layer}"
+            for ax, key in ((ax_l2, "l2"), (ax_cos, "cosine")):
+                ics = [e["ics"][layer][key] for e in ev]
+                ax.plot(steps, ics, style, color=colour, label=label)
     ax_loss.axhline(results["loss_target"], color="gray", lw=0.8, ls="--")
     for ax, title, ylabel, log in (
         (ax_loss, "training loss (full training set)", "loss", True),
@@ -322,34 +283,19 @@ def plot(run_dir: Path) -> list[Path]:
         (ax_l2, "ICS: ||G - G'||", "l2", True),
         (ax_cos, "ICS: cos(G, G')", "cosine", False),
     ):
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        if log:
-            ax.set_yscale("log")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=6)
+        common.axes_style(ax, xlabel="step", ylabel=ylabel, title=title, log=log, legend=6)
     fig.suptitle("Santurkar et al.: loss landscape and ICS with and without BN", fontsize=10)
     fig.tight_layout()
-    return [savefig(fig, run_dir / "santurkar_landscape.png")]
+    return fig
 
 
-register_experiment(
-    Experiment(
-        name="santurkar-landscape",
-        description="BN vs none: loss landscape smoothness, gradient predictiveness and ICS",
-        config_cls=SanturkarConfig,
-        run=run,
-        plot=plot,
-        report=report,
-        smoke={
-            "max_steps": 6,
-            "epochs": 1,
-            "widths": (8, 8),
-            "ics_layers": (2,),
-            "lrs": (0.1,),
-            "eval_every": 3,
-            "probe_samples": 32,
-        },
-    )
+DESCRIPTION = "BN vs none: loss landscape smoothness, gradient predictiveness and ICS"
+SMOKE = {
+    "base": {"max_steps": 6, "epochs": 1, "widths": (8, 8), "eval_every": 3},
+    "ics_layers": (2,),
+    "lr_grid": (0.1,),
+    "probe_samples": 32,
+}
+core.register_experiment(
+    core.Experiment("santurkar-landscape", DESCRIPTION, SanturkarConfig, run, plot, report, SMOKE)
 )

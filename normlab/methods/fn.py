@@ -4,23 +4,40 @@
 FN re-centres with its estimate of the mean, so the Linear/Conv feeding a slot has no bias. Its
 training forward couples the samples of a batch through the estimate update
 (``batch_dependent=True``), but the objective it minimizes and its inference do not depend on how
-batches were built. See docs/algorithms/fn.md.
+batches were built. See docs/algorithms/fn.md. Option ``sync=True`` shares the estimates over
+the ranks of a distributed run (:mod:`normlab.methods.sync`).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+from torch import nn
+
 from normlab.functional.full_norm import ESTIMATORS
 from normlab.methods._layers import by_kind, keyword_defaults
 from normlab.methods.base import Method
+from normlab.methods.sync import sync_group
 from normlab.nn import fullnorm as nfn
+from normlab.nn.convert import NormKind
 
 FN_OPTIONS = ("eps", "affine", "alpha", "alpha_decay", "debias", "estimator", "outer_momentum")
+
+_full_norm = by_kind("fn", {k: getattr(nfn, f"FullNorm{k}", None) for k in ("1d", "2d", "3d")})
+
+
+def _fn_layer(
+    num_features: int, kind: NormKind, *, sync: bool = False, **options: Any
+) -> nn.Module:
+    # sync=True: the estimates are shared by the ranks of the default group (docs/distributed.md)
+    return _full_norm(num_features, kind, process_group=sync_group(sync), **options)
+
 
 FN = Method(
     "fn",
     "Full Normalization (MCSGD; the layer's default estimator)",
-    by_kind("fn", {k: getattr(nfn, f"FullNorm{k}", None) for k in ("1d", "2d", "3d")}),
-    layer_options=keyword_defaults(nfn.FullNorm2d.__init__, FN_OPTIONS),
+    _fn_layer,
+    layer_options={**keyword_defaults(nfn.FullNorm2d.__init__, FN_OPTIONS), "sync": False},
 )
 
 FN_ALIASES = tuple(
