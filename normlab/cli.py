@@ -377,6 +377,26 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help="autocast precision of every training run (default: fp32)",
     )
     parser.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        metavar="N",
+        help="fair protocol: each method's learning rate tuned on a validation split from its "
+        "own grid, then N seeds, mean +- std (default: off, one run per cell)",
+    )
+    parser.add_argument(
+        "--no-tune-lr",
+        action="store_true",
+        help="with --seeds: keep each cell's learning rate instead of tuning it",
+    )
+    parser.add_argument(
+        "--last-k",
+        type=int,
+        default=3,
+        metavar="K",
+        help="with --seeds: report the mean of the last K evaluations of a run (default: 3)",
+    )
+    parser.add_argument(
         "--nproc",
         type=int,
         default=1,
@@ -466,12 +486,21 @@ def _run(args: argparse.Namespace, extra: list[str], name: str | None, prog: str
         raise CLIError(
             f"--dist-timeout must be a positive number of seconds, got {args.dist_timeout}"
         )
+    protocol = None
+    if args.seeds is not None:
+        from normlab.experiments.protocol import Protocol
+
+        try:
+            protocol = Protocol(seeds=args.seeds, tune_lr=not args.no_tune_lr, last_k=args.last_k)
+        except ValueError as exc:
+            raise CLIError(f"--seeds/--last-k: {exc}") from None
     ctx = RunContext(
         progress=progress,
         device=args.device,
         precision=args.precision,
         nproc=args.nproc,
         dist_timeout=args.dist_timeout,
+        protocol=protocol,
     )
     from normlab import distributed
 

@@ -128,6 +128,7 @@ class TrainConfig:
     eval_train: bool = True  # also evaluate on the training set at each evaluation
     precise_bn: bool = False  # recompute BN population statistics before each evaluation
     method_options: dict[str, Any] = field(default_factory=dict)  # the method's layers and hook
+    holdout: float = 0.0  # > 0: train on the rest, evaluate on this fraction of train ("val_")
     device: str = "auto"  # auto (CUDA if available, else CPU) | cpu | cuda | cuda:N | mps
     precision: str = "fp32"  # fp32 | bf16 | fp16 (torch.autocast; fp16 with a GradScaler)
 
@@ -189,6 +190,10 @@ def validate_config(cfg: TrainConfig) -> None:
             f"unknown optimizer {cfg.optimizer!r}; valid optimizers: {', '.join(OPTIMIZERS)}"
         )
     _positive("lr", cfg.lr)
+    if isinstance(cfg.holdout, bool) or not isinstance(cfg.holdout, (int, float)) or not (
+        0.0 <= cfg.holdout < 1.0
+    ):
+        raise ValueError(f"TrainConfig.holdout must be a float in [0, 1), got {cfg.holdout!r}")
     _positive("momentum", cfg.momentum, allow_zero=True)
     _positive("weight_decay", cfg.weight_decay, allow_zero=True)
     _positive("epochs", cfg.epochs, int, allow_zero=True)
@@ -437,6 +442,17 @@ def load_named_data(name: str, root: str | None = None, seed: int = 0) -> Any:
     return load_dataset(name, root=root, seed=seed)
 
 
+def _holdout(cfg: TrainConfig, data: Any) -> Any:
+    if not cfg.holdout:
+        return data
+    if not isinstance(data, Dataset):
+        raise TypeError(
+            "TrainConfig.holdout needs a normlab Dataset; carve the validation split from "
+            f"streamed data yourself (got {type(data).__name__})"
+        )
+    return data.holdout(cfg.holdout, cfg.seed)
+
+
 def _load_data(cfg: TrainConfig, data: Any) -> Any:
     return data if data is not None else load_named_data(cfg.dataset, cfg.data_root, cfg.seed)
 
@@ -557,7 +573,7 @@ def _train(cfg, out_dir, user_model, data, progress, on_step, on_eval) -> RunRes
 
     # Data, model, optimizer, method hook, sampler: all seeded from cfg.seed.
     torch.manual_seed(cfg.seed)
-    source = as_source(_load_data(cfg, data), scenario, cfg.seed, device)
+    source = as_source(_holdout(cfg, _load_data(cfg, data)), scenario, cfg.seed, device)
     model = _build(cfg, method, options, source, user_model).to(device)
     optimizer = build_optimizer(cfg, model.parameters())
     hook = method.training_hook(model, options)
@@ -634,8 +650,9 @@ def _train(cfg, out_dir, user_model, data, progress, on_step, on_eval) -> RunRes
                     )
                 else:
                     values = evaluate_batches(model, batches, source.task, autocast)
+                name = "val" if split == "test" and cfg.holdout else split
                 for key, value in values.items():
-                    record[f"{split}_{key}"] = value
+                    record[f"{name}_{key}"] = value
             with torch.no_grad():
                 for b, saved in zip(model.buffers(), own_buffers, strict=False):
                     b.copy_(saved)

@@ -141,6 +141,33 @@ class Dataset:
         """A copy with some fields replaced (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)
 
+    def holdout(self, fraction: float, seed: int = 0) -> Dataset:
+        """A validation view: a seeded random ``fraction`` of the *training* split becomes the
+        evaluation split, the rest stays for training; the test split is not used.
+
+        Raises:
+            ValueError: ``fraction`` not in (0, 1), or a split that would be empty.
+        """
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+            raise ValueError(f"holdout fraction must be a float in (0, 1), got {fraction!r}")
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"holdout fraction must be in (0, 1), got {fraction!r}")
+        n_val = int(round(self.num_train * fraction))
+        if not 0 < n_val < self.num_train:
+            raise ValueError(
+                f"holdout {fraction} of {self.num_train} training samples leaves an empty split"
+            )
+        g = torch.Generator().manual_seed(10_007 + int(seed))
+        perm = torch.randperm(self.num_train, generator=g)
+        val, train = perm[:n_val].sort().values, perm[n_val:].sort().values
+        return self.replace(
+            x_train=self.x_train[train],
+            y_train=self.y_train[train],
+            x_test=self.x_train[val],
+            y_test=self.y_train[val],
+            info={**self.info, "holdout": {"fraction": fraction, "seed": seed}},
+        )
+
     def __repr__(self) -> str:
         return (
             f"Dataset(name={self.name!r}, task={self.task!r}, num_classes={self.num_classes}, "

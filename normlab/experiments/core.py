@@ -24,6 +24,7 @@ from normlab import distributed
 from normlab._io import atomic_write_json
 from normlab.distributed import DEFAULT_TIMEOUT
 from normlab.errors import ConfigMismatchError, ExpectedTrainingFailure, UsageError
+from normlab.experiments.protocol import Protocol, run_protocol
 from normlab.registry import Registry
 from normlab.train import RunResult, TrainConfig, load_named_data, train, validate_config
 
@@ -54,6 +55,7 @@ class RunContext:
     precision: str = "fp32"
     nproc: int = 1
     dist_timeout: float = DEFAULT_TIMEOUT
+    protocol: Protocol | None = None  # the fair protocol (learning rate tuned, seeds)
     datasets: dict[Any, Any] = field(default_factory=dict, compare=False)
 
     def dataset(self, name: str, root: str | None, seed: int) -> Any:
@@ -73,6 +75,7 @@ class Experiment:
     plot: Callable[[Path], list[Path]]
     report: Callable[[dict[str, Any]], str]
     smoke: Mapping[str, Any] = field(default_factory=dict)
+    tune_lr: bool = True  # False where the learning rate is the variable under study
 
 
 #: Experiment name -> :class:`Experiment`, in registration order.
@@ -131,7 +134,9 @@ def run_experiment(
         raise TypeError(f"{name} expects a {exp.config_cls.__name__}, got {type(cfg).__name__}")
     out = Path(out_dir)
     meta_path = out / "experiment.json"
-    meta = {"experiment": name, "config": config_to_dict(cfg)}
+    meta: dict[str, Any] = {"experiment": name, "config": config_to_dict(cfg)}
+    if ctx is not None and ctx.protocol is not None:
+        meta["protocol"] = dataclasses.asdict(ctx.protocol)
     check_run_dir(out)
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
@@ -155,7 +160,12 @@ def run_experiment(
     try:
         (out / RUN_MARKER).touch()
         atomic_write_json(meta_path, meta)
-        results = exp.run(cfg, out, ctx or RunContext())
+        ctx = ctx or RunContext()
+        if ctx.protocol is not None and not exp.tune_lr:
+            ctx = dataclasses.replace(
+                ctx, protocol=dataclasses.replace(ctx.protocol, tune_lr=False)
+            )
+        results = exp.run(cfg, out, ctx)
     except UsageError:
         keep_aside = True  # even if restoring it below fails
         if created is not None:
@@ -233,6 +243,15 @@ def run_cells(
         TypeError: a cell is not a :class:`normlab.train.TrainConfig` (a bug in the experiment).
         normlab.distributed.DistributedError: a process of a distributed run failed.
     """
+    if ctx.protocol is not None:
+        plain = dataclasses.replace(ctx, protocol=None)
+        return run_protocol(
+            cells,
+            out,
+            ctx.protocol,
+            lambda c, o, on_eval: run_cells(c, o, plain, on_eval=on_eval),
+            on_eval,
+        )
     overrides = {k: getattr(ctx, k) for k in ("device", "precision")}
     overrides = {k: v for k, v in overrides.items() if v != getattr(RunContext, k)}
     for name, cfg in cells.items():
@@ -392,7 +411,12 @@ def cell_text(cell: Mapping[str, Any], key: str = "test_acc", fmt: str = "{:.3f}
     if not cell.get("ok"):
         return "n/a: " + cell["error"].split(": ", 1)[-1][:40]
     value = cell["final"].get(key)
-    return "-" if value is None else fmt.format(value)
+    if value is None:
+        return "-"
+    std = cell.get("final_std", {}).get(key)
+    seeds = cell.get("protocol", {}).get("seeds", 1)
+    text = fmt.format(value)
+    return text if std is None or seeds < 2 else f"{text} ± {fmt.format(std)}"
 
 
 def plot_grouped_bars(

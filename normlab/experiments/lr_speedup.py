@@ -148,5 +148,7 @@ SMOKE = {
     "target_acc": 0.3,
 }
 core.register_experiment(
-    core.Experiment("lr-speedup", DESCRIPTION, LrSpeedupConfig, run, plot, report, SMOKE)
+    core.Experiment(
+        "lr-speedup", DESCRIPTION, LrSpeedupConfig, run, plot, report, SMOKE, tune_lr=False
+    )
 )

@@ -297,5 +297,7 @@ SMOKE = {
     "probe_samples": 32,
 }
 core.register_experiment(
-    core.Experiment("santurkar-landscape", DESCRIPTION, SanturkarConfig, run, plot, report, SMOKE)
+    core.Experiment(
+        "santurkar-landscape", DESCRIPTION, SanturkarConfig, run, plot, report, SMOKE, tune_lr=False
+    )
 )
