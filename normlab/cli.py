@@ -432,6 +432,17 @@ def _build_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="rebuild figures of a run directory (no training)")
     _add_common(plot)
     plot.add_argument("run_dir", type=Path)
+    report = sub.add_parser(
+        "report", help="run the experiments behind every claim; write REPRODUCTION.md + HTML"
+    )
+    _add_common(report)
+    report.add_argument("--smoke", action="store_true", help="seconds-long experiments")
+    report.add_argument("--out", type=Path, help="report directory (default: runs/report)")
+    report.add_argument("--jobs", type=int, default=1, help="experiments run in parallel")
+    report.add_argument(
+        "--seeds", type=int, default=3, help="seeds per cell (fair protocol; not with --smoke)"
+    )
+    report.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(verb_parsers=sub.choices)
     return parser
 
@@ -555,6 +566,47 @@ def _one_line(exc: BaseException) -> str:
     return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
+def _report(args: argparse.Namespace) -> int:
+    from normlab.experiments import RunContext
+    from normlab.experiments.protocol import Protocol
+    from normlab.report import build_report
+
+    if args.jobs < 1:
+        raise CLIError(f"--jobs must be >= 1, got {args.jobs}")
+    out = args.out or Path("runs") / ("report-smoke" if args.smoke else "report")
+    protocol = None if args.smoke else Protocol(seeds=args.seeds)
+    progress = not args.no_progress and sys.stderr.isatty()
+    ctx = RunContext(progress=progress and args.jobs == 1, protocol=protocol)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        from normlab.report import CLAIMS
+
+        runs = {c.run_name for c in CLAIMS if c.experiment is not None}
+        bar = tqdm(total=len(runs), desc="report", position=0, leave=True, dynamic_ncols=True)
+    try:
+        rows = build_report(
+            out,
+            smoke=args.smoke,
+            jobs=args.jobs,
+            ctx=ctx,
+            on_done=(lambda _name: bar.update(1)) if bar is not None else None,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row.measurement.verdict] = counts.get(row.measurement.verdict, 0) + 1
+    for row in rows:
+        print(f"{row.measurement.verdict:<10} {row.claim.key:<24} {row.measurement.value}")
+    print("verdicts: " + ", ".join(f"{n} {v}" for v, n in counts.items()))
+    print(f"report: {out / 'REPRODUCTION.md'}")
+    print(f"html:   {out / 'report.html'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``normlab`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -573,6 +625,8 @@ def main(argv: list[str] | None = None) -> int:
             raise _unrecognized(extra, parser, args.verb_parsers[args.verb])
         if args.verb == "list":
             return _list()
+        if args.verb == "report":
+            return _report(args)
         return _plot(args.run_dir)
     except _Exit as exc:
         return exc.status
