@@ -502,6 +502,41 @@ def test_half_precision_output_dtype():
     assert layer.running_mean.dtype == torch.float32
 
 
+@pytest.mark.parametrize("value", [0.0, 300.0, 3e4])
+def test_layer_scaling_half_precision_matches_float32(value):
+    # float16 values whose mean square (9e4, 9e8) or rsqrt backward ((0 + 1e-5)^-1.5 = 3e7)
+    # leave float16's range: computed in float32, the output and the input gradient are the
+    # float32 ones rounded once (oracle: the float64 computation on the same values).
+    x = torch.full((2, 3, 2), value, dtype=torch.float16)
+    x[1] *= -0.5
+    x16 = x.clone().requires_grad_(True)
+    x64 = x.double().requires_grad_(True)
+    z16, z64 = layer_scaling(x16), layer_scaling(x64)
+    g = torch.linspace(-1, 1, x.numel()).reshape(x.shape)
+    z16.backward(g.half())
+    z64.backward(g.double())
+    assert z16.dtype == torch.float16 and x16.grad.dtype == torch.float16
+    torch.testing.assert_close(z16.double(), z64, rtol=1e-3, atol=1e-3)
+    scale = float(x64.grad.abs().max().clamp_min(1.0))
+    torch.testing.assert_close(x16.grad.double() / scale, x64.grad / scale, rtol=2e-3, atol=2e-3)
+
+
+def test_half_layer_eval_after_large_streams():
+    # A float16 layer whose streams left float16's range (mean 1e4): statistics kept in float32
+    # and the eval output equals the float32 layer's on the same values.
+    gen = torch.Generator().manual_seed(4)
+    x = (1e4 + torch.randn(6, 3, generator=gen)).half()
+    layer, twin = OnlineNorm1d(3).half(), OnlineNorm1d(3)
+    for _ in range(4):
+        layer(x)
+        twin(x.float())
+    assert layer.running_var.dtype == torch.float32 and layer.control_y.dtype == torch.float32
+    torch.testing.assert_close(layer.running_var, twin.running_var, rtol=1e-6, atol=0)
+    y, yt = layer.eval()(x), twin.eval()(x.float())
+    assert y.dtype == torch.float16
+    torch.testing.assert_close(y.float(), yt, rtol=2e-3, atol=2e-3)
+
+
 def test_functional_error_compensation():
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(3, 4, 5, generator=gen, dtype=F64) * 3

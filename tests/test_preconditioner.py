@@ -57,7 +57,8 @@ def _set_stats(precond: BNPreconditioner, stats: dict[str, tuple[torch.Tensor, t
 
 
 def _hook_counts(model: nn.Module) -> list[int]:
-    return [len(m._forward_pre_hooks) for m in model.modules()]
+    # Forward pre-hooks (which stage an input's moments) and forward hooks (which record them).
+    return [len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()]
 
 
 # --------------------------------------------------------------------------- running statistics

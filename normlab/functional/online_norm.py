@@ -281,14 +281,18 @@ def layer_scaling(x: Tensor, eps: float = 1e-5) -> Tensor:
     r"""Divide each sample by the root mean square over all its features.
 
     :math:`z_t = y_t / \sqrt{\langle y_t^2\rangle + \epsilon}`, the mean over every dimension but
-    0 (channels and spatial). Differentiated by autograd (a true gradient).
+    0 (channels and spatial). Differentiated by autograd (a true gradient). Half-precision
+    ``x`` is computed in float32 (its mean square and the backward of the rsqrt leave float16's
+    range) and the result returned in ``x``'s dtype.
     """
     if x.numel() == 0:
         return x.clone()
     n = x.shape[0]
+    xs = _stat_dtype(x)
     # The per-sample mean square as a squared 2-norm: one fused reduction.
-    ms = torch.linalg.vector_norm(x.reshape(n, -1), dim=1).square() / x[0].numel()
-    return x * torch.rsqrt(ms + eps).reshape((n,) + (1,) * (x.dim() - 1))
+    ms = torch.linalg.vector_norm(xs.reshape(n, -1), dim=1).square() / x[0].numel()
+    z = xs * torch.rsqrt(ms + eps).reshape((n,) + (1,) * (x.dim() - 1))
+    return z if z.dtype == x.dtype else z.to(x.dtype)
 
 
 def activation_clamp(x: Tensor, clamp_value: float = 5.0) -> Tensor:

@@ -5,6 +5,9 @@ docs/algorithms/baselines.md."""
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 from torch import nn
 
 from normlab.methods._layers import by_kind, keyword_defaults
@@ -17,9 +20,37 @@ from normlab.nn.convert import NoNorm, NormKind
 def group_count(num_channels: int, kind: NormKind = "2d", max_groups: int = 32) -> int:
     """GroupNorm's group count: the largest divisor of ``num_channels`` not above ``max_groups``;
     for ``"1d"`` features (one value per channel and sample) also keeping at least 16 channels
-    per group, so each group's statistics are taken over 16 or more values (our choice)."""
+    per group, so each group's statistics are taken over 16 or more values (our choice).
+
+    Raises:
+        ValueError: ``max_groups`` is not an int >= 1.
+    """
+    if isinstance(max_groups, bool) or not isinstance(max_groups, int) or max_groups < 1:
+        raise ValueError(f"max_groups must be an int >= 1, got {max_groups!r}")
     limit = min(max_groups, num_channels if kind != "1d" else max(1, num_channels // 16))
     return max(g for g in range(1, limit + 1) if num_channels % g == 0)
+
+
+def _check_eps(method: str, eps: Any) -> None:
+    """``eps`` of a layer built by ``method``: a finite real number ``> 0``.
+
+    Raises:
+        ValueError: anything else (the message names ``eps``, what it must be and the value).
+    """
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+        raise ValueError(f"method {method!r}: eps must be a float > 0, got {eps!r}")
+
+
+def _check_flag(method: str, name: str, value: Any) -> None:
+    """A boolean layer option (``affine``, ``track_running_stats``).
+
+    Raises:
+        TypeError: ``value`` is not a bool (the message names the option and the type received).
+    """
+    if not isinstance(value, bool):
+        raise TypeError(
+            f"method {method!r}: {name} must be a bool, got {type(value).__name__} {value!r}"
+        )
 
 
 def _no_norm(num_features: int, kind: NormKind) -> nn.Module:
@@ -34,6 +65,11 @@ def _group_norm(
     eps: float = 1e-5,
     affine: bool = True,
 ) -> nn.Module:
+    # torch's GroupNorm checks none of these: a negative eps gives NaN for a constant input.
+    if isinstance(max_groups, bool) or not isinstance(max_groups, int) or max_groups < 1:
+        raise ValueError(f"method 'gn': max_groups must be an int >= 1, got {max_groups!r}")
+    _check_eps("gn", eps)
+    _check_flag("gn", "affine", affine)
     layer = nn.GroupNorm(group_count(num_features, kind, max_groups), num_features, eps, affine)
     layer.normlab_kind = kind  # lets convert() map it back to a batch norm of the same kind
     return layer
@@ -45,6 +81,8 @@ def _layer_norm(
     # GroupNorm(1, C) normalizes each sample over (C, *): on (N, C) it is LayerNorm(C), on
     # (N, C, L) it normalizes over (C, L), where LayerNorm(C) would take the last axis (L != C)
     # or fail. A "1d" slot may see either rank, so every kind gets it (docs/surgery.md).
+    _check_eps("ln", eps)
+    _check_flag("ln", "affine", affine)
     layer = nn.GroupNorm(1, num_features, eps, affine)
     layer.normlab_kind = kind
     return layer

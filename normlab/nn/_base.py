@@ -19,6 +19,11 @@ Interface for subclasses (stable):
   freely) or a device boolean flag for :meth:`NormBase._write_guarded` and
   :meth:`NormBase._count_batch`; ``self._normalize_running(x)`` is the eval-mode output
   (normalized with the running statistics, then the affine map);
+* class attribute ``_float32_buffers``: statistics buffers kept in float32 when the layer is
+  float16 or bfloat16, so statistics above 65504 do not overflow: converted by
+  ``self._keep_float32_buffers()`` (call it at the end of ``__init__``) and after every
+  ``.half()`` / ``.to(dtype)``. Empty for the drop-in BatchNorm layers, whose buffers follow
+  torch's;
 * :meth:`NormBase.__prepare_scriptable__` refuses ``torch.jit.script`` with a clear ``TypeError``
   unless a subclass overrides it.
 """
@@ -34,6 +39,8 @@ from torch import Tensor, nn
 from normlab.functional import batch_norm as bnf
 
 __all__ = ["NormBase", "check_norm_args", "check_norm_input"]
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def check_norm_args(num_features: int, eps: float, momentum: float | None) -> None:
@@ -123,6 +130,8 @@ class NormBase(nn.Module):
     _ndims: ClassVar[tuple[int, ...]] = ()
     _shape_doc: ClassVar[str] = ""
     _twice_differentiable: ClassVar[bool] = False
+    # Statistics buffers kept in float32 when the layer is float16/bfloat16 (see _apply).
+    _float32_buffers: ClassVar[tuple[str, ...]] = ()
 
     num_features: int
     eps: float
@@ -222,6 +231,26 @@ class NormBase(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+    def _keep_float32_buffers(self) -> None:
+        """Convert the half-precision buffers named in ``_float32_buffers`` to float32 (for a
+        subclass's ``__init__``, after its buffers are registered)."""
+        for name in self._float32_buffers:
+            buffer = self._buffers.get(name)
+            if buffer is not None and buffer.dtype in _HALF:
+                self._buffers[name] = buffer.float()
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # .half(), .to(torch.bfloat16), ...: keep the buffers of _float32_buffers in float32,
+        # converted from their values before the cast (a float16 running_var overflows above
+        # 65504).
+        before = {n: self._buffers.get(n) for n in self._float32_buffers}
+        out = super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers.get(name)
+            if old is not None and new is not None and new.dtype in _HALF:
+                self._buffers[name] = old.to(device=new.device, dtype=torch.float32)
+        return out
 
     def __prepare_scriptable__(self) -> nn.Module:
         # Called by torch.jit.script on every module it compiles.

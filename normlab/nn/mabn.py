@@ -59,7 +59,10 @@ class _MABN(NormBase):
       ``var_window`` (second moments when ``mean_free``), ``grad_mean_window``,
       ``grad_proj_window`` (:math:`g_B`, :math:`\Psi_B`, written by the **backward**, a row
       kept if its new value is not finite). ``mean_window``/``grad_mean_window`` are ``None``
-      when ``mean_free``.
+      when ``mean_free``. The statistics buffers and windows are float32 when the layer is
+      float16 or bfloat16 (also after ``.half()`` / ``.to(dtype)``), so statistics above
+      float16's range (65504, e.g. the mean square of values near 300) stay finite; half inputs
+      are normalized in float32 and the output has the input's dtype.
     * an empty batch returns an empty output and changes no state; one value per channel in
       training raises :class:`normlab.errors.BatchTooSmallError`
       (except ``mean_free``); a non-finite training batch raises ``ValueError`` on CPU with
@@ -92,6 +95,14 @@ class _MABN(NormBase):
     """
 
     _twice_differentiable: ClassVar[bool] = False
+    _float32_buffers: ClassVar[tuple[str, ...]] = (
+        "running_mean",
+        "running_var",
+        "mean_window",
+        "var_window",
+        "grad_mean_window",
+        "grad_proj_window",
+    )
 
     def __init__(
         self,
@@ -133,6 +144,7 @@ class _MABN(NormBase):
             ("grad_proj_window", True),
         ):
             self.register_buffer(name, torch.zeros(shape, **factory) if present else None)
+        self._keep_float32_buffers()
 
     def reset_running_stats(self) -> None:
         """Running statistics, windows and batch counters to their initial values."""

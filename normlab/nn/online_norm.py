@@ -58,7 +58,11 @@ class _OnlineNorm(NormBase):
       (:math:`\varepsilon^{(y)}`) and ``control_1`` (:math:`\varepsilon^{(1)}`), zeros, which the
       **backward** updates (unchanged if the new values are not finite; not at all when the input
       needs no gradient, since that backward never runs). All in the ``state_dict``. Run each
-      backward in the order of its forward: the control states follow the sample stream.
+      backward in the order of its forward: the control states follow the sample stream. The
+      four are float32 when the layer is float16 or bfloat16 (also after ``.half()`` /
+      ``.to(dtype)``), so streams above float16's range (65504) stay finite.
+    * **half precision**: float16/bfloat16 inputs have their statistics, normalization and
+      layer scaling computed in float32; the output has the input's dtype.
     * **non-finite training batch**: raises ``ValueError`` on CPU with every buffer untouched;
       on accelerators the update is skipped on the device and counted in ``non_finite_batches``
       (:class:`normlab.nn._base.NormBase`).
@@ -84,6 +88,12 @@ class _OnlineNorm(NormBase):
     """
 
     _twice_differentiable: ClassVar[bool] = False
+    _float32_buffers: ClassVar[tuple[str, ...]] = (
+        "running_mean",
+        "running_var",
+        "control_y",
+        "control_1",
+    )
 
     def __init__(
         self,
@@ -113,6 +123,7 @@ class _OnlineNorm(NormBase):
         factory = {"device": device, "dtype": dtype}
         self.register_buffer("control_y", torch.zeros(num_features, **factory))
         self.register_buffer("control_1", torch.zeros(num_features, **factory))
+        self._keep_float32_buffers()
 
     def reset_running_stats(self) -> None:
         """Streams to mean 0 / variance 1, control states and batch counters to zero."""
@@ -159,11 +170,13 @@ class _OnlineNorm(NormBase):
             self._write_guarded(self.running_mean, mean, ok)  # type: ignore[arg-type]
             self._write_guarded(self.running_var, var, ok)  # type: ignore[arg-type]
             self._count_batch(ok)
-        if self.affine:
+        if self.affine:  # in float32 for half inputs, rounded once after the compensation
             shape = bnf.channel_shape(input)
-            weight = self.weight.to(y.dtype).reshape(shape)  # type: ignore[union-attr]
-            y = y * weight + self.bias.to(y.dtype).reshape(shape)  # type: ignore[union-attr]
-        return self._compensate(y)
+            ys = y.float() if y.dtype in (torch.float16, torch.bfloat16) else y
+            weight = self.weight.to(ys.dtype).reshape(shape)  # type: ignore[union-attr]
+            y = torch.addcmul(self.bias.to(ys.dtype).reshape(shape), ys, weight)  # type: ignore[union-attr]
+        y = self._compensate(y)
+        return y if y.dtype == input.dtype else y.to(input.dtype)
 
 
 class OnlineNorm1d(_OnlineNorm):

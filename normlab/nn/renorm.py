@@ -75,9 +75,12 @@ class _BatchRenorm(_BatchNorm):
 
     with :math:`r, d` treated as constants by autograd. With :math:`r_{max}=1, d_{max}=0` it is
     BatchNorm. The limits follow :func:`renorm_limits` with the step ``num_batches_tracked``
-    (:meth:`current_limits`). Buffers, ``state_dict``, eval mode, half precision, the empty-batch,
-    batch-size-1 and non-finite rules are those of :class:`normlab.nn.BatchNorm2d`;
-    ``track_running_stats`` is always on and ``momentum`` must be a float.
+    (:meth:`current_limits`). Buffers, ``state_dict``, eval mode, the empty-batch, batch-size-1
+    and non-finite rules are those of :class:`normlab.nn.BatchNorm2d`; ``track_running_stats`` is
+    always on and ``momentum`` must be a float. Half precision: the output (training and eval)
+    has the input's dtype, computed in float32 for float16/bfloat16 inputs; ``running_mean`` and
+    ``running_var`` are float32 when the layer is float16 or bfloat16 (also after ``.half()`` /
+    ``.to(dtype)``), so statistics above float16's range (65504) stay finite.
 
     :attr:`twice_differentiable` is ``True``: the training backward is differentiable, and second
     derivatives are those of the function with :math:`r, d` held constant (the stop-gradient
@@ -102,6 +105,7 @@ class _BatchRenorm(_BatchNorm):
     """
 
     _torch_cls = None  # no torch equivalent: torch.jit.script raises (NormBase's message)
+    _float32_buffers = ("running_mean", "running_var")
 
     def __init__(
         self,
@@ -136,6 +140,7 @@ class _BatchRenorm(_BatchNorm):
         self.warmup_steps = warmup_steps
         self.r_max_steps = r_max_steps
         self.d_max_steps = d_max_steps
+        self._keep_float32_buffers()
 
     def extra_repr(self) -> str:
         return (
@@ -180,16 +185,26 @@ class _BatchRenorm(_BatchNorm):
             sigma = torch.sqrt(self.running_var.to(dtype) + self.eps)  # type: ignore[union-attr]
             r = torch.clamp(torch.sqrt(var + self.eps) / sigma, lo_r, hi_r).to(dtype)
             d = torch.clamp((mean - run_mean) / sigma, lo_d, hi_d).to(dtype)
-        shape = bnf.channel_shape(input)
-        y = xhat * r.reshape(shape).to(xhat.dtype) + d.reshape(shape).to(xhat.dtype)
+        y = self._affine(xhat, r, d)
         self._update_running_stats(mean, var, count, ok)
-        return self._affine(y)
+        return y
 
-    def _affine(self, y: Tensor) -> Tensor:
-        if not self.affine:
-            return y
-        shape = bnf.channel_shape(y)
-        return y * self.weight.reshape(shape) + self.bias.reshape(shape)
+    def _affine(self, xhat: Tensor, r: Tensor | None = None, d: Tensor | None = None) -> Tensor:
+        # gamma (r xhat + d) + beta = xhat * scale + shift per channel, computed in float32 for
+        # half-precision xhat (as the eval path) and returned in xhat's dtype, whatever the
+        # dtype of the parameters and of r, d.
+        if r is None and not self.affine:
+            return xhat
+        stat = torch.float32 if xhat.dtype in (torch.float16, torch.bfloat16) else xhat.dtype
+        c = self.num_features
+        scale = torch.ones(c, dtype=stat, device=xhat.device) if r is None else r.to(stat)
+        shift = torch.zeros(c, dtype=stat, device=xhat.device) if d is None else d.to(stat)
+        if self.affine:
+            weight = self.weight.to(stat)  # type: ignore[union-attr]
+            scale, shift = scale * weight, shift * weight + self.bias.to(stat)  # type: ignore[union-attr]
+        shape = bnf.channel_shape(xhat)
+        y = torch.addcmul(shift.reshape(shape), xhat.to(stat), scale.reshape(shape))
+        return y.to(xhat.dtype)
 
 
 class BatchRenorm1d(_BatchRenorm):

@@ -48,6 +48,11 @@ def _is_tracking_bn(module: nn.Module) -> bool:
     )
 
 
+def _check_model(fn: str, model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn} expected an nn.Module, got {type(model).__name__}")
+
+
 def _batch_input(batch: Any) -> Tensor:
     # A batch is a tensor, or a tuple/list whose first element is the input (torch's update_bn).
     if isinstance(batch, (tuple, list)) and batch:
@@ -130,11 +135,13 @@ def recompute_statistics(
         progress: optional ``progress(done, total)`` called after each layer is finished.
 
     Raises:
-        TypeError: ``batches`` is a one-shot iterator (a generator, ``iter(...)``), which cannot
-            be replayed once per layer; or a batch is not a tensor or tuple/list of one.
+        TypeError: ``model`` is not an ``nn.Module``; ``batches`` is a one-shot iterator (a
+            generator, ``iter(...)``), which cannot be replayed once per layer; or a batch is not
+            a tensor or tuple/list of one.
         ValueError: ``batches`` is empty; a BN layer runs more than once per forward (its
             population statistics would be defined by its own output); a layer saw fewer than 2
-            values per channel, or non-finite values.
+            values per channel, or non-finite values; or a statistic does not fit the dtype of
+            the layer's buffers (a variance above 65504 in a float16 ``running_var``).
 
     Note:
         BN layers with ``track_running_stats=False`` keep using batch statistics in eval mode,
@@ -151,6 +158,7 @@ def recompute_statistics(
         >>> model[1].running_mean.shape
         torch.Size([4])
     """
+    _check_model("recompute_statistics", model)
     if isinstance(batches, Iterator):
         raise TypeError(
             "recompute_statistics expected a re-iterable collection of batches (a list, a "
@@ -265,6 +273,15 @@ def _layer_input_moments(
         raise ValueError(
             f"recompute_statistics expected finite inputs to {name}, got NaN or Inf statistics"
         )
+    dtype = layer.running_var.dtype  # type: ignore[union-attr]
+    for what, value in (("mean", acc.mean), ("variance", var)):
+        if not bool(torch.isfinite(value.to(dtype)).all()):
+            largest = float(value.abs().max())
+            raise ValueError(
+                f"recompute_statistics expected statistics of {name}'s input that fit its "
+                f"{dtype} buffers (largest finite {torch.finfo(dtype).max:g}), got a {what} of "
+                f"{largest:.6g}; cast the layer to float32 (running statistics left unchanged)"
+            )
     return acc.mean, var, acc.count
 
 
@@ -287,15 +304,17 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     .. math::
         W' = s\,W,\qquad b' = s\,(b - \mu_{run}) + \beta
 
-    (a bias is created when the layer had none) and the BN is replaced by ``nn.Identity``; the
-    folding is computed in float64 and cast back. ``Linear`` -> ``BatchNorm1d`` assumes 2-D
-    ``(N, features)`` activations, the usual MLP layout. Other BN layers (in training mode,
-    without running statistics, after something else, after a layer shared or whose output is
-    also used elsewhere, of an unknown subclass) are kept, each logged at INFO with the reason.
+    (a bias is created when the layer had none) and the BN is replaced by ``nn.Identity`` (in the
+    BN's train/eval mode); the folding is computed in float64 and cast back. ``Linear`` ->
+    ``BatchNorm1d`` assumes 2-D ``(N, features)`` activations, the usual MLP layout. Other BN
+    layers (in training mode, without running statistics, after something else, after a layer
+    shared or whose output is also used elsewhere, of an unknown subclass) are kept, each logged
+    at INFO with the reason.
     ``model`` itself is not modified (the copy is a deepcopy); the copy keeps the model's classes
     and attributes (it is not an ``fx.GraphModule``). Rules: see docs/surgery.md.
 
     Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
         ValueError: ``model`` holds an uninitialized lazy module (it cannot be copied; run one
             forward first).
 
@@ -308,6 +327,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         >>> type(folded[1]).__name__
         'Identity'
     """
+    _check_model("fold_batchnorm", model)
     lazy = [
         name or type(m).__name__
         for name, m in model.named_modules()
@@ -333,7 +353,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
             logger.info("fold_batchnorm: kept %s: %s", name, reason)
             continue
         _fold_into(folded.get_submodule(prev_name), bn)  # type: ignore[arg-type]
-        replace_module(folded, name, nn.Identity())
+        replace_module(folded, name, nn.Identity().train(bn.training))
         count += 1
     logger.debug("fold_batchnorm: folded %d of %d BN layers", count, len(bns))
     return folded

@@ -2,7 +2,7 @@ r"""``BNPreconditioner``: Batch Normalization Preconditioning for the ``nn.Linea
 ``nn.Conv2d`` layers of an unchanged model.
 
 The statistics and the gradient transforms are those of :mod:`normlab.functional.precondition`;
-this module records the statistics (forward pre-hooks), folds them in, optionally all-reduces them
+this module records the statistics (forward hooks), folds them in, optionally all-reduces them
 over a process group, and applies the transforms to ``.grad`` in place. What BNP is, how the class
 hooks into training and which choices are normlab's own: docs/algorithms/bnp.md.
 """
@@ -57,7 +57,12 @@ class _Layer:
     # recorded forward of the current step (use_current_batch=False).
     name: str
     module: nn.Linear | nn.Conv2d
-    handle: Any = None
+    handle: Any = None  # the forward pre-hook, which stages the input's moments
+    commit_handle: Any = None  # the forward hook, which records them once the layer has run
+    # The moments of the current forward's input, staged by the pre-hook: recorded by the forward
+    # hook, dropped when the layer raises (the next pre-hook overwrites them).
+    staged: Moments | None = None
+    staged_batch_size: int = 0
     running: RunningMoments | None = None
     before_step: RunningMoments | None = None
     new_step: bool = True  # no forward recorded since the last precondition_()
@@ -160,7 +165,7 @@ def _conv_pads(conv: nn.Conv2d) -> tuple[int, int, int, int]:
 class BNPreconditioner:
     r"""Batch Normalization Preconditioning (BNP) of a model's dense and conv layers.
 
-    Forward pre-hooks record the mean and variance of each hooked layer's *input* during training
+    Forward hooks record the mean and variance of each hooked layer's *input* during training
     forwards; :meth:`precondition_` then replaces each layer's gradients, in place, by the BNP
     transform (:func:`~normlab.functional.precondition.precondition_linear_`, per input channel or
     per patch entry :func:`~normlab.functional.precondition.precondition_conv2d_` for
@@ -186,8 +191,11 @@ class BNPreconditioner:
     ``unfold`` per forward, exact for any padding and padding mode). Every training forward of a
     layer (``module.training`` and not :meth:`paused`) folds the batch's moments into a running
     estimate with :func:`~normlab.functional.precondition.ema_moments`; a layer called twice in a
-    forward folds in both inputs. Folding is deferred until the statistics are next needed
-    (:meth:`precondition_`, :meth:`statistics`, :meth:`state_dict`), with the same result.
+    forward folds in both inputs. Only forwards that succeed count: a forward pre-hook takes the
+    input's moments and a forward hook records them once the layer has run, so an input the
+    layer rejects (its own error) changes no statistic, count or ``rho``. Folding is deferred
+    until the statistics are next needed (:meth:`precondition_`, :meth:`statistics`,
+    :meth:`state_dict`), with the same result.
 
     **Statistics used for the step.** ``use_current_batch=True``: the running estimate after the
     current batch was folded in. ``False``: the estimate as it was before the first recorded
@@ -216,7 +224,8 @@ class BNPreconditioner:
     ``torch.func`` transforms) should do so inside :meth:`paused`, or they change the statistics.
 
     Args:
-        model: the network. Its modules are not modified apart from one forward pre-hook each.
+        model: the network. Its modules are not modified apart from one forward pre-hook and one
+            forward hook each.
         modules: the layers to precondition, as submodules of ``model`` or their names (from
             ``model.named_modules()``); default every ``nn.Linear`` and ``nn.Conv2d``, subclasses
             included (a subclass whose weight is used without calling its ``forward`` never gets
@@ -291,6 +300,7 @@ class BNPreconditioner:
             layer.handle = layer.module.register_forward_pre_hook(
                 self._make_hook(layer), with_kwargs=True
             )
+            layer.commit_handle = layer.module.register_forward_hook(self._make_commit(layer))
 
     @staticmethod
     def _select(
@@ -384,7 +394,11 @@ class BNPreconditioner:
     # ------------------------------------------------------------------------------- recording
 
     def _make_hook(self, layer: _Layer):
+        # The pre-hook stages the moments of the layer's input; the forward hook (_make_commit)
+        # records them only once the layer has run, so an input the layer rejects (wrong dtype,
+        # a padding larger than the input) changes nothing.
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            layer.staged = None
             if not module.training or not self.recording:
                 return None
             x = args[0] if args else kwargs.get("input")
@@ -394,18 +408,31 @@ class BNPreconditioner:
                 and x.is_floating_point()
                 and (x.numel() > 0 or self._group is not None)
             ):
-                self._record(layer, x)
+                self._stage(layer, x)
             return None
 
         return hook
 
-    def _record(self, layer: _Layer, x: Tensor) -> None:
+    def _make_commit(self, layer: _Layer):
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            batch, layer.staged = layer.staged, None
+            if batch is not None:
+                self._record(layer, batch, layer.staged_batch_size)
+            return None
+
+        return hook
+
+    def _stage(self, layer: _Layer, x: Tensor) -> None:
         # No torch.no_grad() needed: everything here derives from the detached input.
         batch = self._batch_moments(layer.module, x.detach())
         if batch is None:  # an input the layer itself will reject: let it raise its own error
             return
+        n = x.shape[0] if x.dim() >= (2 if isinstance(layer.module, nn.Linear) else 4) else 1
+        layer.staged, layer.staged_batch_size = batch, n
+
+    def _record(self, layer: _Layer, batch: Moments, n: int) -> None:
+        # `batch`: the moments of an input the layer accepted; `n`: its batch size.
         if self._rho_resolved is None and self._first_batch_size is None:
-            n = x.shape[0] if x.dim() >= (2 if isinstance(layer.module, nn.Linear) else 4) else 1
             if self._group is None:
                 self._rho_resolved = _rho_for(n)
             else:  # resolved from the global batch size at the first fold (_reduce)
@@ -704,15 +731,16 @@ class BNPreconditioner:
         return handle
 
     def remove(self) -> None:
-        """Detach every hook: the forward pre-hooks and all :meth:`attach` step pre-hooks.
+        """Detach every hook: the forward (pre-)hooks and all :meth:`attach` step pre-hooks.
 
         Idempotent. Afterwards nothing is recorded and ``precondition_``/``attach`` raise
         ``RuntimeError``; :meth:`statistics` and :meth:`state_dict` still work.
         """
         for layer in self._layers:
-            if layer.handle is not None:
-                layer.handle.remove()
-                layer.handle = None
+            for handle in (layer.handle, layer.commit_handle):
+                if handle is not None:
+                    handle.remove()
+            layer.handle = layer.commit_handle = layer.staged = None
         for handle in list(self._attached.values()):
             handle.remove()
         self._attached.clear()
@@ -771,8 +799,8 @@ class BNPreconditioner:
         ignored; both lists are returned.
 
         Raises:
-            TypeError / ValueError: malformed state, wrong tensor shapes, bad options, or (with
-                ``strict``) layer names that do not match.
+            TypeError / ValueError: malformed state, wrong tensor shapes, NaN/Inf or negative
+                statistics, bad options, or (with ``strict``) layer names that do not match.
         """
         if not isinstance(state_dict, dict):
             raise TypeError(f"load_state_dict expected a dict, got {type(state_dict).__name__}")
@@ -871,6 +899,13 @@ class BNPreconditioner:
                         f"got {tuple(t.shape)}"
                     )
                 tensors.append(t.detach().to(device=module.weight.device).clone())
+            for key, t in zip(("mean", "var"), tensors, strict=True):
+                bad = int((~torch.isfinite(t)).sum())
+                if bad:
+                    raise ValueError(
+                        f"layer {name!r}: {which} {key} must be finite, got {bad} NaN or Inf "
+                        f"entries of {t.numel()}"
+                    )
             if bool((tensors[1] < 0).any()):
                 raise ValueError(f"layer {name!r}: {which} var has negative entries")
             return RunningMoments(tensors[0], tensors[1], count)
