@@ -8,12 +8,12 @@ Command (from the repository root; about 10 minutes on the shared 2-core machine
 
 **Accuracy.** MNIST-10k (the t10k files split 8000 train / 2000 test by ``normlab.data``), MLP
 784-100-100-100-10 with ReLU, plain SGD, ``--epochs`` epochs (3), all through
-``normlab.train.train`` (seed 0). Every setting trains once per point of its learning-rate grid (below) on
-7000 of the 8000 training images; the point with the best accuracy on the other 1000
+``normlab.train.train`` (seed 0). Every setting trains once per point of its learning-rate grid
+(below) on 7000 of the 8000 training images; the point with the best accuracy on the other 1000
 (validation) is chosen, and the table reports that run's accuracy on the 2000 test images. BNP
 runs with the variance floor ``--bnp-floor`` (0.1, the default: most MNIST pixels are nearly
-constant, and a floor of 1e-3 lets their weights take 1000x steps; that run is reported too). Targets: BNP
-at batch size 1 reaches >= 0.97x the test accuracy of BN at batch size 64; BNP at batch size 4
+constant, and a floor of 1e-3 lets their weights take 1000x steps; that run is reported too).
+Targets: BNP at batch size 1 reaches >= 0.97x the test accuracy of BN at batch size 64; BNP at batch size 4
 beats no normalization at batch size 4.
 
 **Overhead.** One training step (``zero_grad``, forward, cross-entropy, ``backward``,
@@ -138,39 +138,40 @@ def accuracy(data_root: str, epochs: int, floor: float, seed: int) -> None:
     print()
 
 
-def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bnp: bool) -> Callable[[], None]:
+def _step_fn(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, bnp: bool, dtype: torch.dtype | None
+) -> Callable[[], None]:
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     precond = BNPreconditioner(model) if bnp else None
+    device = x.device
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
         if precond is not None:
             precond.precondition_()
         optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     return step
 
 
-def overhead(blocks: int, seed: int) -> None:
+def overhead(blocks: int, seed: int, device: str = "cpu", precision: str = "fp32") -> None:
     g = torch.Generator().manual_seed(seed)
+    dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
     cases = [
-        (
-            "MLP 784-100-100-100-10, b=64",
-            lambda: MLP(784, (100, 100, 100), 10),
-            (64, 784),
-            40,
-        ),
-        (
-            "SmallCNN (16,32,64) on 1x28x28, b=64",
-            lambda: SmallCNN(1, 10),
-            (64, 1, 28, 28),
-            3,
-        ),
+        ("MLP 784-100-100-100-10, b=64", lambda: MLP(784, (100, 100, 100), 10), (64, 784), 40),
+        ("MLP 784-100-100-100-10, b=1", lambda: MLP(784, (100, 100, 100), 10), (1, 784), 40),
+        ("SmallCNN (16,32,64) on 1x28x28, b=64", lambda: SmallCNN(1, 10), (64, 1, 28, 28), 3),
+        ("SmallCNN (16,32,64) on 1x28x28, b=1", lambda: SmallCNN(1, 10), (1, 1, 28, 28), 20),
     ]
     print(
         f"## overhead: one training step with / without BNP (torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s), {blocks} interleaved blocks, medians)\n"
+        f"device {device}, {precision}, {torch.get_num_threads()} thread(s), {blocks} "
+        "interleaved blocks, medians)\n"
     )
     print(
         "| model | plain ms (wall) | bnp ms (wall) | ratio wall | ratio CPU | "
@@ -178,13 +179,16 @@ def overhead(blocks: int, seed: int) -> None:
     )
     print("|---|---|---|---|---|---|")
     for label, make, shape, steps in cases:
-        x = torch.rand(*shape, generator=g)
-        y = torch.randint(0, 10, (shape[0],), generator=g)
+        x = torch.rand(*shape, generator=g).to(device)
+        y = torch.randint(0, 10, (shape[0],), generator=g).to(device)
         torch.manual_seed(seed)
-        plain_model = make()
-        bnp_model = make()
+        plain_model = make().to(device)
+        bnp_model = make().to(device)
         bnp_model.load_state_dict(plain_model.state_dict())
-        fns = {"plain": _step_fn(plain_model, x, y, False), "bnp": _step_fn(bnp_model, x, y, True)}
+        fns = {
+            "plain": _step_fn(plain_model, x, y, False, dtype),
+            "bnp": _step_fn(bnp_model, x, y, True, dtype),
+        }
         for fn in fns.values():  # warm-up
             for _ in range(max(3, steps // 4)):
                 fn()
@@ -220,10 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, default=40, help="interleaved timing blocks")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (overhead part)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.part in ("all", "overhead"):
-        overhead(args.blocks, args.seed)
+        overhead(args.blocks, args.seed, args.device, args.precision)
     if args.part in ("all", "accuracy"):
         if not args.data_root:
             parser.error("--data-root is required for the accuracy part")
