@@ -13,8 +13,8 @@ Command (from the repository root; about 10 minutes on the shared 2-core machine
 (validation) is chosen, and the table reports that run's accuracy on the 2000 test images. BNP
 runs with the variance floor ``--bnp-floor`` (0.1, the default: most MNIST pixels are nearly
 constant, and a floor of 1e-3 lets their weights take 1000x steps; that run is reported too).
-Targets: BNP at batch size 1 reaches >= 0.97x the test accuracy of BN at batch size 64; BNP at batch size 4
-beats no normalization at batch size 4.
+Targets: BNP at batch size 1 reaches >= 0.97x the test accuracy of BN at batch size 64; BNP at
+batch size 4 beats no normalization at batch size 4.
 
 **Overhead.** One training step (``zero_grad``, forward, cross-entropy, ``backward``,
 ``BNPreconditioner.precondition_`` for BNP, ``SGD.step``) of the MLP 784-100-100-100-10 and of
