@@ -119,5 +119,14 @@ def plot(results: dict[str, Any]) -> Any:
 DESCRIPTION = "3 samples at batch size 1/2: BN's test loss rises, FN's does not"
 SMOKE = {"base": {"max_steps": 6, "epochs": 2, "widths": (4, 4)}}
 core.register_experiment(
-    core.Experiment("fn-tiny-dataset", DESCRIPTION, FnTinyDatasetConfig, run, plot, report, SMOKE)
+    core.Experiment(
+        "fn-tiny-dataset",
+        DESCRIPTION,
+        FnTinyDatasetConfig,
+        run,
+        plot,
+        report,
+        SMOKE,
+        tune_lr=False,  # 3 training samples leave no validation split; the test set is train
+    )
 )
