@@ -11,18 +11,21 @@ empty :class:`~normlab.nn.NoNorm` slot); the Linear/Conv feeding a slot has a bi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from normlab.nn.convert import NoNorm
+from normlab.nn.noise import DistributionNoise
 from normlab.registry import Registry
 
 __all__ = [
     "MLP",
     "MODELS",
     "NormLayer",
+    "Residual",
     "SmallCNN",
     "SmallResNet",
     "build_model",
@@ -57,6 +60,17 @@ def _activation(name: str) -> nn.Module:
         raise ValueError(f"unknown activation {name!r}; valid: {', '.join(_ACTIVATIONS)}") from None
 
 
+class Residual(nn.Module):
+    """``x + body(x)``: a skip connection around ``body`` (input and output shapes must agree)."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
 class MLP(nn.Sequential):
     """``Flatten -> [Linear -> norm -> activation] * len(widths) -> Linear``.
 
@@ -67,6 +81,22 @@ class MLP(nn.Sequential):
         norm_layer: fills each slot; ``None`` leaves it empty.
         activation: ``"relu"``, ``"sigmoid"`` or ``"tanh"``.
         bias: whether each hidden Linear has a bias (default: iff ``norm_layer`` is None).
+        init_scale: multiplies the weights of every hidden Linear after PyTorch's default
+            initialization (the output Linear keeps its own); ``1.0`` leaves them untouched.
+        dropout: ``p > 0`` appends ``nn.Dropout(p)`` after each hidden activation.
+        residual: every hidden block after the first whose input and output widths agree
+            becomes ``Residual(block)``: ``x + block(x)``; the others stay plain.
+        post_norm: ``(num_features, kind) -> nn.Module`` placed after each slot, before the
+            activation (e.g. :class:`~normlab.nn.noise.DistributionNoise`); ``None``: nothing.
+
+    With the defaults of the last four options the model (modules, parameters and their
+    initialization) is the plain MLP.
+
+    Raises:
+        ValueError: a non-positive size, an unknown activation, ``init_scale`` not a positive
+            finite number, ``dropout`` not in ``[0, 1)``.
+        TypeError: ``norm_layer`` or ``post_norm`` not callable (nor None), ``residual`` not a
+            bool.
     """
 
     def __init__(
@@ -77,6 +107,11 @@ class MLP(nn.Sequential):
         norm_layer: NormLayer | None = None,
         activation: str = "relu",
         bias: bool | None = None,
+        *,
+        init_scale: float = 1.0,
+        dropout: float = 0.0,
+        residual: bool = False,
+        post_norm: NormLayer | None = None,
     ) -> None:
         norm, bias = _slot(norm_layer, bias)
         if in_features < 1 or num_classes < 1 or any(w < 1 for w in widths):
@@ -84,19 +119,42 @@ class MLP(nn.Sequential):
                 f"MLP sizes must be positive, got in_features={in_features}, "
                 f"widths={tuple(widths)}, num_classes={num_classes}"
             )
+        _check_mlp_options(init_scale, dropout, residual, post_norm)
         layers: list[nn.Module] = [nn.Flatten()]
         prev = in_features
         for width in widths:
-            layers.append(
-                nn.Sequential(
-                    nn.Linear(prev, width, bias=bias),
-                    norm(width, "1d"),
-                    _activation(activation),
-                )
-            )
+            block = nn.Sequential(nn.Linear(prev, width, bias=bias), norm(width, "1d"))
+            if post_norm is not None:
+                block.append(post_norm(width, "1d"))
+            block.append(_activation(activation))
+            if dropout > 0:
+                block.append(nn.Dropout(dropout))
+            if init_scale != 1.0:
+                with torch.no_grad():
+                    block[0].weight.mul_(init_scale)
+            skip = residual and len(layers) > 1 and prev == width
+            layers.append(Residual(block) if skip else block)
             prev = width
         layers.append(nn.Linear(prev, num_classes))
         super().__init__(*layers)
+
+
+def _check_mlp_options(
+    init_scale: Any, dropout: Any, residual: Any, post_norm: NormLayer | None
+) -> None:
+    number = (int, float)
+    if (
+        isinstance(init_scale, bool)
+        or not isinstance(init_scale, number)
+        or not (math.isfinite(init_scale) and init_scale > 0)
+    ):
+        raise ValueError(f"init_scale must be a positive finite number, got {init_scale!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, number) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    if not isinstance(residual, bool):
+        raise TypeError(f"residual must be a bool, got {type(residual).__name__}")
+    if post_norm is not None and not callable(post_norm):
+        raise TypeError(f"post_norm must be callable or None, got {type(post_norm).__name__}")
 
 
 def _conv_block(
@@ -192,8 +250,39 @@ def _image_channels(name: str, input_shape: tuple[int, ...]) -> int:
     return input_shape[0]
 
 
-def _mlp(input_shape, num_classes, *, norm_layer, bias, widths=(100, 100, 100), activation="relu"):
-    return MLP(math.prod(input_shape), widths, num_classes, norm_layer, activation, bias)
+def _mlp(
+    input_shape,
+    num_classes,
+    *,
+    norm_layer,
+    bias,
+    widths=(100, 100, 100),
+    activation="relu",
+    init_scale=1.0,
+    dropout=0.0,
+    residual=False,
+    noise=None,
+):
+    # noise: None, or DistributionNoise's keyword options (a JSON object in a model spec).
+    post_norm = None
+    if noise is not None:
+        if not isinstance(noise, Mapping):
+            raise TypeError(f"mlp option noise must be a mapping or None, got {noise!r}")
+        options = dict(noise)
+        DistributionNoise(1, **options)  # bad options raise here, not at the first slot
+        post_norm = lambda c, kind: DistributionNoise(c, kind, **options)  # noqa: E731
+    return MLP(
+        math.prod(input_shape),
+        widths,
+        num_classes,
+        norm_layer,
+        activation,
+        bias,
+        init_scale=init_scale,
+        dropout=dropout,
+        residual=residual,
+        post_norm=post_norm,
+    )
 
 
 def _cnn(input_shape, num_classes, *, norm_layer, bias, channels=(16, 32, 64)):
@@ -256,3 +345,6 @@ def build_model(
     if bias is None:
         bias = norm_layer is None
     return factory(tuple(input_shape), num_classes, norm_layer=norm_layer, bias=bias, **options)
+
+
+# ------------------------------------------------------------------------------ model specs

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import inspect
 import json
 import logging
 import math
@@ -109,6 +110,7 @@ class TrainConfig:
     model: str = "mlp"  # mlp | cnn | resnet
     widths: tuple[int, ...] = (100, 100, 100)  # MLP hidden widths
     activation: str = "relu"  # MLP nonlinearity: relu | sigmoid | tanh
+    model_options: dict[str, Any] = field(default_factory=dict)  # more options of the model
     method: str = "bn"  # a name from normlab.methods.METHODS
     scenario: str = "shuffled"  # a name from normlab.data.SCENARIOS
     batch_size: int | None = None  # overrides the scenario's batch size
@@ -161,6 +163,23 @@ def _positive(name: str, value: Any, kind: type = float, allow_zero: bool = Fals
         raise ValueError(f"TrainConfig.{name} must be {want}, got {value!r}")
 
 
+def _check_model_options(name: str, options: Any) -> None:
+    factory = MODELS[name]
+    if not isinstance(options, Mapping):
+        raise TypeError(f"TrainConfig.model_options must be a dict, got {type(options).__name__}")
+    params = inspect.signature(factory).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [k for k, p in params.items() if p.kind is p.KEYWORD_ONLY]
+    valid = [k for k in valid if k not in ("norm_layer", "bias")]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"model {name!r} got unknown option(s) {', '.join(unknown)}; valid: "
+            f"{', '.join(valid) or 'none'}"
+        )
+
+
 def validate_config(cfg: TrainConfig) -> None:
     """Check names and values of ``cfg`` before anything is built or written.
 
@@ -178,8 +197,10 @@ def validate_config(cfg: TrainConfig) -> None:
         DATASETS[cfg.dataset]
     if ":" in cfg.model:
         _user_factory(cfg.model, "--model")
+        if cfg.model_options:
+            raise ValueError("TrainConfig.model_options apply to registered models only")
     else:
-        MODELS[cfg.model]
+        _check_model_options(cfg.model, cfg.model_options)
     resolve_device(cfg.device)
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"unknown precision {cfg.precision!r}; valid: {', '.join(PRECISIONS)}")
@@ -190,8 +211,10 @@ def validate_config(cfg: TrainConfig) -> None:
             f"unknown optimizer {cfg.optimizer!r}; valid optimizers: {', '.join(OPTIMIZERS)}"
         )
     _positive("lr", cfg.lr)
-    if isinstance(cfg.holdout, bool) or not isinstance(cfg.holdout, (int, float)) or not (
-        0.0 <= cfg.holdout < 1.0
+    if (
+        isinstance(cfg.holdout, bool)
+        or not isinstance(cfg.holdout, (int, float))
+        or not (0.0 <= cfg.holdout < 1.0)
     ):
         raise ValueError(f"TrainConfig.holdout must be a float in [0, 1), got {cfg.holdout!r}")
     _positive("momentum", cfg.momentum, allow_zero=True)
@@ -428,6 +451,7 @@ def _build(cfg, method, options, source, model):
     model_options: dict[str, Any] = {}
     if cfg.model == "mlp":
         model_options = {"widths": cfg.widths, "activation": cfg.activation}
+    model_options.update(cfg.model_options)
     return build_model_for(
         cfg.model, source.input_shape, num_outputs, method, options, **model_options
     )
