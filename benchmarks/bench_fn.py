@@ -22,7 +22,10 @@ through :func:`normlab.train.train`)::
 * ``speed``: forward + backward (``torch.autograd.grad`` of input, weight and bias) of the
   ``FullNorm1d/2d`` module in training mode against ``torch.nn.BatchNorm1d/2d`` in training
   mode, on the reference-BN benchmark's shapes, in one process, interleaved in rotating order,
-  medians over repeats. Target: FN / BN <= 1.5.
+  medians over repeats; every estimator on the fused CPU kernels (the default dispatch,
+  docs/performance.md), and the default estimator on the pure-PyTorch reference code
+  (``ref``, the fused path switched off). ``--threads 1 2`` prints one table per thread count.
+  Target: FN / BN <= 1.2.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from normlab.functional import _fused
 from normlab.functional.full_norm import ESTIMATORS
 from normlab.nn.fullnorm import FullNorm1d, FullNorm2d
 from normlab.train import TrainConfig, train
@@ -150,6 +154,13 @@ def _speed_variants(shape: tuple[int, ...], gen: torch.Generator) -> dict[str, C
             return torch.autograd.grad(layer(x), (x, layer.weight, layer.bias), g)
 
         variants[f"fn-{est}"] = run
+    ref_layer = fn_cls(c)
+
+    def reference() -> object:
+        with _fused.use(False):
+            return torch.autograd.grad(ref_layer(x), (x, ref_layer.weight, ref_layer.bias), g)
+
+    variants[f"fn-{ref_layer.estimator}-ref"] = reference
     return variants
 
 
@@ -169,24 +180,32 @@ def _measure(fns: dict[str, Callable], inner: int, repeats: int) -> dict[str, fl
 
 
 def speed(args: argparse.Namespace) -> None:
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    if not _fused.available():
+        print(f"fused kernels unavailable ({_fused.load_error()}): every column is the reference")
+    for threads in args.threads or [torch.get_num_threads()]:
+        torch.set_num_threads(threads)
+        _speed_table(args)
+
+
+def _speed_table(args: argparse.Namespace) -> None:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {os.cpu_count()} CPU(s),"
         f" load average {os.getloadavg()[0]:.2f} (before); fn default: "
         f"{FullNorm1d(1).estimator!r}"
     )
     gen = torch.Generator().manual_seed(0)
-    cols = ["bn", *(f"fn-{e}" for e in ESTIMATORS)]
-    print(f"{'shape':>18} {'bn ms':>8} " + " ".join(f"{c + '/bn':>14}" for c in cols[1:]))
+    cols = None
     for shape in SHAPES:
         fns = _speed_variants(shape, gen)
+        if cols is None:
+            cols = list(fns)
+            print(f"{'shape':>18} {'bn ms':>8} " + " ".join(f"{c + '/bn':>16}" for c in cols[1:]))
         numel = 1
         for s in shape:
             numel *= s
         inner = max(1, int(args.work // numel))
         t = _measure(fns, inner, args.repeats)
-        ratios = " ".join(f"{t[c] / t['bn']:>14.2f}" for c in cols[1:])
+        ratios = " ".join(f"{t[c] / t['bn']:>16.2f}" for c in cols[1:])
         print(f"{str(shape):>18} {t['bn'] * 1e3:>8.3f} {ratios}", flush=True)
     print(f"load average {os.getloadavg()[0]:.2f} (after)")
 
@@ -211,7 +230,7 @@ def main() -> None:
     acc.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS))
     acc.add_argument("--extra", nargs="*", default=[], help="more methods, e.g. fn-batch")
     spd = sub.add_parser("speed")
-    spd.add_argument("--threads", type=int, default=None)
+    spd.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts")
     spd.add_argument("--repeats", type=int, default=11)
     spd.add_argument("--work", type=float, default=4e6, help="elements per timed block")
     args = parser.parse_args()

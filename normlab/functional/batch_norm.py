@@ -20,6 +20,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from normlab.functional import _fused
+
 __all__ = [
     "Moments",
     "BatchNormTrainFn",
@@ -127,8 +129,12 @@ def batch_norm_eval(
     :math:`y = \gamma (x - \mu_{run}) / \sqrt{\sigma^2_{run} + \epsilon} + \beta`, an affine map
     per channel differentiated by autograd. Shapes: ``x`` :math:`(N, C, *)`, the others ``(C,)``
     (``weight``/``bias`` may be ``None``); output shaped and typed as ``x``. NaN/Inf in ``x``
-    stay in their own positions.
+    stay in their own positions. On CPU this runs the fused kernel where it applies
+    (docs/performance.md).
     """
+    fused = _fused.try_batch_norm_eval(x, running_mean, running_var, weight, bias, eps)
+    if fused is not None:
+        return fused
     scale, shift = _scale_shift(running_mean, running_var, weight, bias, eps)
     return _affine(x, scale, shift)
 
@@ -374,6 +380,10 @@ def batch_norm_train(
     and ``var`` of shape ``(C,)`` (float32 for half-precision ``x``), carrying no gradient.
     Differentiable twice (the backward is :func:`batch_norm_backward`) and usable under every
     :mod:`torch.func` transform (see :class:`BatchNormTrainFn`). An empty ``x`` gives an empty
-    ``y`` and NaN statistics.
+    ``y`` and NaN statistics. On CPU this runs the fused kernels where they apply (same
+    contract; docs/performance.md), else :class:`BatchNormTrainFn`.
     """
+    fused = _fused.try_batch_norm_train(x, weight, bias, eps)
+    if fused is not None:
+        return fused
     return BatchNormTrainFn.apply(x, weight, bias, eps)

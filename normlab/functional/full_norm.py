@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from normlab.functional import _fused
 from normlab.functional.batch_norm import batch_norm_eval, channel_shape, reduce_dims
 from normlab.functional.distributed import all_reduce_packed
 
@@ -678,7 +679,7 @@ def full_norm_train(
             f"integer tensor), got {type(outer_state).__name__} and {type(outer_count).__name__}"
         )
     check_process_group(process_group)
-    out, mean, var, rho = FullNormTrainFn.apply(
+    args = (
         x,
         weight,
         bias,
@@ -692,6 +693,9 @@ def full_norm_train(
         float(outer_momentum),
         process_group,
     )
+    # The fused CPU kernels where they apply (same contract; docs/performance.md).
+    fused = _fused.try_full_norm_train(*args)
+    out, mean, var, rho = fused if fused is not None else FullNormTrainFn.apply(*args)
     return out, FullNormStats(mean, var, float(alpha), rho)
 
 

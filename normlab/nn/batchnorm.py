@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.errors import BatchTooSmallError
+from normlab.functional import _fused
 from normlab.functional import batch_norm as bnf
 from normlab.nn._base import NormBase, check_norm_args, check_norm_input
 
@@ -78,6 +79,24 @@ class _BatchNorm(NormBase):
             )
         count = self._batch_count(input)
         update = self.training and self.track_running_stats
+        if update and count > 0:
+            # The fused CPU step (forward and running-statistics update in one call; nothing is
+            # written when a statistic is not finite): docs/performance.md.
+            fused = _fused.try_batch_norm_module_train(
+                input,
+                self.weight,
+                self.bias,
+                self.eps,
+                self.running_mean,  # type: ignore[arg-type]
+                self.running_var,  # type: ignore[arg-type]
+                self.num_batches_tracked,  # type: ignore[arg-type]
+                self.momentum,
+            )
+            if fused is not None:
+                y, var, ok = fused
+                if not ok:
+                    self._finite_guard(input, var)  # raises, or counts the skipped batch
+                return y
         y, mean, var = bnf.batch_norm_train(input, self.weight, self.bias, self.eps)
         if update:
             if count == 0:  # empty batch: counted, statistics unchanged (torch's behaviour)
@@ -129,8 +148,11 @@ class _BatchNorm(NormBase):
             running_mean.lerp_(mean, factor)
             running_var.lerp_(unbiased, factor)
             return
-        self._write_guarded(running_mean, running_mean.to(dtype).lerp(mean, factor), ok)
-        self._write_guarded(running_var, running_var.to(dtype).lerp(unbiased, factor), ok)
+        # torch's factor * new + (1 - factor) * old: a float16 running_var that overflowed to
+        # inf stays inf, as in torch (a lerp from inf gives NaN).
+        keep = 1 - factor
+        self._write_guarded(running_mean, mean * factor + running_mean.to(dtype) * keep, ok)
+        self._write_guarded(running_var, unbiased * factor + running_var.to(dtype) * keep, ok)
 
     def __prepare_scriptable__(self) -> nn.Module:
         if self._torch_cls is None:

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from normlab.functional import _fused
 from normlab.functional import full_norm as fnf
 from normlab.nn._base import NormBase
 
@@ -203,13 +204,36 @@ class _FullNorm(NormBase):
                 f"{type(self).__name__} expected a non-empty training batch, got shape "
                 f"{tuple(input.shape)}"
             )
+        alpha = self.current_alpha()
+        # The fused CPU step (forward and estimate update in one call; nothing is written when
+        # an estimate is not finite): docs/performance.md.
+        fused = _fused.try_full_norm_module_train(
+            input,
+            self.weight,
+            self.bias,
+            self.running_mean,  # type: ignore[arg-type]
+            self.running_var,  # type: ignore[arg-type]
+            self.outer_factor,  # type: ignore[arg-type]
+            self.outer_steps,  # type: ignore[arg-type]
+            self.num_batches_tracked,  # type: ignore[arg-type]
+            alpha,
+            self.eps,
+            self.estimator,
+            self.outer_momentum,
+            self.process_group,
+        )
+        if fused is not None:
+            out, mean, var, ok = fused
+            if not ok:  # raises, or counts the skipped batch
+                self._finite_guard(input, torch.cat([mean, var]))
+            return out
         out, stats = fnf.full_norm_train(
             input,
             self.running_mean,  # type: ignore[arg-type]
             self.running_var,  # type: ignore[arg-type]
             self.weight,
             self.bias,
-            alpha=self.current_alpha(),
+            alpha=alpha,
             eps=self.eps,
             estimator=self.estimator,
             outer_state=self.outer_factor,  # type: ignore[arg-type]

@@ -1,0 +1,362 @@
+"""Fused CPU kernels of batch norm and Full Normalization, and the dispatch to them.
+
+The readable reference code in :mod:`normlab.functional.batch_norm` and
+:mod:`normlab.functional.full_norm` calls the ``try_*`` functions here first; each returns the
+fused result, or ``None`` when the call must go to the reference:
+
+* the kernels are unavailable (no compiler, a failed build: logged once at WARNING), switched
+  off by ``NORMLAB_FUSED=0`` or by :func:`set_enabled` / :func:`use`;
+* an input is not a plain strided CPU tensor of a floating dtype (CUDA, meta, sparse, tensor
+  subclasses, ``torch.func`` transforms, forward-mode AD, dispatch or function modes, tracing and
+  ``torch.compile``), or a per-channel tensor has another shape than ``(C,)``;
+* Full Normalization with a process group.
+
+Results equal the reference's up to rounding (the tests in tests/test_fused.py hold them to
+1e-6 in float32 and 1e-12 in float64). The fused backward is first-order; when a graph of the
+backward is recorded (``create_graph=True``) it runs the reference formulas, so double backward
+stays exact. Design and measurements: docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from types import ModuleType
+
+import torch
+import torch.autograd.forward_ad as _fwad
+from torch import Tensor
+
+from normlab.functional._fused import _loader
+
+__all__ = [
+    "ESTIMATOR_CODES",
+    "available",
+    "enabled",
+    "load_error",
+    "set_enabled",
+    "try_batch_norm_eval",
+    "try_batch_norm_module_train",
+    "try_batch_norm_train",
+    "try_full_norm_module_train",
+    "try_full_norm_train",
+    "use",
+]
+
+#: Full Normalization estimators by their code in the C++ kernels.
+ESTIMATOR_CODES = {"adaptive": 0, "batch": 1, "running": 2, "autograd": 3, "none": 4}
+
+_DTYPES = frozenset((torch.float32, torch.float64, torch.float16, torch.bfloat16))
+_PLAIN = (Tensor, torch.nn.Parameter)
+_STRIDED = torch.strided
+_C = torch._C
+_enabled = _loader.env_enabled()
+
+
+def available() -> bool:
+    """Whether the fused kernels are loaded (building them on the first call)."""
+    return _loader.load() is not None
+
+
+def load_error() -> str | None:
+    """Why the kernels are unavailable, or ``None``."""
+    return _loader.load_error()
+
+
+def enabled() -> bool:
+    """Whether the dispatch may use the fused kernels (``NORMLAB_FUSED`` and
+    :func:`set_enabled`)."""
+    return _enabled
+
+
+def set_enabled(flag: bool) -> bool:
+    """Switch the fused path on or off for this process; returns the previous setting.
+
+    Raises:
+        TypeError: ``flag`` is not a bool.
+    """
+    global _enabled
+    if not isinstance(flag, bool):
+        raise TypeError(f"set_enabled expected a bool, got {type(flag).__name__}")
+    previous, _enabled = _enabled, flag
+    return previous
+
+
+@contextlib.contextmanager
+def use(flag: bool) -> Iterator[None]:
+    """Context manager: the fused path on (``True``) or off (``False``, the reference) inside."""
+    previous = set_enabled(flag)
+    try:
+        yield
+    finally:
+        set_enabled(previous)
+
+
+def _ops() -> ModuleType | None:
+    # The kernels when the fused path may run at all in the current context.
+    if not _enabled or torch.compiler.is_compiling():
+        return None
+    ops = _loader._module if _loader._tried else _loader.load()
+    if ops is None:
+        return None
+    if (
+        _C._are_functorch_transforms_active()
+        or _C._len_torch_dispatch_stack() > 0
+        or _C._is_torch_function_mode_enabled()
+        or _fwad._current_level >= 0
+        or _C._get_tracing_state() is not None
+    ):
+        return None
+    return ops
+
+
+def _plain_input(x: object) -> bool:
+    return (
+        type(x) is Tensor
+        and x.is_cpu
+        and x.layout is _STRIDED
+        and x.dtype in _DTYPES
+        and x.dim() >= 2
+        and x.numel() > 0
+    )
+
+
+def _per_channel(p: object, c: int) -> bool:
+    # None, or a plain (C,) CPU tensor of a floating dtype.
+    return p is None or (
+        type(p) in _PLAIN
+        and p.is_cpu
+        and p.layout is _STRIDED
+        and p.dtype in _DTYPES
+        and p.dim() == 1
+        and p.shape[0] == c
+    )
+
+
+def _constant(p: Tensor, c: int) -> bool:
+    # A per-channel statistic the map treats as constant: no gradient may be asked of it.
+    return _per_channel(p, c) and p is not None and not p.requires_grad
+
+
+def try_batch_norm_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Fused :func:`normlab.functional.batch_norm_train`, or ``None`` (use the reference)."""
+    ops = _ops()
+    if ops is None or not _plain_input(x):
+        return None
+    c = x.shape[1]
+    if not (_per_channel(weight, c) and _per_channel(bias, c)):
+        return None
+    return ops.bn_train(x, weight, bias, float(eps))
+
+
+def try_batch_norm_eval(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor | None:
+    """Fused :func:`normlab.functional.batch_norm_eval`, or ``None`` (use the reference)."""
+    ops = _ops()
+    if ops is None or not _plain_input(x):
+        return None
+    c = x.shape[1]
+    if not (
+        _constant(running_mean, c)
+        and _constant(running_var, c)
+        and _per_channel(weight, c)
+        and _per_channel(bias, c)
+    ):
+        return None
+    return ops.norm_eval(x, running_mean, running_var, weight, bias, float(eps))
+
+
+def _fn_args(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    outer_state: Tensor | None,
+    outer_count: Tensor | None,
+    estimator: str,
+    process_group: object,
+) -> tuple[ModuleType, int] | None:
+    # (kernels, estimator code) when a Full Normalization call may run fused.
+    if process_group is not None:
+        return None
+    ops = _ops()
+    if ops is None or not _plain_input(x):
+        return None
+    c = x.shape[1]
+    if not (
+        _per_channel(weight, c)
+        and _per_channel(bias, c)
+        and _constant(running_mean, c)
+        and _constant(running_var, c)
+    ):
+        return None
+    if outer_state is not None and not (
+        type(outer_state) is Tensor
+        and outer_state.is_cpu
+        and outer_state.dtype in _DTYPES
+        and outer_state.shape == (2, c)
+        and not outer_state.requires_grad
+    ):
+        return None
+    if outer_count is not None and not _counter(outer_count):
+        return None
+    code = ESTIMATOR_CODES.get(estimator)
+    return None if code is None else (ops, code)
+
+
+def _counter(t: object) -> bool:
+    return type(t) is Tensor and t.is_cpu and t.dtype == torch.long and t.dim() == 0
+
+
+def _buffer(t: object, c: int, dtype: torch.dtype) -> bool:
+    # A running-statistics buffer the kernels may write: (C,), contiguous, the statistics' dtype.
+    return _constant(t, c) and t.dtype == dtype and t.is_contiguous()
+
+
+def try_full_norm_train(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    outer_state: Tensor | None,
+    outer_count: Tensor | None,
+    alpha: float,
+    eps: float,
+    estimator: str,
+    outer_momentum: float,
+    process_group: object,
+) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """Fused :class:`normlab.functional.full_norm.FullNormTrainFn` (without a process group),
+    or ``None`` (use the reference). Returns ``(out, mean, var, rho)``."""
+    found = _fn_args(
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        outer_state,
+        outer_count,
+        estimator,
+        process_group,
+    )
+    if found is None:
+        return None
+    ops, code = found
+    with_rho = estimator == "adaptive" and alpha < 1.0
+    return ops.fn_train(
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        outer_state,
+        outer_count,
+        float(alpha),
+        float(eps),
+        code,
+        float(outer_momentum),
+        with_rho,
+    )
+
+
+def try_batch_norm_module_train(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor,
+    momentum: float | None,
+) -> tuple[Tensor, Tensor, bool] | None:
+    """A BatchNorm layer's training step, fused: :func:`try_batch_norm_train` and torch's
+    running-statistics update (``momentum`` ``None``: the cumulative average) written into the
+    buffers, which are left untouched when a statistic is not finite. Returns ``(y, var, ok)``
+    (``ok`` false: nothing was written, the layer applies its non-finite policy), or ``None``
+    (use the reference)."""
+    ops = _ops()
+    if ops is None or not _plain_input(x):
+        return None
+    c = x.shape[1]
+    stat = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    if not (
+        _per_channel(weight, c)
+        and _per_channel(bias, c)
+        and _buffer(running_mean, c, stat)
+        and _buffer(running_var, c, stat)
+        and _counter(num_batches_tracked)
+    ):
+        return None
+    return ops.bn_train_module(
+        x,
+        weight,
+        bias,
+        float(eps),
+        running_mean,
+        running_var,
+        num_batches_tracked,
+        -1.0 if momentum is None else float(momentum),
+    )
+
+
+def try_full_norm_module_train(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    outer_state: Tensor | None,
+    outer_count: Tensor | None,
+    num_batches_tracked: Tensor,
+    alpha: float,
+    eps: float,
+    estimator: str,
+    outer_momentum: float,
+    process_group: object,
+) -> tuple[Tensor, Tensor, Tensor, bool] | None:
+    """A FullNorm layer's training step, fused: :func:`try_full_norm_train`, then the updated
+    estimates written into ``running_mean``/``running_var`` and ``num_batches_tracked``
+    incremented, all skipped when an estimate is not finite. Returns ``(out, mean, var, ok)``,
+    or ``None`` (use the reference)."""
+    stateful = estimator in ("adaptive", "running")
+    state = outer_state if stateful else None
+    count = outer_count if stateful else None
+    found = _fn_args(
+        x, weight, bias, running_mean, running_var, state, count, estimator, process_group
+    )
+    if found is None:
+        return None
+    c = x.shape[1]
+    stat = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    if not (
+        _buffer(running_mean, c, stat)
+        and _buffer(running_var, c, stat)
+        and _counter(num_batches_tracked)
+    ):
+        return None
+    ops, code = found
+    return ops.fn_train_module(
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        state,
+        count,
+        float(alpha),
+        float(eps),
+        code,
+        float(outer_momentum),
+        estimator == "adaptive" and alpha < 1.0,
+        num_batches_tracked,
+    )

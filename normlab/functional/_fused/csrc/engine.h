@@ -1,0 +1,839 @@
+// Per-channel two-phase kernels shared by normlab's fused batch norm and Full Normalization.
+//
+// A tensor (N, C, *) is seen in one of two memory layouts (Geometry):
+//   * planes:  contiguous NC*, each (n, c) is a run of S contiguous values;
+//   * rows:    channels innermost ((N, C) or channels_last): N*S rows of C contiguous values.
+//
+// Forward (stats_apply): phase A computes each channel's mean and centred sum of squares in one
+// read of the input (two passes over cache-sized blocks, the blocks merged with Chan's formula
+// in double); a caller-supplied function turns them into y = (x - center) * scale + shift per
+// channel; phase B writes y. Backward (sums_apply): phase A computes sum(g) and
+// sum(g * (x - center)) per channel; the caller's function turns them into
+// grad = a * g + b * (x - center) + k; phase B writes grad. Where every thread owns whole
+// channels, phase B follows phase A channel by channel while the channel is in cache.
+// Design notes and measurements: docs/performance.md.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <omp.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+namespace normlab {
+
+// Opmath: arithmetic type of a storage type (float for float, half and bfloat16).
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+
+// Element loads in the arithmetic type and rounded stores. Half and bfloat16 convert with plain
+// bit operations that vectorize (c10's own half conversions do not).
+inline float ld(float v) { return v; }
+inline double ld(double v) { return v; }
+inline float f32_from_bits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+inline uint32_t f32_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+// IEEE half <-> float without branches (the algorithm of c10's fp16_ieee_to_fp32_value and
+// fp16_ieee_from_fp32_value, written so that the compiler vectorizes it).
+inline float ld(c10::Half v) {
+  const uint32_t w = static_cast<uint32_t>(v.x) << 16;
+  const uint32_t sign = w & 0x80000000u, two_w = w + w;
+  const float normalized = f32_from_bits((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const float denormalized = f32_from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
+  return f32_from_bits(sign | (two_w < (1u << 27) ? f32_bits(denormalized) : f32_bits(normalized)));
+}
+inline float ld(c10::BFloat16 v) { return f32_from_bits(static_cast<uint32_t>(v.x) << 16); }
+
+template <typename T>
+inline T st(float v) {
+  return static_cast<T>(v);
+}
+template <typename T>
+inline T st(double v) {
+  return static_cast<T>(v);
+}
+template <>
+inline c10::BFloat16 st<c10::BFloat16>(float v) {
+  // Round to nearest even, NaN to the canonical quiet NaN (c10's rule).
+  const uint32_t u = f32_bits(v);
+  const uint32_t r = (v != v) ? 0x7FC0u : ((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  return c10::BFloat16(static_cast<uint16_t>(r), c10::BFloat16::from_bits());
+}
+template <>
+inline c10::Half st<c10::Half>(float v) {
+  float base = (std::fabs(v) * 0x1.0p+112f) * 0x1.0p-110f;
+  const uint32_t w = f32_bits(v), shl1_w = w + w, sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  bias = bias < 0x71000000u ? 0x71000000u : bias;
+  base = f32_from_bits((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = f32_bits(base);
+  const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  const uint32_t h = (sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign);
+  return c10::Half(static_cast<uint16_t>(h), c10::Half::from_bits());
+}
+
+struct Geometry {
+  int64_t N = 0, C = 0, S = 1;
+  bool rows = false;  // channels innermost
+  int64_t numel() const { return N * C * S; }
+  int64_t count() const { return N * S; }  // values per channel
+};
+
+struct FwdCoef {
+  double center = 0, scale = 1, shift = 0;
+};
+struct BwdCoef {
+  double a = 0, b = 0, k = 0;
+};
+
+// Below this many elements a kernel runs on the calling thread (a fork/join costs more).
+constexpr int64_t kParallelMin = 1 << 15;
+// Longest run of a plane whose two passes (sum, then centred squares) run while it is in L1.
+constexpr int64_t kRun = 2048;
+
+// Rows layout: threads own ranges of columns (no merge, no barrier) when each gets at least
+// this many; otherwise ranges of rows, merged. Settable (set_columns_per_thread) to compare.
+inline int64_t& columns_per_thread() {
+  static int64_t value = 1024;
+  return value;
+}
+
+// Thread t's range of columns, in multiples of 16 (whole cache lines of float).
+inline void split_columns(int64_t C, int t, int nt, int64_t& b, int64_t& e) {
+  const int64_t units = (C + 15) / 16;
+  const int64_t q = units / nt, r = units % nt;
+  b = std::min<int64_t>(C, 16 * (t * q + std::min<int64_t>(t, r)));
+  e = std::min<int64_t>(C, b + 16 * (q + (t < r ? 1 : 0)));
+}
+
+inline void split(int64_t n, int t, int nt, int64_t& b, int64_t& e) {
+  int64_t q = n / nt, r = n % nt;
+  b = t * q + std::min<int64_t>(t, r);
+  e = b + q + (t < r ? 1 : 0);
+}
+
+// Threads for a kernel over numel values: torch's intra-op thread count (the OpenMP setting of
+// this thread, initialized from torch's as at::parallel_for does), 1 for small work or inside a
+// parallel region.
+inline int team_for(int64_t numel) {
+  if (numel < kParallelMin || omp_in_parallel()) return 1;
+  at::internal::lazy_init_num_threads();
+  return std::max(1, omp_get_max_threads());
+}
+
+// Chan's merge of (count, mean, centred sum of squares); the plain sum is kept as well and
+// gives the final mean (so that an infinite value gives an infinite mean, as a plain mean does).
+// Everything accumulates in double, whatever the input type.
+struct Moments {
+  double n = 0, mean = 0, m2 = 0, sum = 0;
+  inline void merge(double nb, double mb, double m2b, double sb) {
+    if (nb == 0) return;
+    sum += sb;
+    if (n == 0) {
+      n = nb, mean = mb, m2 = m2b;
+      return;
+    }
+    const double nt = n + nb, d = mb - mean;
+    mean += d * (nb / nt);
+    m2 += m2b + d * d * (n * nb / nt);
+    n = nt;
+  }
+  inline void merge(const Moments& o) { merge(o.n, o.mean, o.m2, o.sum); }
+};
+
+// Independent accumulators per reduction (kLanes doubles = 4 AVX-512 or 8 AVX2 registers):
+// a single vector accumulator would make each reduction wait on the add latency.
+constexpr int kLanes = 32;
+// Statistics of float, half and bfloat16 inputs sum kFlush values per lane in float, then add
+// the partial sums in double: a float sum of 8 terms is as accurate as torch's own float
+// reductions, and converting every element to double would cost twice the arithmetic.
+constexpr int kFlush = 8;
+
+inline double lane_total(const double* acc) {
+  double s = 0;
+  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  return s;
+}
+
+// Sum and centred sum of squares of a run, two passes while the run is in cache.
+template <typename T>
+inline void run_moments(const T* p, int64_t len, double& sum, double& m2) {
+  using P = typename Acc<T>::type;
+  constexpr int64_t step = static_cast<int64_t>(kLanes) * kFlush;
+  double acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + step <= len; i += step) {
+    P part[kLanes] = {};
+    for (int k = 0; k < kFlush; ++k) {
+      const T* q = p + i + k * kLanes;
+#pragma omp simd
+      for (int j = 0; j < kLanes; ++j) part[j] += ld(q[j]);
+    }
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) acc[j] += static_cast<double>(part[j]);
+  }
+  for (; i + kLanes <= len; i += kLanes) {
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) acc[j] += static_cast<double>(ld(p[i + j]));
+  }
+  double s = lane_total(acc);
+  for (; i < len; ++i) s += static_cast<double>(ld(p[i]));
+  const double m = s / static_cast<double>(len);
+  const P mp = static_cast<P>(m);
+  double sq[kLanes] = {};
+  for (i = 0; i + step <= len; i += step) {
+    P part[kLanes] = {};
+    for (int k = 0; k < kFlush; ++k) {
+      const T* q = p + i + k * kLanes;
+#pragma omp simd
+      for (int j = 0; j < kLanes; ++j) {
+        const P d = ld(q[j]) - mp;
+        part[j] += d * d;
+      }
+    }
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) sq[j] += static_cast<double>(part[j]);
+  }
+  for (; i + kLanes <= len; i += kLanes) {
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) {
+      const double d = static_cast<double>(ld(p[i + j])) - m;
+      sq[j] += d * d;
+    }
+  }
+  double q = lane_total(sq);
+  for (; i < len; ++i) {
+    const double d = static_cast<double>(ld(p[i])) - m;
+    q += d * d;
+  }
+  sum = s;
+  m2 = q;
+}
+
+// Moments of a whole channel: N planes of S values at x + n * stride, two passes over the
+// channel (for channels small enough to stay in cache between them), one set of kLanes
+// accumulators across the planes (a reduction per plane costs more than the plane when S is a
+// few hundred values).
+constexpr int64_t kChannelTwoPass = 1 << 15;
+
+template <typename T>
+inline void channel_moments(const T* x, int64_t N, int64_t stride, int64_t S, Moments& out) {
+  double acc[kLanes] = {}, tail = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    const T* p = x + n * stride;
+    int64_t i = 0;
+    for (; i + kLanes <= S; i += kLanes) {
+#pragma omp simd
+      for (int j = 0; j < kLanes; ++j) acc[j] += static_cast<double>(ld(p[i + j]));
+    }
+    for (; i < S; ++i) tail += static_cast<double>(ld(p[i]));
+  }
+  const double M = static_cast<double>(N * S), s = lane_total(acc) + tail, m = s / M;
+  double sq[kLanes] = {}, qt = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    const T* p = x + n * stride;
+    int64_t i = 0;
+    for (; i + kLanes <= S; i += kLanes) {
+#pragma omp simd
+      for (int j = 0; j < kLanes; ++j) {
+        const double d = static_cast<double>(ld(p[i + j])) - m;
+        sq[j] += d * d;
+      }
+    }
+    for (; i < S; ++i) {
+      const double d = static_cast<double>(ld(p[i])) - m;
+      qt += d * d;
+    }
+  }
+  out.merge(M, m, lane_total(sq) + qt, s);
+}
+
+// Moments of one (n, c) plane of S values (runs of kRun merged) into acc; also its mean.
+template <typename T>
+inline void plane_moments(const T* p, int64_t S, Moments& acc, double* plane_mean) {
+  Moments local;
+  for (int64_t s0 = 0; s0 < S; s0 += kRun) {
+    const int64_t len = std::min(kRun, S - s0);
+    double sum, q;
+    run_moments(p + s0, len, sum, q);
+    local.merge(static_cast<double>(len), sum / static_cast<double>(len), q, sum);
+  }
+  if (plane_mean) *plane_mean = local.sum / local.n;
+  acc.merge(local);
+}
+
+template <typename T>
+inline void run_apply(const T* x, T* y, int64_t len, const FwdCoef& f) {
+  using A = typename Acc<T>::type;
+  const A c = static_cast<A>(f.center), sc = static_cast<A>(f.scale), sh = static_cast<A>(f.shift);
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) y[i] = st<T>((ld(x[i]) - c) * sc + sh);
+}
+
+// sum(g) and sum(g * (x - center)) of runs, accumulated in double into kLanes lanes a1, a2
+// (kept across the runs of a channel) and the scalar tails t1, t2; lanes_finish adds them up.
+// For float, half and bfloat16 the second is sum(g x), centred at the end: in double that
+// cancellation is harmless, and it saves a subtraction per element; float64 is centred first.
+template <typename T>
+inline void lanes_sums(const T* g, const T* x, int64_t len, double center, double* a1, double* a2,
+                       double& t1, double& t2) {
+  constexpr bool kCentre = std::is_same_v<T, double>;
+  const double c = kCentre ? center : 0.0;
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) {
+      const double gi = static_cast<double>(ld(g[i + j]));
+      a1[j] += gi;
+      a2[j] += gi * (static_cast<double>(ld(x[i + j])) - c);
+    }
+  }
+  for (; i < len; ++i) {
+    const double gi = static_cast<double>(ld(g[i]));
+    t1 += gi;
+    t2 += gi * (static_cast<double>(ld(x[i])) - c);
+  }
+}
+
+template <typename T>
+inline void lanes_finish(const double* a1, const double* a2, double t1, double t2, double center,
+                         double& sg, double& sgx) {
+  const double s1 = lane_total(a1) + t1, s2 = lane_total(a2) + t2;
+  sg += s1;
+  sgx += std::is_same_v<T, double> ? s2 : s2 - center * s1;
+}
+
+template <typename T>
+inline void run_sums(const T* g, const T* x, int64_t len, double center, double& sg, double& sgx) {
+  double a1[kLanes] = {}, a2[kLanes] = {}, t1 = 0, t2 = 0;
+  lanes_sums(g, x, len, center, a1, a2, t1, t2);
+  lanes_finish<T>(a1, a2, t1, t2, center, sg, sgx);
+}
+
+template <typename T>
+inline void run_scale(const T* g, T* out, int64_t len, double a) {
+  using A = typename Acc<T>::type;
+  const A s = static_cast<A>(a);
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) out[i] = st<T>(s * ld(g[i]));
+}
+
+template <typename T>
+inline void run_grad(const T* g, const T* x, T* out, int64_t len, double center, const BwdCoef& f) {
+  using A = typename Acc<T>::type;
+  const A c = static_cast<A>(center), a = static_cast<A>(f.a), b = static_cast<A>(f.b),
+          k = static_cast<A>(f.k);
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i)
+    out[i] = st<T>(a * ld(g[i]) + (b * (ld(x[i]) - c) + k));
+}
+
+// Per-column sums over rows [r0, r1), added to sg and sgx in double: sum(g) and
+// sum(g * (x - center)) for float64 inputs; for float, half and bfloat16 the uncentred
+// sum(g x), to be corrected by the caller (rows_centre): in double that cancellation is harmless
+// and it saves a subtraction per element. Row by row with the accumulators in L1 (a
+// column-chunked loop with register accumulators walks the rows at a stride of C values and
+// measured 1.6 times slower for C = 1024).
+template <typename T>
+inline void rows_sums(const T* g, const T* x, int64_t r0, int64_t r1, int64_t stride,
+                      int64_t C, const double* center, double* sg, double* sgx) {
+  constexpr bool kCentre = std::is_same_v<T, double>;
+  for (int64_t i = r0; i < r1; ++i) {
+    const T* gr = g + i * stride;
+    const T* xr = x + i * stride;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const double gi = static_cast<double>(ld(gr[c]));
+      sg[c] += gi;
+      sgx[c] += gi * (static_cast<double>(ld(xr[c])) - (kCentre ? center[c] : 0.0));
+    }
+  }
+}
+
+// sum(g x) - center sum(g) for the uncentred sums of rows_sums.
+template <typename T>
+inline void rows_centre(int64_t C, const double* center, const double* sg, double* sgx) {
+  if (std::is_same_v<T, double>) return;
+  for (int64_t c = 0; c < C; ++c) sgx[c] -= center[c] * sg[c];
+}
+
+// Moments of rows [r0, r1) of the rows layout, merged into one thread's per-column
+// accumulators (tn values so far; mean tm, centred squares tq, plain sum ts). Blocks of
+// kRowBlock rows, row by row (contiguous), two passes while the block is in L2, summed in the
+// arithmetic type and merged with Chan's formula in double. (A column-chunked loop with
+// register accumulators walks the rows at a stride of C values: 2 times slower for C = 1024.)
+constexpr int64_t kRowBlock = 16;
+
+template <typename T>
+inline void rows_moments(const T* x, int64_t r0, int64_t r1, int64_t stride, int64_t C,
+                         double* tm, double* tq, double* ts, double& tn) {
+  using P = typename Acc<T>::type;
+  std::vector<P> pv(C), mv(C), qv(C);
+  P* p = pv.data();
+  P* m = mv.data();
+  P* q = qv.data();
+  for (int64_t i0 = r0; i0 < r1; i0 += kRowBlock) {
+    const int64_t i1 = std::min(r1, i0 + kRowBlock);
+    const T* first = x + i0 * stride;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) p[c] = ld(first[c]);
+    for (int64_t i = i0 + 1; i < i1; ++i) {
+      const T* row = x + i * stride;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) p[c] += ld(row[c]);
+    }
+    const P inv = P(1) / static_cast<P>(i1 - i0);
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      m[c] = p[c] * inv;
+      const P d = ld(first[c]) - m[c];
+      q[c] = d * d;
+    }
+    for (int64_t i = i0 + 1; i < i1; ++i) {
+      const T* row = x + i * stride;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const P d = ld(row[c]) - m[c];
+        q[c] += d * d;
+      }
+    }
+    const double nb = static_cast<double>(i1 - i0);
+    if (tn == 0) {
+      for (int64_t c = 0; c < C; ++c) tm[c] = m[c], tq[c] = q[c], ts[c] = p[c];
+    } else {
+      const double nt = tn + nb, wb = nb / nt, wc = tn * nb / nt;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const double d = static_cast<double>(m[c]) - tm[c];
+        tm[c] += d * wb;
+        tq[c] += static_cast<double>(q[c]) + d * d * wc;
+        ts[c] += static_cast<double>(p[c]);
+      }
+    }
+    tn += nb;
+  }
+}
+
+// ------------------------------------------------------------------------------------ forward
+
+// mean/var (length C, biased var) receive the batch statistics; plane_mean (N*C, may be null)
+// the mean of each (n, c) plane (planes layout only). coef(c, mean, var) -> FwdCoef. y may be
+// null (statistics only).
+template <typename T, typename CoefFn>
+void stats_apply(const T* x, T* y, const Geometry& g, double* mean, double* var,
+                 double* plane_mean, CoefFn coef) {
+  const int64_t N = g.N, C = g.C, S = g.S;
+  const double M = static_cast<double>(g.count());
+  const int team = team_for(g.numel());
+  if (!g.rows) {
+    // Whole channels per thread when they balance; else planes per thread and a merge.
+    const bool by_channel = team == 1 || C % team == 0 || C >= 8 * team;
+    if (by_channel) {
+#pragma omp parallel if (team > 1)
+      {
+        int64_t c0, c1;
+        split(C, omp_get_thread_num(), omp_get_num_threads(), c0, c1);
+        for (int64_t c = c0; c < c1; ++c) {
+          Moments acc;
+          if (!plane_mean && N * S <= kChannelTwoPass) {
+            channel_moments(x + c * S, N, C * S, S, acc);
+          } else {
+            for (int64_t n = 0; n < N; ++n)
+              plane_moments(x + (n * C + c) * S, S, acc,
+                            plane_mean ? plane_mean + n * C + c : nullptr);
+          }
+          mean[c] = acc.sum / M;
+          var[c] = acc.m2 / M;
+          if (y) {
+            const FwdCoef f = coef(c, mean[c], var[c]);
+            for (int64_t n = 0; n < N; ++n)
+              run_apply(x + (n * C + c) * S, y + (n * C + c) * S, S, f);
+          }
+        }
+      }
+      return;
+    }
+    // Planes (n, c) in memory order split between threads; per-thread moments per channel.
+    std::vector<Moments> part(static_cast<size_t>(team) * C);
+    std::vector<FwdCoef> coefs(y ? C : 0);
+    const int64_t P = N * C;
+#pragma omp parallel if (team > 1)
+    {
+      const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+      int64_t p0, p1;
+      split(P, t, nt, p0, p1);
+      Moments* mine = part.data() + static_cast<size_t>(t) * C;
+      for (int64_t p = p0; p < p1; ++p)
+        plane_moments(x + p * S, S, mine[p % C], plane_mean ? plane_mean + p : nullptr);
+#pragma omp barrier
+      int64_t c0, c1;
+      split(C, t, nt, c0, c1);
+      for (int64_t c = c0; c < c1; ++c) {
+        Moments acc;
+        for (int u = 0; u < nt; ++u) acc.merge(part[static_cast<size_t>(u) * C + c]);
+        mean[c] = acc.sum / M;
+        var[c] = acc.m2 / M;
+        if (y) coefs[c] = coef(c, mean[c], var[c]);
+      }
+      if (y) {
+#pragma omp barrier
+        for (int64_t p = p0; p < p1; ++p) run_apply(x + p * S, y + p * S, S, coefs[p % C]);
+      }
+    }
+    return;
+  }
+  using A = typename Acc<T>::type;
+  const int64_t R = N * S;
+  if (team > 1 && C >= columns_per_thread() * team) {
+    // Wide rows: each thread its columns over every row, statistics then output.
+#pragma omp parallel
+    {
+      int64_t c0, c1;
+      split_columns(C, omp_get_thread_num(), omp_get_num_threads(), c0, c1);
+      const int64_t W = c1 - c0;
+      std::vector<double> tm(W), tq(W), ts(W);
+      std::vector<A> ctr(W), sc(W), sh(W);
+      double tn = 0;
+      if (W > 0) rows_moments(x + c0, 0, R, C, W, tm.data(), tq.data(), ts.data(), tn);
+      for (int64_t j = 0; j < W; ++j) {
+        const int64_t c = c0 + j;
+        mean[c] = ts[j] / M;
+        var[c] = tq[j] / M;
+        if (y) {
+          const FwdCoef f = coef(c, mean[c], var[c]);
+          ctr[j] = static_cast<A>(f.center), sc[j] = static_cast<A>(f.scale);
+          sh[j] = static_cast<A>(f.shift);
+        }
+      }
+      if (y && W > 0) {
+        const A *pc = ctr.data(), *ps = sc.data(), *ph = sh.data();
+        for (int64_t r = 0; r < R; ++r) {
+          const T* xr = x + r * C + c0;
+          T* yr = y + r * C + c0;
+#pragma omp simd
+          for (int64_t j = 0; j < W; ++j) yr[j] = st<T>((ld(xr[j]) - pc[j]) * ps[j] + ph[j]);
+        }
+      }
+    }
+    return;
+  }
+  // Rows of C values split between threads: blocks of rows, two passes per block in cache,
+  // merged per thread, then across threads.
+  const size_t TC = static_cast<size_t>(team) * C;
+  std::vector<double> pm(TC), pq(TC), ps(TC);  // per thread: mean, centred squares, sum
+  std::vector<double> pn(team, 0.0);
+  std::vector<FwdCoef> coefs(y ? C : 0);
+#pragma omp parallel if (team > 1)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    int64_t r0, r1;
+    split(R, t, nt, r0, r1);
+    double* tm = pm.data() + static_cast<size_t>(t) * C;
+    double* tq = pq.data() + static_cast<size_t>(t) * C;
+    double* ts = ps.data() + static_cast<size_t>(t) * C;
+    double tn = 0;
+    rows_moments(x, r0, r1, C, C, tm, tq, ts, tn);
+    pn[t] = tn;
+#pragma omp barrier
+    int64_t c0, c1;
+    split(C, t, nt, c0, c1);
+    for (int64_t c = c0; c < c1; ++c) {
+      Moments acc;
+      for (int u = 0; u < nt; ++u) {
+        const size_t o = static_cast<size_t>(u) * C + c;
+        acc.merge(pn[u], pm[o], pq[o], ps[o]);
+      }
+      mean[c] = acc.sum / M;
+      var[c] = acc.m2 / M;
+      if (y) coefs[c] = coef(c, mean[c], var[c]);
+    }
+    if (y) {
+#pragma omp barrier
+      std::vector<A> ctr(C), sc(C), sh(C);
+      for (int64_t c = 0; c < C; ++c)
+        ctr[c] = static_cast<A>(coefs[c].center), sc[c] = static_cast<A>(coefs[c].scale),
+        sh[c] = static_cast<A>(coefs[c].shift);
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* xr = x + r * C;
+        T* yr = y + r * C;
+        const A *pc = ctr.data(), *ps = sc.data(), *ph = sh.data();
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c)
+          yr[c] = st<T>((ld(xr[c]) - pc[c]) * ps[c] + ph[c]);
+      }
+    }
+  }
+}
+
+// Per-sample means of a rows-layout (channels_last) tensor: out[n * C + c] = mean over the S
+// rows of sample n.
+template <typename T>
+void sample_means_rows(const T* x, const Geometry& g, double* out) {
+  const int64_t N = g.N, C = g.C, S = g.S;
+  const int team = team_for(g.numel());
+#pragma omp parallel if (team > 1)
+  {
+    int64_t n0, n1;
+    split(N, omp_get_thread_num(), omp_get_num_threads(), n0, n1);
+    std::vector<double> acc(C);
+    for (int64_t n = n0; n < n1; ++n) {
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t s = 0; s < S; ++s) {
+        const T* row = x + (n * S + s) * C;
+        double* a = acc.data();
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) a[c] += static_cast<double>(ld(row[c]));
+      }
+      for (int64_t c = 0; c < C; ++c) out[n * C + c] = acc[c] / static_cast<double>(S);
+    }
+  }
+}
+
+// Affine map with fixed per-channel coefficients: y = (x - center) * scale + shift.
+template <typename T>
+void apply_only(const T* x, T* y, const Geometry& g, const FwdCoef* coefs) {
+  using A = typename Acc<T>::type;
+  const int64_t C = g.C, S = g.S;
+  const int team = team_for(g.numel());
+  if (!g.rows) {
+    const int64_t P = g.N * C;
+#pragma omp parallel if (team > 1)
+    {
+      int64_t p0, p1;
+      split(P, omp_get_thread_num(), omp_get_num_threads(), p0, p1);
+      for (int64_t p = p0; p < p1; ++p) run_apply(x + p * S, y + p * S, S, coefs[p % C]);
+    }
+    return;
+  }
+  const int64_t R = g.N * S;
+  std::vector<A> ctr(C), sc(C), sh(C);
+  for (int64_t c = 0; c < C; ++c)
+    ctr[c] = static_cast<A>(coefs[c].center), sc[c] = static_cast<A>(coefs[c].scale),
+    sh[c] = static_cast<A>(coefs[c].shift);
+#pragma omp parallel if (team > 1)
+  {
+    int64_t r0, r1;
+    split(R, omp_get_thread_num(), omp_get_num_threads(), r0, r1);
+    const A *pc = ctr.data(), *ps = sc.data(), *ph = sh.data();
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xr = x + r * C;
+      T* yr = y + r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c)
+        yr[c] = st<T>((ld(xr[c]) - pc[c]) * ps[c] + ph[c]);
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------- backward
+
+// sum_g/sum_gx (length C) receive sum(g) and sum(g * (x - center)) per channel; coef(c, sum_g,
+// sum_gx) -> BwdCoef (called once per channel, also without out); out (may be null: sums
+// only) receives a * g + b * (x - center) + k.
+// With one_pass the gradient is a * g alone (b and k must be 0, a may not depend on the sums:
+// coef is called with zeros, first) and the sums and the gradient share one pass.
+template <typename T, typename CoefFn>
+void sums_apply(const T* g, const T* x, T* out, const Geometry& geo, const double* center,
+                double* sum_g, double* sum_gx, bool one_pass, CoefFn coef) {
+  using A = typename Acc<T>::type;
+  const int64_t N = geo.N, C = geo.C, S = geo.S;
+  const int team = team_for(geo.numel());
+  if (!geo.rows) {
+    const bool by_channel = team == 1 || C % team == 0 || C >= 8 * team;
+    if (by_channel) {
+#pragma omp parallel if (team > 1)
+      {
+        int64_t c0, c1;
+        split(C, omp_get_thread_num(), omp_get_num_threads(), c0, c1);
+        for (int64_t c = c0; c < c1; ++c) {
+          double sg = 0, sgx = 0, a1[kLanes] = {}, a2[kLanes] = {}, t1 = 0, t2 = 0;
+          BwdCoef f;
+          if (one_pass) f = coef(c, 0.0, 0.0);
+          for (int64_t n = 0; n < N; ++n) {  // one set of lanes for the whole channel
+            const int64_t o = (n * C + c) * S;
+            lanes_sums(g + o, x + o, S, center[c], a1, a2, t1, t2);
+            if (one_pass && out) run_scale(g + o, out + o, S, f.a);
+          }
+          lanes_finish<T>(a1, a2, t1, t2, center[c], sg, sgx);
+          sum_g[c] = sg;
+          sum_gx[c] = sgx;
+          if (!one_pass) f = coef(c, sg, sgx);
+          if (!one_pass && out) {
+            for (int64_t n = 0; n < N; ++n) {
+              const int64_t o = (n * C + c) * S;
+              run_grad(g + o, x + o, out + o, S, center[c], f);
+            }
+          }
+        }
+      }
+      return;
+    }
+    std::vector<double> ps(static_cast<size_t>(team) * C * 2, 0.0);
+    std::vector<BwdCoef> coefs(C);
+    if (one_pass)
+      for (int64_t c = 0; c < C; ++c) coefs[c] = coef(c, 0.0, 0.0);
+    const int64_t P = N * C;
+#pragma omp parallel if (team > 1)
+    {
+      const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+      int64_t p0, p1;
+      split(P, t, nt, p0, p1);
+      double* mine = ps.data() + static_cast<size_t>(t) * C * 2;
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t c = p % C;
+        run_sums(g + p * S, x + p * S, S, center[c], mine[2 * c], mine[2 * c + 1]);
+        if (one_pass && out) run_scale(g + p * S, out + p * S, S, coefs[c].a);
+      }
+#pragma omp barrier
+      int64_t c0, c1;
+      split(C, t, nt, c0, c1);
+      for (int64_t c = c0; c < c1; ++c) {
+        double sg = 0, sgx = 0;
+        for (int u = 0; u < nt; ++u) {
+          sg += ps[(static_cast<size_t>(u) * C + c) * 2];
+          sgx += ps[(static_cast<size_t>(u) * C + c) * 2 + 1];
+        }
+        sum_g[c] = sg;
+        sum_gx[c] = sgx;
+        if (!one_pass) coefs[c] = coef(c, sg, sgx);
+      }
+      if (!one_pass && out) {
+#pragma omp barrier
+        for (int64_t p = p0; p < p1; ++p)
+          run_grad(g + p * S, x + p * S, out + p * S, S, center[p % C], coefs[p % C]);
+      }
+    }
+    return;
+  }
+  const int64_t R = N * S;
+  if (team > 1 && C >= columns_per_thread() * team) {
+    // Wide rows: each thread its columns over every row, sums then gradient.
+#pragma omp parallel
+    {
+      int64_t c0, c1;
+      split_columns(C, omp_get_thread_num(), omp_get_num_threads(), c0, c1);
+      const int64_t W = c1 - c0;
+      std::vector<A> ca(W), cb(W), ck(W), cc(W);
+      for (int64_t j = 0; j < W; ++j) {
+        sum_g[c0 + j] = 0.0, sum_gx[c0 + j] = 0.0;
+        cc[j] = static_cast<A>(center[c0 + j]);
+        if (one_pass) ca[j] = static_cast<A>(coef(c0 + j, 0.0, 0.0).a);
+      }
+      const int64_t B = one_pass ? 64 : R;
+      for (int64_t r = 0; W > 0 && r < R; r += B) {
+        const int64_t re = std::min(R, r + B);
+        rows_sums(g + c0, x + c0, r, re, C, W, center + c0, sum_g + c0, sum_gx + c0);
+        if (one_pass && out) {
+          const A* pa = ca.data();
+          for (int64_t i = r; i < re; ++i) {
+            const T* gr = g + i * C + c0;
+            T* o = out + i * C + c0;
+#pragma omp simd
+            for (int64_t j = 0; j < W; ++j) o[j] = st<T>(pa[j] * ld(gr[j]));
+          }
+        }
+      }
+      if (W > 0) rows_centre<T>(W, center + c0, sum_g + c0, sum_gx + c0);
+      if (!one_pass && out && W > 0) {
+        for (int64_t j = 0; j < W; ++j) {
+          const BwdCoef f = coef(c0 + j, sum_g[c0 + j], sum_gx[c0 + j]);
+          ca[j] = static_cast<A>(f.a), cb[j] = static_cast<A>(f.b), ck[j] = static_cast<A>(f.k);
+        }
+        const A *pa = ca.data(), *pb = cb.data(), *pk = ck.data(), *pcc = cc.data();
+        for (int64_t i = 0; i < R; ++i) {
+          const T* gr = g + i * C + c0;
+          const T* xr = x + i * C + c0;
+          T* o = out + i * C + c0;
+#pragma omp simd
+          for (int64_t j = 0; j < W; ++j)
+            o[j] = st<T>(pa[j] * ld(gr[j]) + (pb[j] * (ld(xr[j]) - pcc[j]) + pk[j]));
+        }
+      } else if (!one_pass) {
+        for (int64_t j = 0; j < W; ++j) coef(c0 + j, sum_g[c0 + j], sum_gx[c0 + j]);
+      }
+    }
+    return;
+  }
+  // Rows layout split by rows: per-thread column sums over its rows, merged; then the gradient.
+  std::vector<double> ps(static_cast<size_t>(team) * C * 2, 0.0);
+  std::vector<A> ca(C), cb(C), ck(C), cc(C);
+  for (int64_t c = 0; c < C; ++c) cc[c] = static_cast<A>(center[c]);
+  if (one_pass)
+    for (int64_t c = 0; c < C; ++c) {
+      const BwdCoef f = coef(c, 0.0, 0.0);
+      ca[c] = static_cast<A>(f.a), cb[c] = static_cast<A>(f.b), ck[c] = static_cast<A>(f.k);
+    }
+  const int64_t B = one_pass ? 64 : R;  // one pass: the gradient of each block while in cache
+#pragma omp parallel if (team > 1)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    int64_t r0, r1;
+    split(R, t, nt, r0, r1);
+    double* mg = ps.data() + static_cast<size_t>(t) * C * 2;
+    double* mgx = mg + C;
+    const A* pcc = cc.data();
+    for (int64_t r = r0; r < r1; r += B) {
+      const int64_t re = std::min(r1, r + B);
+      rows_sums(g, x, r, re, C, C, center, mg, mgx);
+      if (one_pass && out) {  // a * g, while the block is in cache
+        const A* pa = ca.data();
+        for (int64_t i = r; i < re; ++i) {
+          const T* gr = g + i * C;
+          T* o = out + i * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) o[c] = st<T>(pa[c] * ld(gr[c]));
+        }
+      }
+    }
+    rows_centre<T>(C, center, mg, mgx);
+#pragma omp barrier
+    int64_t c0, c1;
+    split(C, t, nt, c0, c1);
+    for (int64_t c = c0; c < c1; ++c) {
+      double sg = 0, sgx = 0;
+      for (int u = 0; u < nt; ++u) {
+        sg += ps[static_cast<size_t>(u) * C * 2 + c];
+        sgx += ps[static_cast<size_t>(u) * C * 2 + C + c];
+      }
+      sum_g[c] = sg;
+      sum_gx[c] = sgx;
+      if (!one_pass) {
+        const BwdCoef f = coef(c, sg, sgx);
+        ca[c] = static_cast<A>(f.a), cb[c] = static_cast<A>(f.b), ck[c] = static_cast<A>(f.k);
+      }
+    }
+    if (!one_pass && out) {
+#pragma omp barrier
+      const A *pa = ca.data(), *pb = cb.data(), *pk = ck.data();
+      for (int64_t i = r0; i < r1; ++i) {
+        const T* gr = g + i * C;
+        const T* xr = x + i * C;
+        T* o = out + i * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c)
+          o[c] = st<T>(pa[c] * ld(gr[c]) + (pb[c] * (ld(xr[c]) - pcc[c]) + pk[c]));
+      }
+    }
+  }
+}
+
+}  // namespace normlab

@@ -1,0 +1,62 @@
+// Fused CPU kernels of normlab's batch norm and Full Normalization (no autograd here).
+// Inputs are (N, C, *) tensors in any strided layout (dense contiguous and channels_last are
+// used in place; anything else is copied to contiguous). Per-channel arguments are (C,) tensors.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <vector>
+
+namespace normlab {
+
+// Estimator codes of Full Normalization's backward (the order of ESTIMATORS in full_norm.py).
+enum Estimator : int64_t { kAdaptive = 0, kBatch = 1, kRunning = 2, kAutograd = 3, kNone = 4 };
+
+// Training batch norm: {y, mean, var} (biased var; statistics dtype).
+std::vector<at::Tensor> bn_train_forward(const at::Tensor& x, const std::optional<at::Tensor>& w,
+                                         const std::optional<at::Tensor>& b, double eps);
+
+// {grad_x (undefined unless need_x), grad_w, grad_b (undefined unless need_wb)}.
+std::vector<at::Tensor> bn_train_backward(const at::Tensor& gy, const at::Tensor& x,
+                                          const std::optional<at::Tensor>& w,
+                                          const at::Tensor& mean, const at::Tensor& var,
+                                          double eps, bool need_x, bool need_wb);
+
+// Fixed-statistics affine map: y = (x - mean) / sqrt(var + eps) * w + b, as x * scale + shift.
+// coef receives a (3, C) float64 tensor {mean, invstd, scale} for the backward.
+at::Tensor norm_eval_forward(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
+                             const std::optional<at::Tensor>& w,
+                             const std::optional<at::Tensor>& b, double eps, at::Tensor* coef);
+
+// {grad_x, grad_w, grad_b} of norm_eval_forward from its coef; x may be undefined if !need_wb.
+std::vector<at::Tensor> norm_eval_backward(const at::Tensor& gy, const at::Tensor& x,
+                                           const at::Tensor& coef,
+                                           const std::optional<at::Tensor>& w, bool need_x,
+                                           bool need_wb);
+
+// Full Normalization training forward: {out, mean, var, rho} (updated estimates; rho is 1
+// unless with_rho).
+std::vector<at::Tensor> fn_train_forward(const at::Tensor& x, const std::optional<at::Tensor>& w,
+                                         const std::optional<at::Tensor>& b,
+                                         const at::Tensor& hist_mean, const at::Tensor& hist_var,
+                                         double alpha, double eps, bool with_rho);
+
+// Full Normalization first-order backward; updates outer_state/outer_count in place for the
+// stateful estimators (when given). {grad_x, grad_w, grad_b}.
+std::vector<at::Tensor> fn_train_backward(const at::Tensor& gy, const at::Tensor& x,
+                                          const std::optional<at::Tensor>& w,
+                                          const at::Tensor& mean, const at::Tensor& var,
+                                          const at::Tensor& rho, double alpha, double eps,
+                                          int64_t estimator, double momentum,
+                                          const std::optional<at::Tensor>& outer_state,
+                                          const std::optional<at::Tensor>& outer_count,
+                                          bool need_x, bool need_wb);
+
+// Per-channel tensors <-> double vectors (any floating dtype; writes cast to t's dtype).
+std::vector<double> to_double(const at::Tensor& t);
+void write_double(at::Tensor& t, const std::vector<double>& v);
+// Bump t's version counter after writing it through its data pointer (as an in-place op does).
+void mark_written(const at::Tensor& t);
+
+}  // namespace normlab
