@@ -377,6 +377,17 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help="autocast precision of every training run (default: fp32)",
     )
     parser.add_argument(
+        "--format",
+        default="png",
+        help="figure formats, comma-separated: png, pdf, svg (default: png)",
+    )
+    parser.add_argument(
+        "--logger",
+        choices=("csv", "tensorboard"),
+        default=None,
+        help="also write live curves: metrics.csv, or tensorboard/ (needs tensorboard)",
+    )
+    parser.add_argument(
         "--seeds",
         type=int,
         default=None,
@@ -497,6 +508,9 @@ def _run(args: argparse.Namespace, extra: list[str], name: str | None, prog: str
         raise CLIError(
             f"--dist-timeout must be a positive number of seconds, got {args.dist_timeout}"
         )
+    from normlab.experiments.core import set_figure_formats
+
+    set_figure_formats([f.strip() for f in args.format.split(",") if f.strip()])
     protocol = None
     if args.seeds is not None:
         from normlab.experiments.protocol import Protocol
@@ -512,6 +526,7 @@ def _run(args: argparse.Namespace, extra: list[str], name: str | None, prog: str
         nproc=args.nproc,
         dist_timeout=args.dist_timeout,
         protocol=protocol,
+        logger=args.logger,
     )
     from normlab import distributed
 

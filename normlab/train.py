@@ -59,6 +59,7 @@ __all__ = [
     "build_optimizer",
     "evaluate",
     "evaluate_batches",
+    "check_logger",
     "load_named_data",
     "resolve_device",
     "train",
@@ -288,6 +289,16 @@ def evaluate_batches(
     autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
 ) -> dict[str, float]:
     """Mean loss (and accuracy for classification) of ``model`` over ``(x, y)`` batches."""
+    return _eval_means(*_eval_sums(model, batches, task, autocast), task)
+
+
+def _eval_sums(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    task: str,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]],
+) -> tuple[float, int, int]:
+    # (summed loss, correct predictions, samples) of model over the batches.
     loss_fn = loss_fn_for(task)
     total_loss, correct, n = 0.0, 0, 0
     for xb, yb in batches:
@@ -297,6 +308,11 @@ def evaluate_batches(
         if task == "classification":
             correct += int((out.argmax(-1) == yb).sum())
         n += len(xb)
+    return total_loss, correct, n
+
+
+def _eval_means(total_loss: float, correct: float, n: float, task: str) -> dict[str, float]:
+    # evaluate_batches' result from the sums of _eval_sums.
     result = {"loss": total_loss / n}
     if task == "classification":
         result["acc"] = correct / n
@@ -316,20 +332,69 @@ def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=list))
 
 
-class _MetricsLog:
-    """Append-only JSON lines; ``offset`` is recorded in checkpoints to cut back on resume."""
+LOGGERS = ("csv", "tensorboard")
 
-    def __init__(self, path: Path | None, offset: int | None) -> None:
+
+def check_logger(logger: str | None) -> None:
+    """``ValueError`` unless ``logger`` is None or a usable one of :data:`LOGGERS`."""
+    if logger is None:
+        return
+    if logger not in LOGGERS:
+        raise ValueError(f"unknown logger {logger!r}; valid: {', '.join(LOGGERS)}")
+    if logger == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ValueError(
+                "logger 'tensorboard' needs the tensorboard package (pip install tensorboard)"
+            ) from None
+
+
+class _MetricsLog:
+    """Append-only JSON lines; ``offset`` is recorded in checkpoints to cut back on resume.
+
+    ``logger`` mirrors every record for live curves: ``"csv"`` appends ``kind,step,key,value``
+    rows to ``metrics.csv``; ``"tensorboard"`` writes scalars under ``tensorboard/``.
+    ``metrics.jsonl`` stays the record of the run (the mirrors are not cut back on resume)."""
+
+    def __init__(self, path: Path | None, offset: int | None, logger: str | None = None) -> None:
         self.path = path
+        self._csv: Path | None = None
+        self._tb: Any = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "ab") as f:
                 f.truncate(offset if offset is not None else 0)
+            if logger == "csv":
+                self._csv = path.with_name("metrics.csv")
+                if not self._csv.exists():
+                    self._csv.write_text("kind,step,key,value\n")
+            elif logger == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(path.parent / "tensorboard"))
 
     def write(self, record: Mapping[str, Any]) -> None:
         if self.path is not None:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        scalars = {
+            k: v
+            for k, v in record.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step",)
+        }
+        if self._csv is not None:
+            with open(self._csv, "a") as f:
+                for key, value in scalars.items():
+                    f.write(f"{record.get('kind', '')},{record.get('step', '')},{key},{value}\n")
+        if self._tb is not None:
+            for key, value in scalars.items():
+                self._tb.add_scalar(f"{record.get('kind', '')}/{key}", value, record.get("step", 0))
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
 
     @property
     def offset(self) -> int:
@@ -343,7 +408,7 @@ def _progress(total: int, enabled: bool, desc: str) -> Iterator[Any]:
         return
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+    bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, position=1)
     try:
         yield bar
     finally:
@@ -360,6 +425,7 @@ def train(
     progress: bool = False,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
     on_eval: Callable[[nn.Module, dict[str, Any]], Mapping[str, Any] | None] | None = None,
+    logger: str | None = None,
 ) -> RunResult:
     """Train ``cfg.model`` normalized by ``cfg.method`` under ``cfg.scenario``.
 
@@ -380,6 +446,8 @@ def train(
         on_eval: called as ``on_eval(model, record)`` at every evaluation, with the model in eval
             mode and the method hook paused; the mapping it returns is merged into the record
             (so extra measurements are saved in ``metrics.jsonl`` and survive a resume).
+        logger: also mirror the metrics for live curves: ``"csv"`` (``metrics.csv``) or
+            ``"tensorboard"`` (``tensorboard/``; needs the tensorboard package).
 
     Returns:
         :class:`RunResult` with every evaluation record.
@@ -413,9 +481,17 @@ def train(
         the run directory holds the last good checkpoint.
     """
     validate_config(cfg)
+    check_logger(logger)
     with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
         return _train(
-            cfg, out_dir, model, data if data is not None else dataset, progress, on_step, on_eval
+            cfg,
+            out_dir,
+            model,
+            data if data is not None else dataset,
+            progress,
+            on_step,
+            on_eval,
+            logger,
         )
 
 
@@ -549,24 +625,11 @@ def _evaluate_shard(
 ) -> dict[str, float]:
     """:func:`evaluate_batches` over the ranks: this rank evaluates batches ``rank, rank + W,
     ...``; the sums are all-reduced, so every rank returns the same means."""
-    loss_fn = loss_fn_for(task)
-    total_loss, correct, n = 0.0, 0, 0
-    for i, (xb, yb) in enumerate(batches):
-        if i % world != rank:
-            continue
-        with autocast():
-            out = model(xb).float()
-        total_loss += float(loss_fn(out, yb)) * len(xb)
-        if task == "classification":
-            correct += int((out.argmax(-1) == yb).sum())
-        n += len(xb)
+    shard = (batch for i, batch in enumerate(batches) if i % world == rank)
+    total_loss, correct, n = _eval_sums(model, shard, task, autocast)
     sums = torch.tensor([total_loss, correct, n], dtype=torch.float64, device=_comm_device(device))
     dist.all_reduce(sums)
-    total_loss, correct, n = sums.tolist()
-    result = {"loss": total_loss / n}
-    if task == "classification":
-        result["acc"] = correct / n
-    return result
+    return _eval_means(*sums.tolist(), task)
 
 
 def _gather_states(state: dict[str, Any], rank: int, world: int) -> list[Any] | None:
@@ -584,7 +647,7 @@ def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     )
 
 
-def _train(cfg, out_dir, user_model, data, progress, on_step, on_eval) -> RunResult:
+def _train(cfg, out_dir, user_model, data, progress, on_step, on_eval, logger=None) -> RunResult:
     out = Path(out_dir) if out_dir is not None else None
     method, options = resolve_method(cfg.method, cfg.method_options)
     scenario = _scenario(cfg)
@@ -648,8 +711,10 @@ def _train(cfg, out_dir, user_model, data, progress, on_step, on_eval) -> RunRes
             info["world_size"] = world
         atomic_write_json(out / "config.json", info)
     writes = out is not None and rank == 0
-    metrics = _MetricsLog(out / "metrics.jsonl" if writes else None, offset)
+    metrics = _MetricsLog(out / "metrics.jsonl" if writes else None, offset, logger)
     net = _wrap_ddp(model, device) if distributed else model
+
+    skipped_seen = [0]
 
     def run_evaluation() -> dict[str, Any]:
         if cfg.precise_bn:
@@ -682,6 +747,17 @@ def _train(cfg, out_dir, user_model, data, progress, on_step, on_eval) -> RunRes
                     b.copy_(saved)
             if on_eval is not None:
                 record.update(on_eval(model, record) or {})
+            skipped = sum(int(getattr(m, "non_finite_batches", 0)) for m in model.modules())
+            if skipped:  # accelerators skip non-finite batches on the device without a host read
+                record["non_finite_batches"] = skipped
+                if skipped > skipped_seen[0]:
+                    log.warning(
+                        "%d training batches with non-finite statistics were skipped by the "
+                        "normalization layers by step %d",
+                        skipped,
+                        step,
+                    )
+                    skipped_seen[0] = skipped
         model.train()
         metrics.write(record)
         evaluations.append(record)
@@ -788,6 +864,8 @@ def _train(cfg, out_dir, user_model, data, progress, on_step, on_eval) -> RunRes
                         checkpoint()
                     if bar is not None:
                         bar.update(1)
+                        if step % 10 == 0:
+                            bar.set_postfix(loss=f"{record['loss']:.4g}", refresh=False)
                     if on_step is not None:
                         on_step(step, record)
                     if cfg.max_steps is not None and step >= cfg.max_steps:
@@ -804,6 +882,7 @@ def _train(cfg, out_dir, user_model, data, progress, on_step, on_eval) -> RunRes
                 run_evaluation()
                 checkpoint()
     finally:
+        metrics.close()
         if hook is not None:
             hook.remove()
     return RunResult(cfg, evaluations, step, elapsed, out, model)

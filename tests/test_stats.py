@@ -333,3 +333,23 @@ def test_fold_keeps_what_it_cannot_fold(caplog):
         folded = fold_batchnorm(model)
     assert "training mode" in caplog.text
     assert isinstance(folded[10], nn.BatchNorm1d)
+
+
+def test_recompute_statistics_moves_batches_to_the_models_device():
+    # The batches arrive as float64 on the CPU and are moved where the model lives; on a
+    # machine without CUDA the explicit device= is the CPU and the result equals the default.
+    import normlab.nn.batchnorm as nbn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nbn.BatchNorm1d(4))
+    data = [torch.randn(8, 3) for _ in range(4)]
+    recompute_statistics(model, data)
+    expected = model[1].running_mean.clone()
+    model[1].reset_running_stats()
+    recompute_statistics(model, data, device="cpu")
+    torch.testing.assert_close(model[1].running_mean, expected)
+    if torch.cuda.is_available():
+        model.cuda()
+        model[1].reset_running_stats()
+        recompute_statistics(model, data)  # CPU batches, CUDA model
+        torch.testing.assert_close(model[1].running_mean.cpu(), expected)

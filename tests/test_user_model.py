@@ -171,3 +171,55 @@ def test_cuda_training_matches_cpu(method, precision):
     gpu = train(cfg.replace(device="cuda"))
     tol = 0.02 if precision == "fp32" else 0.15
     assert abs(gpu.final["test_acc"] - cpu.final["test_acc"]) <= tol
+
+
+def test_csv_logger_mirrors_the_metrics(tmp_path):
+    train(CFG, tmp_path / "run", logger="csv")
+    records = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "kind,step,key,value"
+    expected = {
+        (r["kind"], str(r["step"]), k, str(v))
+        for r in records
+        for k, v in r.items()
+        if isinstance(v, (int, float)) and k != "step"
+    }
+    assert {tuple(row.split(",")) for row in rows[1:]} == expected
+    with pytest.raises(ValueError, match="unknown logger"):
+        train(CFG, tmp_path / "other", logger="wandb")
+
+
+def test_cli_progress_and_logger_flags(tmp_path, capsys):
+    argv = ["run", "compare", "--smoke", "--methods", "gn", "--logger", "csv", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert list((tmp_path / "a" / "runs").glob("*/metrics.csv"))
+
+
+def test_figures_colour_each_method_alike_and_write_every_format(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from normlab.experiments import core
+
+    fig, (a, b) = plt.subplots(1, 2)
+    a.plot([0, 1], [0, 1], label="bn")
+    a.plot([0, 1], [1, 0], label="fn")
+    b.plot([0, 1], [0, 1], label="fn/online")
+    b.plot([0, 1], [1, 1], label="bn/online")
+    a.set_xlabel("step")
+    core.set_figure_formats(["png", "svg"])
+    try:
+        out = core.savefig(fig, tmp_path / "f.png")
+    finally:
+        core.set_figure_formats(["png"])
+    assert out == tmp_path / "f.png" and (tmp_path / "f.svg").is_file()
+    colors = {line.get_label(): line.get_color() for ax in (a, b) for line in ax.get_lines()}
+    assert colors["bn"] == colors["bn/online"] == core.method_color("bn")
+    assert colors["fn"] == colors["fn/online"] != colors["bn"]
+    assert all(float(t).is_integer() for t in a.get_xticks())
+    with pytest.raises(ValueError, match="png, pdf and/or svg"):
+        core.set_figure_formats(["gif"])

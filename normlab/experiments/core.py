@@ -26,7 +26,14 @@ from normlab.distributed import DEFAULT_TIMEOUT
 from normlab.errors import ConfigMismatchError, ExpectedTrainingFailure, UsageError
 from normlab.experiments.protocol import Protocol, run_protocol
 from normlab.registry import Registry
-from normlab.train import RunResult, TrainConfig, load_named_data, train, validate_config
+from normlab.train import (
+    RunResult,
+    TrainConfig,
+    check_logger,
+    load_named_data,
+    train,
+    validate_config,
+)
 
 __all__ = [
     "EXPERIMENTS",
@@ -56,6 +63,7 @@ class RunContext:
     nproc: int = 1
     dist_timeout: float = DEFAULT_TIMEOUT
     protocol: Protocol | None = None  # the fair protocol (learning rate tuned, seeds)
+    logger: str | None = None  # "csv" or "tensorboard": live curves beside metrics.jsonl
     datasets: dict[Any, Any] = field(default_factory=dict, compare=False)
 
     def dataset(self, name: str, root: str | None, seed: int) -> Any:
@@ -252,6 +260,10 @@ def run_cells(
             lambda c, o, on_eval: run_cells(c, o, plain, on_eval=on_eval),
             on_eval,
         )
+    try:
+        check_logger(ctx.logger)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
     overrides = {k: getattr(ctx, k) for k in ("device", "precision")}
     overrides = {k: v for k, v in overrides.items() if v != getattr(RunContext, k)}
     for name, cfg in cells.items():
@@ -287,6 +299,7 @@ def run_cells(
             timeout=ctx.dist_timeout,
         )
     summaries: dict[str, dict[str, Any]] = {}
+    overall = _overall_bar(len(cells), out.name, ctx.progress and not trained)
     for name, cfg in cells.items():
         done_path = cell_dirs[name] / "summary.json"
         if name in trained:
@@ -296,9 +309,23 @@ def run_cells(
         else:
             dataset = ctx.dataset(cfg.dataset, cfg.data_root, cfg.seed)
             summaries[name] = _train_cell(
-                name, cfg, cell_dirs[name], dataset, ctx.progress, on_eval
+                name, cfg, cell_dirs[name], dataset, ctx.progress, on_eval, ctx.logger
             )
+        if overall is not None:
+            overall.set_postfix_str(name, refresh=False)
+            overall.update(1)
+    if overall is not None:
+        overall.close()
     return summaries
+
+
+def _overall_bar(total: int, desc: str, enabled: bool) -> Any:
+    """One bar over the cells of a run (kept on screen); each cell's own bar sits below it."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="run", position=0, leave=True, dynamic_ncols=True)
 
 
 def _train_cell(
@@ -308,6 +335,7 @@ def _train_cell(
     dataset: Any,
     progress: bool,
     on_eval: Callable[[str], Callable[..., dict[str, Any] | None] | None] | None,
+    logger: str | None = None,
 ) -> dict[str, Any]:
     """Train one cell and write its ``summary.json`` (rank 0 of a distributed run only)."""
     try:
@@ -317,6 +345,7 @@ def _train_cell(
             dataset=dataset,
             progress=progress,
             on_eval=on_eval(name) if on_eval is not None else None,
+            logger=logger,
         )
         summary = _cell_summary(result)
     except ExpectedTrainingFailure as exc:
@@ -355,15 +384,75 @@ def format_table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([line(header), sep, *[line(r) for r in rows]])
 
 
+#: Formats every figure is written in (the first one is the path a plot function returns).
+FIGURE_FORMATS: list[str] = ["png"]
+_INTEGER_AXES = ("step", "steps", "epoch", "epochs", "depth", "batch size", "iteration")
+
+
+def set_figure_formats(formats: list[str] | tuple[str, ...]) -> None:
+    """Write every figure in these formats too (``png``, ``pdf``, ``svg``)."""
+    bad = sorted(set(formats) - {"png", "pdf", "svg"})
+    if bad or not formats:
+        raise UsageError(f"--format expects png, pdf and/or svg, got {','.join(formats) or '-'}")
+    FIGURE_FORMATS[:] = ["png", *[f for f in formats if f != "png"]]
+
+
+def method_color(name: str) -> Any:
+    """One colour per registered method, the same in every panel and figure (registry order
+    over matplotlib's tab20 palette); ``None`` for a name that is not a method."""
+    from normlab.methods import METHODS
+
+    names = [n for n, m in METHODS.items() if m.alias_of is None]
+    if name not in names:
+        return None
+    import matplotlib
+
+    return matplotlib.colormaps["tab20"](names.index(name) % 20)
+
+
+def _label_method(label: str) -> str | None:
+    head = label.split("/", 1)[0].split(" ", 1)[0]
+    return head if method_color(head) is not None else None
+
+
+def _style(fig: Any) -> None:
+    """Colour lines and bars by method and put integer ticks on integer axes."""
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in fig.axes:
+        artists = list(ax.get_lines()) + list(ax.containers)
+        labels = [a.get_label() for a in artists]
+        methods = {_label_method(str(lab)) for lab in labels if not str(lab).startswith("_")}
+        if len(methods - {None}) >= 2 or (methods and None not in methods):
+            for artist, label in zip(artists, labels, strict=True):
+                color = method_color(_label_method(str(label)) or "")
+                if color is None:
+                    continue
+                for part in getattr(artist, "patches", [artist]):
+                    part.set_color(color)
+            legend = ax.get_legend()
+            if legend is not None:
+                ax.legend(
+                    fontsize=legend.get_texts()[0].get_fontsize() if legend.get_texts() else 7
+                )
+        for axis, label in ((ax.xaxis, ax.get_xlabel()), (ax.yaxis, ax.get_ylabel())):
+            if label.strip().lower() in _INTEGER_AXES and axis.get_scale() == "linear":
+                axis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+
+
 def savefig(fig: Any, path: Path) -> Path:
-    """Save a matplotlib figure atomically-enough (temp name, then rename) and close it."""
+    """Style (one colour per method, integer ticks), save atomically (temp name, then rename) in
+    every format of :data:`FIGURE_FORMATS`, close the figure; return the first format's path."""
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    tmp.replace(path)
+    _style(fig)
+    paths = [path.with_suffix(f".{fmt}") for fmt in FIGURE_FORMATS]
+    for target in paths:
+        tmp = target.with_name(f".{target.stem}.tmp{target.suffix}")
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        tmp.replace(target)
     plt.close(fig)
-    return path
+    return paths[0]
 
 
 def pyplot():
@@ -442,6 +531,8 @@ def plot_grouped_bars(
         [i + 0.4 - width / 2 for i in range(len(groups))],
         groups,
         rotation=45 if len(groups) > 4 else 0,
+        ha="right" if len(groups) > 4 else "center",
+        rotation_mode="anchor",
     )
     ax.set_ylim(0, 1)
     ax.set_ylabel(f"final {key.replace('_', ' ')}")

@@ -53,6 +53,9 @@ def _check_model(fn: str, model: Any) -> None:
         raise TypeError(f"{fn} expected an nn.Module, got {type(model).__name__}")
 
 
+_DEVICE: list[torch.device | None] = [None]  # the device of the recompute in progress
+
+
 def _batch_input(batch: Any) -> Tensor:
     # A batch is a tensor, or a tuple/list whose first element is the input (torch's update_bn).
     if isinstance(batch, (tuple, list)) and batch:
@@ -62,7 +65,14 @@ def _batch_input(batch: Any) -> Tensor:
             "recompute_statistics expected each batch to be a Tensor or a tuple/list whose first "
             f"element is the input Tensor, got {type(batch).__name__}"
         )
-    return batch
+    device = _DEVICE[0]
+    return batch if device is None or batch.device == device else batch.to(device)
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return None
 
 
 class _StopForward(Exception):
@@ -107,6 +117,7 @@ def recompute_statistics(
     batches: Iterable[Tensor | Sequence[Any]],
     *,
     progress: Callable[[int, int], None] | None = None,
+    device: torch.device | str | None = None,
 ) -> None:
     r"""Set every BN layer's running statistics to the exact population statistics of its input.
 
@@ -133,6 +144,8 @@ def recompute_statistics(
             ``(inputs, targets, ...)`` tuples/lists whose first element is the input. It is
             iterated once per BN layer, plus once on its first batch to find the layer order.
         progress: optional ``progress(done, total)`` called after each layer is finished.
+        device: where the batches are moved before each forward (default: the device of the
+            model's first parameter or buffer), so a CPU loader feeds a model on a GPU.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``; ``batches`` is a one-shot iterator (a
@@ -174,6 +187,7 @@ def recompute_statistics(
     saved = {m: (m.running_mean.clone(), m.running_var.clone()) for m in layers}  # type: ignore[union-attr]
     handles: list[torch.utils.hooks.RemovableHandle] = []
     finished = False
+    _DEVICE[0] = torch.device(device) if device is not None else _model_device(model)
     try:
         model.eval()
         with torch.no_grad():
@@ -194,6 +208,7 @@ def recompute_statistics(
                     progress(done, len(order))
         finished = True
     finally:
+        _DEVICE[0] = None
         for handle in handles:
             handle.remove()
         for module, training in modes.items():
