@@ -41,7 +41,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from normlab.functional import _fused
-from normlab.functional.batch_norm import batch_norm_eval, channel_shape, reduce_dims
+from normlab.functional.batch_norm import _stat_dtype as _stat  # half inputs: float32 statistics
+from normlab.functional.batch_norm import batch_norm_eval, channel_shape, moments, reduce_dims
 from normlab.functional.distributed import all_reduce_packed
 
 __all__ = [
@@ -91,11 +92,6 @@ class OuterFactor(NamedTuple):
     mean_grad_xhat: Tensor
 
 
-def _stat(x: Tensor) -> Tensor:
-    # Statistics of half-precision inputs in float32 (as normlab's batch norm).
-    return x.float() if x.dtype in _HALF else x
-
-
 def alpha_schedule(step: int, alpha: float, decay: float = 0.0, debias: bool = True) -> float:
     r"""Step size of the estimates at step ``step`` (:math:`k`, counted from 0).
 
@@ -133,12 +129,7 @@ def full_norm_update(
 
 def _batch_moments(x: Tensor) -> tuple[Tensor, Tensor, int]:
     # Per-channel mean and biased variance (two passes: accurate when |mean| >> std), and M.
-    xs = _stat(x)
-    dims = reduce_dims(x)
-    batch_mean = xs.mean(dims)  # (N, C, *) -> (C,)
-    xc = xs - batch_mean.reshape(channel_shape(x))
-    batch_var = (xc * xc).mean(dims)
-    return batch_mean, batch_var, x.numel() // x.shape[1]
+    return moments(x)
 
 
 def _update_from_moments(

@@ -177,17 +177,6 @@ class _FullNorm(NormBase):
             + ("" if self.process_group is None else ", process_group=...")
         )
 
-    def _apply(self, fn, recurse=True):  # type: ignore[override]
-        # .half(), .to(torch.bfloat16), ...: keep the statistics buffers in float32, converted
-        # from their values before the cast (a float16 running_var overflows above 65504).
-        before = {n: self._buffers.get(n) for n in self._float32_buffers}
-        out = super()._apply(fn, recurse)
-        for name, old in before.items():
-            new = self._buffers.get(name)
-            if old is not None and new is not None and new.dtype in _HALF:
-                self._buffers[name] = old.to(device=new.device, dtype=torch.float32)
-        return out
-
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
         if not self.training:

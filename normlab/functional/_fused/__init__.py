@@ -138,17 +138,44 @@ def _constant(p: Tensor, c: int) -> bool:
     return _per_channel(p, c) and p is not None and not p.requires_grad
 
 
-def try_batch_norm_train(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> tuple[Tensor, Tensor, Tensor] | None:
-    """Fused :func:`normlab.functional.batch_norm_train`, or ``None`` (use the reference)."""
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    # The dtype of the statistics (and running buffers) of an input: float32 for half inputs.
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def _gate(
+    x: Tensor,
+    params: tuple[Tensor | None, ...],
+    stats: tuple[Tensor, ...] = (),
+    buffers: tuple[Tensor, ...] = (),
+) -> tuple[ModuleType, int] | None:
+    # (kernels, C) when x and its per-channel tensors may go to the kernels: ``params`` are
+    # weight/bias (None or (C,)), ``stats`` constant statistics, ``buffers`` running-statistics
+    # buffers the kernels write (see _buffer).
     ops = _ops()
     if ops is None or not _plain_input(x):
         return None
     c = x.shape[1]
-    if not (_per_channel(weight, c) and _per_channel(bias, c)):
-        return None
-    return ops.bn_train(x, weight, bias, float(eps))
+    for p in params:
+        if not _per_channel(p, c):
+            return None
+    for s in stats:
+        if not _constant(s, c):
+            return None
+    if buffers:
+        dtype = _stat_dtype(x)
+        for b in buffers:
+            if not _buffer(b, c, dtype):
+                return None
+    return ops, c
+
+
+def try_batch_norm_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Fused :func:`normlab.functional.batch_norm_train`, or ``None`` (use the reference)."""
+    gate = _gate(x, (weight, bias))
+    return None if gate is None else gate[0].bn_train(x, weight, bias, float(eps))
 
 
 def try_batch_norm_eval(
@@ -160,45 +187,22 @@ def try_batch_norm_eval(
     eps: float,
 ) -> Tensor | None:
     """Fused :func:`normlab.functional.batch_norm_eval`, or ``None`` (use the reference)."""
-    ops = _ops()
-    if ops is None or not _plain_input(x):
+    gate = _gate(x, (weight, bias), (running_mean, running_var))
+    if gate is None:
         return None
-    c = x.shape[1]
-    if not (
-        _constant(running_mean, c)
-        and _constant(running_var, c)
-        and _per_channel(weight, c)
-        and _per_channel(bias, c)
-    ):
-        return None
-    return ops.norm_eval(x, running_mean, running_var, weight, bias, float(eps))
+    return gate[0].norm_eval(x, running_mean, running_var, weight, bias, float(eps))
 
 
-def _fn_args(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor,
-    running_var: Tensor,
+def _fn_code(
+    gate: tuple[ModuleType, int] | None,
     outer_state: Tensor | None,
     outer_count: Tensor | None,
     estimator: str,
-    process_group: object,
-) -> tuple[ModuleType, int] | None:
-    # (kernels, estimator code) when a Full Normalization call may run fused.
-    if process_group is not None:
+) -> int | None:
+    # The estimator's code when a Full Normalization call that passed _gate may run fused.
+    if gate is None:
         return None
-    ops = _ops()
-    if ops is None or not _plain_input(x):
-        return None
-    c = x.shape[1]
-    if not (
-        _per_channel(weight, c)
-        and _per_channel(bias, c)
-        and _constant(running_mean, c)
-        and _constant(running_var, c)
-    ):
-        return None
+    c = gate[1]
     if outer_state is not None and not (
         type(outer_state) is Tensor
         and outer_state.is_cpu
@@ -209,8 +213,7 @@ def _fn_args(
         return None
     if outer_count is not None and not _counter(outer_count):
         return None
-    code = ESTIMATOR_CODES.get(estimator)
-    return None if code is None else (ops, code)
+    return ESTIMATOR_CODES.get(estimator)
 
 
 def _counter(t: object) -> bool:
@@ -238,35 +241,24 @@ def try_full_norm_train(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
     """Fused :class:`normlab.functional.full_norm.FullNormTrainFn` (without a process group),
     or ``None`` (use the reference). Returns ``(out, mean, var, rho)``."""
-    found = _fn_args(
-        x,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        outer_state,
-        outer_count,
-        estimator,
-        process_group,
-    )
-    if found is None:
+    if process_group is not None:
         return None
-    ops, code = found
-    with_rho = estimator == "adaptive" and alpha < 1.0
-    return ops.fn_train(
-        x,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        outer_state,
-        outer_count,
-        float(alpha),
-        float(eps),
-        code,
-        float(outer_momentum),
-        with_rho,
+    gate = _gate(x, (weight, bias), (running_mean, running_var))
+    code = _fn_code(gate, outer_state, outer_count, estimator)
+    if code is None:
+        return None
+    stats = (running_mean, running_var, outer_state, outer_count)
+    return gate[0].fn_train(
+        x, weight, bias, *stats, *_fn_scalars(alpha, eps, code, outer_momentum, estimator)
     )
+
+
+def _fn_scalars(
+    alpha: float, eps: float, code: int, outer_momentum: float, estimator: str
+) -> tuple[float, float, int, float, bool]:
+    # The kernels' scalar arguments of a Full Normalization step (the last: compute rho).
+    with_rho = estimator == "adaptive" and alpha < 1.0
+    return float(alpha), float(eps), code, float(outer_momentum), with_rho
 
 
 def try_batch_norm_module_train(
@@ -284,29 +276,12 @@ def try_batch_norm_module_train(
     buffers, which are left untouched when a statistic is not finite. Returns ``(y, var, ok)``
     (``ok`` false: nothing was written, the layer applies its non-finite policy), or ``None``
     (use the reference)."""
-    ops = _ops()
-    if ops is None or not _plain_input(x):
+    gate = _gate(x, (weight, bias), buffers=(running_mean, running_var))
+    if gate is None or not _counter(num_batches_tracked):
         return None
-    c = x.shape[1]
-    stat = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    if not (
-        _per_channel(weight, c)
-        and _per_channel(bias, c)
-        and _buffer(running_mean, c, stat)
-        and _buffer(running_var, c, stat)
-        and _counter(num_batches_tracked)
-    ):
-        return None
-    return ops.bn_train_module(
-        x,
-        weight,
-        bias,
-        float(eps),
-        running_mean,
-        running_var,
-        num_batches_tracked,
-        -1.0 if momentum is None else float(momentum),
-    )
+    mom = -1.0 if momentum is None else float(momentum)
+    buffers = (running_mean, running_var, num_batches_tracked)
+    return gate[0].bn_train_module(x, weight, bias, float(eps), *buffers, mom)
 
 
 def try_full_norm_module_train(
@@ -328,35 +303,15 @@ def try_full_norm_module_train(
     estimates written into ``running_mean``/``running_var`` and ``num_batches_tracked``
     incremented, all skipped when an estimate is not finite. Returns ``(out, mean, var, ok)``,
     or ``None`` (use the reference)."""
+    if process_group is not None or not _counter(num_batches_tracked):
+        return None
     stateful = estimator in ("adaptive", "running")
     state = outer_state if stateful else None
     count = outer_count if stateful else None
-    found = _fn_args(
-        x, weight, bias, running_mean, running_var, state, count, estimator, process_group
-    )
-    if found is None:
+    gate = _gate(x, (weight, bias), buffers=(running_mean, running_var))
+    code = _fn_code(gate, state, count, estimator)
+    if code is None:
         return None
-    c = x.shape[1]
-    stat = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    if not (
-        _buffer(running_mean, c, stat)
-        and _buffer(running_var, c, stat)
-        and _counter(num_batches_tracked)
-    ):
-        return None
-    ops, code = found
-    return ops.fn_train_module(
-        x,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        state,
-        count,
-        float(alpha),
-        float(eps),
-        code,
-        float(outer_momentum),
-        estimator == "adaptive" and alpha < 1.0,
-        num_batches_tracked,
-    )
+    scalars = _fn_scalars(alpha, eps, code, outer_momentum, estimator)
+    stats = (running_mean, running_var, state, count)
+    return gate[0].fn_train_module(x, weight, bias, *stats, *scalars, num_batches_tracked)
