@@ -223,6 +223,9 @@ def _worker(
         result = fn(*args)
         if local_rank == 0:
             torch.save(result, os.path.join(result_dir, "result.pt"))
+        # Every rank leaves the group together: a rank that tears gloo down while a peer is still
+        # talking to it can abort that peer ("terminate called without an active exception").
+        dist.barrier()
     finally:
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
