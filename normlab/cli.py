@@ -533,7 +533,7 @@ def _run(args: argparse.Namespace, extra: list[str], name: str | None, prog: str
     if distributed.launched_by_torchrun():  # join torchrun's group; rank 0 leads the others
         distributed.join_torchrun(args.device, args.dist_timeout)
         if not distributed.is_main_process():
-            return distributed.follow()
+            distributed.exit_quietly(distributed.follow())
     log.info("running %s into %s", name, out)
     with distributed.leading():
         results = run_experiment(name, cfg, out, ctx, fresh=args.fresh)
@@ -541,6 +541,8 @@ def _run(args: argparse.Namespace, extra: list[str], name: str | None, prog: str
     for fig in results.get("figures", []):
         print(f"figure: {fig}")
     print(f"results: {out / 'results.json'}")
+    if distributed.launched_by_torchrun():
+        distributed.exit_quietly(0)
     return 0
 
 

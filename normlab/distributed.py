@@ -25,6 +25,7 @@ import datetime
 import logging
 import os
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -43,6 +44,7 @@ __all__ = [
     "backend_for",
     "follow",
     "is_main_process",
+    "exit_quietly",
     "join_torchrun",
     "launch",
     "launched_by_torchrun",
@@ -223,12 +225,32 @@ def _worker(
         result = fn(*args)
         if local_rank == 0:
             torch.save(result, os.path.join(result_dir, "result.pt"))
-        # Every rank leaves the group together: a rank that tears gloo down while a peer is still
-        # talking to it can abort that peer ("terminate called without an active exception").
-        dist.barrier()
-    finally:
+    except BaseException:
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
+        raise
+    exit_quietly(0)
+
+
+def exit_quietly(status: int) -> None:
+    """Leave the process group together with the other ranks and end the process without
+    interpreter finalization.
+
+    Gloo's worker threads can still hold tensors when Python tears itself down; destroying them
+    then aborts the process ("terminate called without an active exception", SIGABRT) although
+    all work is done. Every rank passes a barrier, destroys the group, flushes its output and
+    leaves with ``os._exit``.
+    """
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.barrier()
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    logging.shutdown()
+    os._exit(status)
 
 
 def _signal_name(code: int) -> str:

@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from normlab.distributed import exit_quietly
+
 __all__ = ["run_distributed"]
 
 
@@ -39,8 +41,11 @@ def _worker(
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(tmpdir, f"result{rank}.pt"))
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # barrier, destroy, and no interpreter finalization (gloo's threads can abort it)
+    exit_quietly(0)
 
 
 def run_distributed(
