@@ -444,7 +444,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_common(plot)
     plot.add_argument("run_dir", type=Path)
     report = sub.add_parser(
-        "report", help="run the experiments behind every claim; write REPRODUCTION.md + HTML"
+        "report", help="run the experiments behind every claim; write the report (Markdown + HTML)"
     )
     _add_common(report)
     report.add_argument("--smoke", action="store_true", help="seconds-long experiments")
