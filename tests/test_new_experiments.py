@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlab.experiments import depth_flow, init_sensitivity, noisy_bn
+from normlab.experiments import depth_flow, init_sensitivity, ioffe, noisy_bn
 from normlab.models import MLP, Residual
 from normlab.nn.convert import NoNorm
 from normlab.nn.noise import DistributionNoise
@@ -317,3 +318,81 @@ def test_first_last_ratio():
     assert depth_flow.first_last_ratio([8.0, 4.0, 2.0, 100.0]) == 4.0
     assert depth_flow.first_last_ratio([8.0, 100.0]) is None
     assert depth_flow.first_last_ratio([8.0, 0.0, 1.0]) is None
+
+
+# ------------------------------------------------------------------------------- ioffe-fig1
+
+
+def _sigmoid_bn_mlp():
+    torch.manual_seed(0)
+    model = MLP(12, (8, 6), 3, norm_layer=lambda c, kind: nn.BatchNorm1d(c), activation="sigmoid")
+    with torch.no_grad():  # affine parameters and running statistics away from their defaults
+        for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm1d)):
+            bn.weight.uniform_(0.5, 2)
+            bn.bias.uniform_(-1, 1)
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    return model
+
+
+def _pre_sigmoid(model, x, unit, batch_stats):
+    # The last hidden block's pre-sigmoid value ``unit``, written out: Linear, BN with the batch's
+    # biased statistics or the running ones, sigmoid.
+    h = x
+    blocks = [m for m in model if isinstance(m, nn.Sequential)]
+    for block in blocks:
+        lin, bn = block[0], block[1]
+        a = lin(h)
+        mean, var = (
+            (a.mean(0), a.var(0, unbiased=False))
+            if batch_stats
+            else (bn.running_mean, bn.running_var)
+        )
+        a = (a - mean) / torch.sqrt(var + bn.eps) * bn.weight + bn.bias
+        if block is blocks[-1]:
+            return a[:, unit]
+        h = torch.sigmoid(a)
+    raise AssertionError("no hidden block")
+
+
+def _percentiles(values):
+    return [float(v) for v in np.percentile(values.double().numpy(), [15, 50, 85])]
+
+
+@pytest.mark.parametrize("mode", ["eval", "mixed"])
+def test_ioffe_probe_uses_training_mode_batches_and_leaves_the_model_as_it_was(mode):
+    model = _sigmoid_bn_mlp()
+    model.eval()
+    if mode == "mixed":
+        model[1].train()
+    x = torch.randn(23, 12, generator=torch.Generator().manual_seed(1))
+    unit = 2
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = [m.training for m in model.modules()]
+    rng = torch.get_rng_state()
+    got = ioffe.sigmoid_input_probe(x, unit, batch_size=10)(model, {})
+    with torch.no_grad():
+        # training mode: mini-batches of 10, 10 and 3, each normalized with its own statistics
+        train_vals = torch.cat([_pre_sigmoid(model, xb, unit, True) for xb in x.split(10)])
+        eval_vals = _pre_sigmoid(model, x, unit, False)
+    keys = ("p15", "p50", "p85")
+    assert [got[k] for k in keys] == pytest.approx(_percentiles(train_vals), rel=1e-5, abs=1e-6)
+    assert [got[f"eval_{k}"] for k in keys] == pytest.approx(
+        _percentiles(eval_vals), rel=1e-5, abs=1e-6
+    )
+    after = model.state_dict()
+    for k, v in state.items():
+        assert torch.equal(after[k], v), k
+    assert [m.training for m in model.modules()] == modes
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_ioffe_probe_batches_keep_two_samples_and_refuse_single_ones():
+    x = torch.randn(21, 4)
+    sizes = [b.shape[0] for b in ioffe._probe_batches(x, 10)]
+    assert sizes == [10, 11]  # a last batch of one joins the one before it
+    assert [b.shape[0] for b in ioffe._probe_batches(x[:20], 10)] == [10, 10]
+    with pytest.raises(ValueError, match="batch_size=1"):
+        ioffe.sigmoid_input_probe(x, 0, batch_size=1)
+    with pytest.raises(ValueError, match="1 probe samples"):
+        ioffe.sigmoid_input_probe(x[:1], 0, batch_size=4)

@@ -75,3 +75,92 @@ def test_html_renders_in_headless_chromium(smoke_report, tmp_path):
         check=True,
     )
     assert shot.stat().st_size > 10_000
+
+
+# ------------------------------------------------------------- measures of single claims
+
+
+def _claim(key):
+    return next(c for c in CLAIMS if c.key == key)
+
+
+def _run(step, norms, rate, angle=1.0, diverged=False):
+    return {
+        "step": step,
+        "direction_gradient_norms": norms,
+        "rate": rate,
+        "final_angle_to_teacher": angle,
+        "diverged": diverged,
+    }
+
+
+def test_kohler_measure_grades_the_direction_gradient_of_the_best_gdnp_run():
+    measure = _claim("kohler-linear-rate").measure
+    norms = [0.5 * 0.98**k for k in range(1000)]  # falls 0.98^999 ~ 2e-9: > 1e4-fold
+    results = {
+        "gdnp": [_run(0.25, norms, 0.98, angle=2.5), _run(0.5, [], None, diverged=True)],
+        "gd": [_run(1.0, [0.5, 0.4], 0.999)],
+        "best": {"gdnp": 0.25, "gd": 1.0},
+    }
+    m = measure(results)
+    assert m.verdict == "holds"
+    assert "0.9800" in m.value and "2.50 deg" in m.value and "0.9990" in m.value
+    short = [0.5 * 0.98**k for k in range(100)]  # ~7-fold only
+    results["gdnp"][0] = _run(0.25, short, 0.98)
+    assert measure(results).verdict == "partly"
+    results["gdnp"][0] = _run(0.25, short, 1.01)
+    assert measure(results).verdict == "fails"
+    results["best"]["gdnp"] = None
+    assert measure(results).verdict == "fails"
+
+
+def _cell(losses, key="test_loss"):
+    return {
+        "ok": True,
+        "final": {key: losses[-1]},
+        "evaluations": [{key: v} for v in losses],
+    }
+
+
+def test_tiny_dataset_measure_reads_the_batch_size_one_cells():
+    measure = _claim("fn-tiny-dataset").measure
+    results = {
+        "cells": {
+            "torch-bn/b=1": _cell([1.2, 1.1, 1.5, 2.0]),  # rises 0.9 above its minimum
+            "fn/b=1": _cell([1.7, 0.5, 0.004, 0.003]),
+            "torch-bn/b=2": _cell([1.0, 0.1, 0.1, 0.1]),
+        }
+    }
+    m = measure(results)
+    assert m.verdict == "holds" and "BN 0.900, FN 0.000" in m.value
+    results["cells"]["torch-bn/b=1"] = _cell([1.2, 1.1, 1.1, 1.105])
+    assert measure(results).verdict == "partly"
+    results["cells"]["torch-bn/b=1"] = {"ok": False, "error": "cannot train"}
+    assert measure(results).verdict == "fails"
+
+
+def test_logistic_measure_fails_with_a_note_when_bn_converges():
+    measure = _claim("bn-logistic-variance").measure
+    fn = _cell([0.9, 0.6, 0.5, 0.48], "train_loss")
+    bn = _cell([0.9, 0.7, 0.56, 0.553], "train_loss")
+    m = measure({"cells": {"fn": fn, "torch-bn": bn}})
+    assert m.verdict == "fails" and "1.15x" in m.value
+    assert "does not appear" in m.note
+    bn = _cell([0.9, 1.5, 0.7, 1.2], "train_loss")  # 2.5x FN's final loss
+    m = measure({"cells": {"fn": fn, "torch-bn": bn}})
+    assert m.verdict == "holds" and m.note == ""
+
+
+def test_cai_measure_names_each_methods_best_lr():
+    measure = _claim("cai-fewer-epochs").measure
+    summary = {
+        "gd": {"best_iterations": 413, "best_lr": 0.2105},
+        "bn_gd": {"best_iterations": 394, "best_lr": 15.57},
+    }
+    m = measure({"summary": summary})
+    assert m.verdict == "partly"
+    assert "GD 413 (lr 0.21)" in m.value and "BN-GD 394 (lr 15.6)" in m.value
+    assert "1.05x" in m.value
+    never = {"best_iterations": None, "best_lr": None}
+    m = measure({"summary": {"gd": never, "bn_gd": never}})
+    assert m.verdict == "fails" and "GD never (lr n/a), BN-GD never (lr n/a)" in m.value

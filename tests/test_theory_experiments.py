@@ -35,11 +35,12 @@ from normlab.diagnostics import (
     preconditioned_gradient_norms,
     spectral_density,
 )
-from normlab.experiments.cai_ols import converging_range
+from normlab.experiments import cai_ols, kohler
+from normlab.experiments.cai_ols import converging_range, refined_grid
 from normlab.experiments.common import preconditioner_options
 from normlab.experiments.gradient_flow_depth import spread_decades
 from normlab.experiments.hessian_conditioning import positive_quantile, preconditioned_spectrum
-from normlab.experiments.kohler import first_below, fitted_rate
+from normlab.experiments.kohler import direction_component, first_below, fitted_rate, s_angle
 from normlab.experiments.santurkar import steps_to_loss, summarize
 from normlab.functional.batch_norm import batch_norm_train
 from normlab.functional.precondition import precondition_linear, preconditioner_factor
@@ -243,6 +244,130 @@ def test_fitted_rate_and_first_below():
     assert fitted_rate([1.0, 1e-20, 1e-20]) is None
     assert first_below(values, 3.0 * 0.9**10) == 10
     assert first_below(values, 0.0) is None
+
+
+def test_s_angle_and_direction_component_match_numpy():
+    x, labels = _halfspace()
+    p = halfspace_problem(x, labels)
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(p.dim, generator=gen, dtype=torch.float64)
+    b = torch.randn(p.dim, generator=gen, dtype=torch.float64)
+    xn = x.numpy()
+    s = xn.T @ xn / xn.shape[0]
+    an, bn = a.numpy(), b.numpy()
+    cos = an @ s @ bn / math.sqrt((an @ s @ an) * (bn @ s @ bn))
+    assert s_angle(p, a, b) == pytest.approx(math.degrees(math.acos(cos)), rel=1e-10)
+    assert s_angle(p, a, 3.0 * a) == pytest.approx(0.0, abs=1e-5)
+    assert math.isnan(s_angle(p, a, torch.zeros_like(a)))
+    # the direction part: the gradient minus its S-projection on w, measured in S^-1
+    y = np.where(labels.numpy() == 0, -1.0, 1.0)
+    z = -y[:, None] * xn
+    grad = z.T @ (1 / (1 + np.exp(-(z @ an)))) / z.shape[0]
+    proj = grad - s @ an * (an @ grad) / (an @ s @ an)
+    expected = math.sqrt(proj @ np.linalg.solve(s, proj))
+    assert direction_component(p, a) == pytest.approx(expected, rel=1e-9)
+    # = ||w||_S ||grad_w f(w, g)||_{S^-1} / |g| for w~ = g w / ||w||_S
+    g = -2.5
+    w_tilde = g * b / p.s_norm(b)
+    rescaled = float(p.s_norm(b) * p.dual_norm(direction_gradient(p, b, g))) / abs(g)
+    assert direction_component(p, w_tilde) == pytest.approx(rescaled, rel=1e-9)
+    # at the optimal length the gradient has no length part: the direction part is all of it
+    g = bisect_length(p, b, bracket=(-50.0, 50.0), steps=60)
+    w_tilde = g * b / p.s_norm(b)
+    full = float(p.dual_norm(logistic_gradient(p, w_tilde)))
+    assert direction_component(p, w_tilde) == pytest.approx(full, rel=1e-8)
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.1])
+def test_kohler_paths_are_the_library_iterations(noise):
+    x, labels = _halfspace(noise=noise)
+    p = halfspace_problem(x, labels)
+    w0 = torch.randn(p.dim, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    w0 = w0 / p.s_norm(w0)
+    cfg = kohler.KohlerConfig(iterations=40, bisection_steps=25, length_bracket=10.0)
+    ref = gdnp(p, w0, iterations=40, step_scale=0.25, bisection_steps=25, bracket=(-10.0, 10.0))
+    path = kohler._gdnp_path(p, w0, cfg, 0.25)
+    assert len(path) == len(ref.losses)
+    assert [float(logistic_loss(p, w)) for w in path] == pytest.approx(ref.losses, rel=1e-12)
+    norms = [float(p.dual_norm(logistic_gradient(p, w))) for w in path]
+    assert norms == pytest.approx(ref.gradient_norms, rel=1e-10)
+    lr = 4.0 / float(p.eigenvalues[-1])
+    ref_gd = halfspace_gd(p, w0, lr, iterations=40)
+    gd = kohler._gd_path(p, w0, lr, 40)
+    assert [float(logistic_loss(p, w)) for w in gd] == pytest.approx(ref_gd.losses, rel=1e-12)
+
+
+def test_kohler_defaults_are_noise_free_and_label_noise_flips_labels():
+    cfg = kohler.KohlerConfig()
+    assert cfg.label_noise == 0.0
+    small = kohler.KohlerConfig(dim=5, n=400)
+    problem, _, flipped, teacher = kohler._problem(small)
+    assert flipped == 0
+    # noise-free teacher labels: every sample on the teacher's side, z^T w_T < 0
+    assert bool((problem.z @ teacher < 0).all())
+    noisy = kohler.KohlerConfig(dim=5, n=400, label_noise=0.2)
+    problem, _, flipped, teacher = kohler._problem(noisy)
+    assert int((problem.z @ teacher > 0).sum()) == flipped
+    assert 0.1 < flipped / 400 < 0.3
+    with pytest.raises(ValueError, match="label_noise"):
+        kohler._problem(kohler.KohlerConfig(label_noise=0.5))
+    with pytest.raises(ValueError, match="length_bracket"):
+        kohler._problem(kohler.KohlerConfig(length_bracket=0.0))
+
+
+def test_kohler_run_records_the_angle_to_the_teacher(tmp_path):
+    cfg = kohler.KohlerConfig(
+        dim=5, n=300, iterations=60, gd_lrs=(4.0,), gdnp_step_scales=(0.25,), bisection_steps=20
+    )
+    results = kohler.run(cfg, tmp_path, None)
+    assert results["problem"]["separable"] and results["problem"]["flipped_labels"] == 0
+    problem, gen, _, teacher = kohler._problem(cfg)
+    w0 = torch.randn(problem.dim, generator=gen, dtype=torch.float64)
+    w0 = w0 / problem.s_norm(w0)
+    last = kohler._gdnp_path(problem, w0, cfg, 0.25)[-1]
+    s = problem.second_moment.numpy()
+    a, b = last.numpy(), teacher.numpy()
+    expected = math.degrees(math.acos(a @ s @ b / math.sqrt((a @ s @ a) * (b @ s @ b))))
+    run = results["gdnp"][0]
+    assert run["final_angle_to_teacher"] == pytest.approx(expected, rel=1e-9)
+    assert run["angles_to_final"][-1] == pytest.approx(0.0, abs=1e-5)
+    assert run["final_direction_gradient_norm"] == pytest.approx(
+        direction_component(problem, last), rel=1e-12
+    )
+    assert run["rate"] == fitted_rate(run["direction_gradient_norms"])
+
+
+def test_refined_grid():
+    grid = [0.01, 0.1, 1.0, 10.0]
+    fine = refined_grid(grid, 0.1, 4)
+    assert len(fine) == 4 and 0.01 < fine[0] and fine[-1] < 1.0
+    ratios = [b / a for a, b in zip([0.01, *fine], [*fine, 1.0], strict=True)]
+    assert ratios == pytest.approx([100.0 ** (1 / 5)] * 5, rel=1e-12)
+    assert refined_grid(grid, 10.0, 1) == pytest.approx([math.sqrt(10.0)])  # 1 .. the grid end
+    assert refined_grid(grid, 0.1, 0) == []
+    with pytest.raises(ValueError, match="not in the grid"):
+        refined_grid(grid, 0.2, 3)
+    with pytest.raises(ValueError, match="points"):
+        refined_grid(grid, 0.1, -1)
+
+
+def test_cai_best_lr_is_over_the_coarse_and_refined_grids(tmp_path):
+    cfg = cai_ols.CaiOLSConfig(
+        dim=8, n=200, lrs=(0.01, 0.1, 1.0, 10.0), refine_points=6, max_iterations=3000
+    )
+    r = cai_ols.run(cfg, tmp_path, None)
+    lam = r["problem"]
+    assert lam["gd_optimal_lr"] == pytest.approx(2 / (lam["lambda_min"] + lam["lambda_max"]))
+    gd_lrs = [t["lr"] for t in r["refined"]["gd"]]
+    assert any(lr == pytest.approx(lam["gd_optimal_lr"]) for lr in gd_lrs)
+    for name in ("gd", "bn_gd"):
+        runs = [t for t in r[name] + r["refined"][name] if t["iterations"] is not None]
+        best = min(runs, key=lambda t: t["iterations"])
+        assert r["summary"][name]["best_iterations"] == best["iterations"]
+        coarse = [t["iterations"] for t in r[name] if t["iterations"] is not None]
+        assert best["iterations"] <= min(coarse)
+        # the range is read on the coarse grid only
+        assert r["summary"][name]["converging_lrs"] == list(converging_range(r[name]))
 
 
 # --------------------------------------------------------------------------------- BNP: P, P^T

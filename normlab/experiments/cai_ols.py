@@ -5,8 +5,10 @@ Descent", ICML 2019 (https://arxiv.org/abs/1810.00122). On the ``ols-heterogeneo
 data (full batch), runs plain gradient descent and gradient descent on the batch-normalized model
 (:func:`normlab.diagnostics.ols_gd`, :func:`normlab.diagnostics.bn_ols_gd`) from the same random
 unit vector for each learning rate of a log grid, and reports the iterations until the relative
-excess loss falls to ``tol``, the range of learning rates that converge, a check of BN-GD's
-scaling law, and :math:`\kappa(H)` with Cai et al.'s effective :math:`\kappa^*`. See
+excess loss falls to ``tol``, the range of learning rates that converge, each method's fastest
+learning rate (the coarse grid refined between the neighbours of its fastest point, and for GD
+the optimal constant step :math:`2/(\lambda_{\min}+\lambda_{\max})`), a check of BN-GD's scaling
+law, and :math:`\kappa(H)` with Cai et al.'s effective :math:`\kappa^*`. See
 docs/experiments.md.
 """
 
@@ -23,7 +25,7 @@ from normlab.data import load_dataset
 from normlab.diagnostics import OLSTrace, bn_ols_gd, ols_gd, ols_problem
 from normlab.experiments import common, core
 
-__all__ = ["CaiOLSConfig", "converging_range"]
+__all__ = ["CaiOLSConfig", "converging_range", "refined_grid"]
 
 DEFAULT_LRS = tuple(m * 10.0**e for e in range(-4, 4) for m in (1.0, 3.0)) + (1e4,)
 
@@ -38,6 +40,7 @@ class CaiOLSConfig:
     lrs: tuple[float, ...] = DEFAULT_LRS  # weight learning rates, 1e-4 .. 1e4
     scale_lr: float = 1.0  # BN-GD's learning rate for the scale a
     scale0: float = 1.0  # BN-GD's initial scale a_0
+    refine_points: int = 25  # extra lrs between the coarse neighbours of each method's best
     tol: float = 1e-8  # relative excess loss that counts as converged
     max_iterations: int = 10_000
     seed: int = 0
@@ -49,6 +52,28 @@ def converging_range(traces: list[dict[str, Any]]) -> tuple[float, float] | None
     return (min(lrs), max(lrs)) if lrs else None
 
 
+def refined_grid(lrs: list[float], best: float, points: int) -> list[float]:
+    """``points`` learning rates, geometric, strictly between the neighbours of ``best`` in the
+    sorted grid ``lrs`` (a grid end stands in for a missing neighbour); ``[]`` if ``points`` is 0.
+
+    Raises:
+        ValueError: ``best`` is not in ``lrs``, or ``points`` is negative.
+    """
+    if points < 0:
+        raise ValueError(f"points must be >= 0, got {points!r}")
+    grid = sorted(lrs)
+    if best not in grid:
+        raise ValueError(f"best lr {best!r} is not in the grid {grid!r}")
+    if points == 0:
+        return []
+    i = grid.index(best)
+    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    if lo == hi:
+        return []
+    ratio = (hi / lo) ** (1.0 / (points + 1))
+    return [lo * ratio**k for k in range(1, points + 1)]
+
+
 def _trace_dict(trace: OLSTrace) -> dict[str, Any]:
     return {
         k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(trace).items()
@@ -57,6 +82,10 @@ def _trace_dict(trace: OLSTrace) -> dict[str, Any]:
 
 def run(cfg: CaiOLSConfig, out: Path, ctx: core.RunContext) -> dict[str, Any]:
     del ctx  # nothing is trained with the loop; the data has problem-specific options
+    if isinstance(cfg.refine_points, bool) or not isinstance(cfg.refine_points, int):
+        raise TypeError(f"refine_points must be an int, got {cfg.refine_points!r}")
+    if cfg.refine_points < 0:
+        raise ValueError(f"refine_points must be >= 0, got {cfg.refine_points!r}")
     data = load_dataset(
         "ols-heterogeneous",
         seed=cfg.seed,
@@ -80,6 +109,23 @@ def run(cfg: CaiOLSConfig, out: Path, ctx: core.RunContext) -> dict[str, Any]:
     ref = bn_ols_gd(
         problem, w0, [lr / c**2], max_iterations=iters, tol=1e-300, scale_lr=cfg.scale_lr
     )
+    coarse = {"gd": [_trace_dict(t) for t in gd], "bn_gd": [_trace_dict(t) for t in bn]}
+    lam_min, lam_max = (float(problem.eigenvalues[0]), float(problem.eigenvalues[-1]))
+    fine: dict[str, list[dict[str, Any]]] = {}
+    for name, solver in (
+        ("gd", lambda lrs: ols_gd(problem, w0, lrs, **common)),
+        (
+            "bn_gd",
+            lambda lrs: bn_ols_gd(
+                problem, w0, lrs, scale0=cfg.scale0, scale_lr=cfg.scale_lr, **common
+            ),
+        ),
+    ):
+        best = _range_summary(coarse[name])["best_lr"]
+        extra = [] if best is None else refined_grid(list(cfg.lrs), best, cfg.refine_points)
+        if name == "gd":
+            extra.append(2.0 / (lam_min + lam_max))  # GD's optimal constant step on a quadratic
+        fine[name] = [_trace_dict(t) for t in solver(sorted(set(extra)))] if extra else []
     law_diff = max(
         abs(a - b) / max(abs(b), 1e-300) for a, b in zip(law[0].excess, ref[0].excess, strict=True)
     )
@@ -91,23 +137,31 @@ def run(cfg: CaiOLSConfig, out: Path, ctx: core.RunContext) -> dict[str, Any]:
             "kappa_star": problem.effective_condition_number(),
             "lambda_max": float(problem.eigenvalues[-1]),
             "lambda_min": float(problem.eigenvalues[0]),
-            "gd_stable_below": 2.0 / float(problem.eigenvalues[-1]),
+            "gd_stable_below": 2.0 / lam_max,
+            "gd_optimal_lr": 2.0 / (lam_min + lam_max),
         },
         "lrs": list(cfg.lrs),
         "tol": cfg.tol,
         "max_iterations": cfg.max_iterations,
-        "gd": [_trace_dict(t) for t in gd],
-        "bn_gd": [_trace_dict(t) for t in bn],
+        "refine_points": cfg.refine_points,
+        **coarse,
+        "refined": fine,
         "scaling_law": {"c": c, "lr": lr, "iterations": iters, "max_relative_difference": law_diff},
     }
-    results["summary"] = {name: _range_summary(results[name]) for name in ("gd", "bn_gd")}
+    results["summary"] = {
+        name: _range_summary(results[name], fine[name]) for name in ("gd", "bn_gd")
+    }
     return results
 
 
-def _range_summary(traces: list[dict[str, Any]]) -> dict[str, Any]:
+def _range_summary(
+    traces: list[dict[str, Any]], refined: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    # The range (decades) is read on the coarse grid, the same for both methods; the fastest
+    # run over the coarse and the refined learning rates.
     rng = converging_range(traces)
     best = min(
-        (t for t in traces if t["iterations"] is not None),
+        (t for t in [*traces, *(refined or [])] if t["iterations"] is not None),
         key=lambda t: t["iterations"],
         default=None,
     )
@@ -142,7 +196,8 @@ def report(results: dict[str, Any]) -> str:
     title = (
         f"OLS (ols-heterogeneous, d={p['dim']}, N={p['samples']}, full batch): kappa(H) = "
         f"{p['kappa']:.1f}, Cai et al.'s kappa* = {p['kappa_star']:.1f}; GD is stable for "
-        f"lr < 2/lambda_max = {p['gd_stable_below']:.3g}\n"
+        f"lr < 2/lambda_max = {p['gd_stable_below']:.3g}, optimal constant step "
+        f"2/(lambda_min + lambda_max) = {p['gd_optimal_lr']:.3g}\n"
         f"iterations to relative excess loss {results['tol']:g} (from the same random unit w0)"
     )
     lines = [common.table(title, rows, ["lr", "GD", "BN-GD", "BN-GD final ||w||"])]
@@ -154,7 +209,8 @@ def report(results: dict[str, Any]) -> str:
             lo, hi = s["converging_lrs"]
             lines.append(
                 f"{label}: converges for lr in [{lo:g}, {hi:g}] ({s['decades']:.1f} decades); "
-                f"fastest {s['best_iterations']} iterations at lr {s['best_lr']:g}"
+                f"fastest {s['best_iterations']} iterations at lr {s['best_lr']:.4g} (coarse grid "
+                f"and {len(results['refined'][name])} refined lrs)"
             )
     law = results["scaling_law"]
     lines.append(
@@ -182,9 +238,17 @@ def plot(results: dict[str, Any]) -> Any:
     ax = axes[0]
     for name, label, colour in (("gd", "GD", "C0"), ("bn_gd", "BN-GD", "C1")):
         traces = results[name]
-        ok = [t for t in traces if t["iterations"] is not None]
+        refined = results.get("refined", {}).get(name, [])
+        ok = sorted(
+            (t for t in [*traces, *refined] if t["iterations"] is not None), key=lambda t: t["lr"]
+        )
         ax.plot(
-            [t["lr"] for t in ok], [t["iterations"] for t in ok], "o-", color=colour, label=label
+            [t["lr"] for t in ok],
+            [t["iterations"] for t in ok],
+            "o-",
+            ms=3,
+            color=colour,
+            label=f"{label} (coarse and refined lrs)",
         )
         div = [t["lr"] for t in traces if t["diverged"]]
         if div:
@@ -232,7 +296,13 @@ def plot(results: dict[str, Any]) -> Any:
 
 
 DESCRIPTION = "BN-GD vs GD on least squares over a wide lr grid: iterations to converge"
-SMOKE = {"dim": 8, "n": 200, "lrs": (0.01, 1.0, 100.0), "max_iterations": 200}
+SMOKE = {
+    "dim": 8,
+    "n": 200,
+    "lrs": (0.01, 1.0, 100.0),
+    "refine_points": 3,
+    "max_iterations": 200,
+}
 core.register_experiment(
     core.Experiment("cai-ols", DESCRIPTION, CaiOLSConfig, run, plot, report, SMOKE)
 )

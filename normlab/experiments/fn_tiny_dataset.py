@@ -1,10 +1,13 @@
 """``fn-tiny-dataset``: three training samples, tested on themselves.
 
-A 3-layer MLP trains on ``tiny-3`` (one sample from each of 3 classes; the test set is the same
-3 samples) at batch size 1 with FN, torch's BN (which cannot train there; recorded) and no
-normalization, and the batch-dependent methods also at batch size 2 on ``tiny-3x2`` (each sample
-twice). Reports the training objective the method descends (the mean step loss of each epoch)
-against the test loss on the same samples in evaluation mode. See docs/experiments.md.
+A small 3-layer network (by default ``cnn``: three conv blocks and a linear head, whose BN
+normalizes over the spatial positions and so trains at batch size 1; ``base.model="mlp"`` gives
+two hidden layers of ``base.widths``, where torch's BN cannot train at batch size 1, recorded)
+trains on ``tiny-3`` (one sample from each of 3 classes; the test set is the same 3 samples) at
+batch size 1 with FN, torch's BN and no normalization, and the batch-dependent methods also at
+batch size 2 on ``tiny-3x2`` (each sample twice). Reports the training objective the method
+descends (the mean step loss of each epoch) against the test loss on the same samples in
+evaluation mode. See docs/experiments.md.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ DATASETS = {1: "tiny-3", 2: "tiny-3x2"}
 
 @dataclass(frozen=True)
 class FnTinyDatasetConfig:
-    # data_root None: the 3 samples come from digits, else from MNIST there; widths: the
-    # 3-layer net, Linear-norm-ReLU twice then Linear; eval_train: the test set is the train set
+    # data_root None: the 3 samples come from digits, else from MNIST there; model "cnn": three
+    # conv-norm-ReLU blocks, pooling, a linear head (widths: the "mlp" alternative, Linear-norm-
+    # ReLU twice then Linear); eval_train: the test set is the train set
     base: TrainConfig = TrainConfig(  # shared by every cell; lr None: each method's own
-        widths=(16, 16), epochs=150, lr=None, eval_train=False
+        model="cnn", widths=(16, 16), epochs=150, lr=None, eval_train=False
     )
     methods: tuple[str, ...] = ("fn", "torch-bn", "none")
     lrs: dict[str, float] | None = None  # method -> lr (else base.lr, Method.lr)

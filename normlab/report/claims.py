@@ -140,9 +140,11 @@ def _cai_epochs(r: Mapping[str, Any]) -> Measurement:
     s = r["summary"]
     bn, gd = s["bn_gd"]["best_iterations"], s["gd"]["best_iterations"]
     ratio = _ratio(gd, bn)
+    gd, bn = ("never" if v is None else v for v in (gd, bn))
     return Measurement(
-        f"iterations to tolerance at each method's best lr: GD {gd}, BN-GD {bn} "
-        f"({_fmt(ratio, '.2f')}x)",
+        f"iterations to tolerance at each method's best lr: GD {gd} (lr "
+        f"{_fmt(s['gd']['best_lr'], '.3g')}), BN-GD {bn} (lr {_fmt(s['bn_gd']['best_lr'], '.3g')})"
+        f" ({_fmt(ratio, '.2f')}x)",
         _graded(ratio, 2, 1.0 + 1e-9),
     )
 
@@ -158,12 +160,25 @@ def _cai_robust(r: Mapping[str, Any]) -> Measurement:
 
 
 def _kohler(r: Mapping[str, Any]) -> Measurement:
-    runs = [x for x in r["gdnp"] if not x["diverged"]]
-    rates = [x["rate"] for x in runs if x.get("rate") is not None]
-    best = min(rates) if rates else None
+    best = next((x for x in r["gdnp"] if x["step"] == r["best"]["gdnp"]), None)
+    if best is None or not best["direction_gradient_norms"]:
+        return Measurement("n/a", "fails", "no GDNP run converged")
+    gd = next((x for x in r["gd"] if x["step"] == r["best"]["gd"]), None)
+    norms = best["direction_gradient_norms"]
+    drop = _ratio(norms[0], norms[-1])
+    rate = best["rate"]
+    linear = rate is not None and rate < 1
+    verdict = (
+        "holds"
+        if linear and drop is not None and drop >= 1e4
+        else ("partly" if linear else "fails")
+    )
     return Measurement(
-        f"GDNP's best measured contraction per iteration of the excess loss: {_fmt(best, '.4f')}",
-        "holds" if best is not None and best < 1 else "fails",
+        f"GDNP (c={best['step']:g}): direction part of ||grad f||_{{S^-1}} {norms[0]:.2g} -> "
+        f"{norms[-1]:.2g} in {len(norms) - 1} iterations, fitted contraction "
+        f"{_fmt(rate, '.4f')}/iteration (best GD: {_fmt(gd['rate'] if gd else None, '.4f')}); "
+        f"angle to the teacher -> {_fmt(best['final_angle_to_teacher'], '.2f')} deg",
+        verdict,
     )
 
 
@@ -266,11 +281,36 @@ def _fn_matches_bn(r: Mapping[str, Any]) -> Measurement:
     return Measurement(f"shuffled: FN {_fmt(fn)}, BN {_fmt(bn)}", _graded(diff, -0.005, -0.02))
 
 
+def _last_quarter_range(r: Mapping[str, Any], cell: str) -> float | None:
+    summary = r["cells"].get(cell)
+    if not summary or not summary.get("ok"):
+        return None
+    vals = [e["train_loss"] for e in summary.get("evaluations", []) if "train_loss" in e]
+    tail = vals[-max(1, len(vals) // 4) :]
+    return (max(tail) - min(tail)) if tail else None
+
+
 def _logistic(r: Mapping[str, Any]) -> Measurement:
     fn, bn = _final(r, "fn", "train_loss"), _final(r, "torch-bn", "train_loss")
     ratio = _ratio(bn, fn)
+    bn_range = _last_quarter_range(r, "torch-bn")
+    fn_range = _last_quarter_range(r, "fn")
+    verdict = "holds" if ratio is not None and ratio >= 1.5 else "fails"
+    note = ""
+    if verdict == "fails":
+        note = (
+            f"BN's training loss ends at {_fmt(ratio, '.2f')}x FN's and settles (range over the "
+            f"last quarter of the 20 epochs: BN {_fmt(bn_range)}, FN {_fmt(fn_range)}): the "
+            "failure does not appear. The source states only a convex logistic regression on a "
+            "synthesized large-variance dataset, over 20 epochs; the data distribution, "
+            "dimension, batch size, optimizer and learning rate are normlab's choices "
+            "(docs/experiments.md, fn-logistic-variance)."
+        )
     return Measurement(
-        f"final training loss: BN {_fmt(bn)}, FN {_fmt(fn)}", _graded(ratio, 1.5, 1.1)
+        f"final training loss: BN {_fmt(bn)}, FN {_fmt(fn)} ({_fmt(ratio, '.2f')}x); range over "
+        f"the last quarter: BN {_fmt(bn_range)}, FN {_fmt(fn_range)}",
+        verdict,
+        note,
     )
 
 
@@ -282,11 +322,11 @@ def _tiny(r: Mapping[str, Any]) -> Measurement:
         losses = [e["test_loss"] for e in summary["evaluations"] if "test_loss" in e]
         return (losses[-1] - min(losses)) if losses else None
 
-    bn, fn = rise("torch-bn/b=2"), rise("fn/b=1")
+    bn, fn = rise("torch-bn/b=1"), rise("fn/b=1")
     ok = bn is not None and fn is not None and bn > 0.1 and fn <= 0.01
     some = bn is not None and fn is not None and bn > fn
     return Measurement(
-        f"test-loss rise above its minimum: BN (b=2) {_fmt(bn)}, FN (b=1) {_fmt(fn)}",
+        f"test-loss rise above its minimum at batch size 1: BN {_fmt(bn)}, FN {_fmt(fn)}",
         "holds" if ok else ("partly" if some else "fails"),
     )
 
@@ -432,7 +472,8 @@ CLAIMS: tuple[Claim, ...] = (
         "the distribution is much more stable as training progresses",
         IOFFE,
         "Fig. 1 (15/50/85th percentiles, MNIST)",
-        f"{DIGITS_MLP} with sigmoid units; percentiles of one unit's input over training",
+        f"{DIGITS_MLP} with sigmoid units; percentiles of one unit's input over training, "
+        "network in training mode (BN with the statistics of each probe mini-batch of 60)",
         "none's drift >= 2x BN's: holds; larger: partly",
         "ioffe-fig1",
         _ioffe,
@@ -466,7 +507,9 @@ CLAIMS: tuple[Claim, ...] = (
         "BNGD converges faster than GD",
         CAI,
         "2-5x fewer epochs (their experiments)",
-        "synthetic OLS problem, each method at its best lr",
+        "synthetic OLS problem (d=100, kappa(H)=110), each method at its best lr: a log grid "
+        "refined (25 points) between the neighbours of each method's fastest, plus GD's optimal "
+        "step 2/(lambda_min + lambda_max)",
         ">= 2x fewer iterations: holds; fewer: partly",
         "cai-ols",
         _cai_epochs,
@@ -490,8 +533,10 @@ CLAIMS: tuple[Claim, ...] = (
         "linear convergence",
         KOHLER,
         "linear rate (theorem)",
-        "synthetic Gaussian halfspace, logistic loss",
-        "a measured per-iteration contraction < 1: holds",
+        "synthetic Gaussian halfspace (d=50, kappa(Sigma)=100), noise-free teacher labels "
+        "(separable), logistic loss, full batch; GDNP lengths in [-10, 10]",
+        "best GDNP run's direction part of the gradient falls >= 1e4-fold with a fitted "
+        "per-iteration contraction < 1: holds; the contraction < 1 only: partly",
         "kohler-halfspace",
         _kohler,
     ),
@@ -646,8 +691,11 @@ CLAIMS: tuple[Claim, ...] = (
         "BN fails when the variance of the data is large",
         LIAN,
         "not stated",
-        "synthetic logistic regression, per-sample scale log-uniform on [1e-2, 1e2]",
-        "BN's final training loss >= 1.5x FN's: holds; >= 1.1x: partly",
+        "synthetic logistic regression (d=20, separable teacher labels), per-sample scale "
+        "log-uniform on [1e-2, 1e2], BN or FN on the input features, batch size 16, SGD, 20 "
+        "epochs",
+        "BN's final training loss >= 1.5x FN's (BN does not converge where FN does): holds; "
+        "else fails",
         "fn-logistic-variance",
         _logistic,
     ),
@@ -657,7 +705,8 @@ CLAIMS: tuple[Claim, ...] = (
         "the test loss of BN increases",
         LIAN,
         "not stated (figure)",
-        "3 digits, test set = training set; BN at b=2, FN at b=1",
+        "3 digits (8x8), test set = training set; SmallCNN (3 conv blocks + linear head), batch "
+        "size 1, 150 epochs; torch BN (statistics over the spatial positions) vs FN",
         "BN rises by > 0.1 and FN by <= 0.01: holds; BN rises more: partly",
         "fn-tiny-dataset",
         _tiny,
