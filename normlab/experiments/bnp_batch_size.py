@@ -21,22 +21,17 @@ __all__ = ["BnpBatchSizeConfig"]
 
 
 @dataclass(frozen=True)
-class BnpBatchSizeConfig:
+class BnpBatchSizeConfig(common.MethodLrsConfig):
     base: TrainConfig = TrainConfig(  # shared by every cell; lr None: each method's own
         lr=None, epochs=5, log_every=0
     )
     methods: tuple[str, ...] = ("none", "bn", "bnp", "gn", "brn")
     lrs: dict[str, float] | None = None  # method -> lr at b=64 (else base.lr, Method.lr)
-    method_options: dict[str, dict[str, Any]] | None = None  # method -> its options
     batch_sizes: tuple[int, ...] = (1, 2, 4, 16, 64)  # the same epochs for every batch size
     lr_exponent: float = 0.5  # lr(b) = lr * (b / 64) ** lr_exponent
     evals_per_epoch: int = 4  # points on the loss curves
 
-    cell_fields: ClassVar = common.METHOD_FIELDS | {
-        "base.scenario",
-        "base.batch_size",
-        "base.eval_every",
-    }
+    cell_fields: ClassVar = common.per_cell("scenario", "batch_size", "eval_every")
 
 
 def _name(method: str, batch_size: int) -> str:

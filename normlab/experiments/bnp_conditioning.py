@@ -98,7 +98,7 @@ def hessian_conditioning(
 
 
 @dataclass(frozen=True)
-class BnpConditioningConfig:
+class BnpConditioningConfig(common.MethodLrsConfig):
     # widths: small, the Hessian is dense (about 1200 parameters); eval_every: steps between
     # Hessian evaluations (digits: 22 steps per epoch)
     base: TrainConfig = TrainConfig(  # shared by every cell; lr None: each method's own
@@ -114,7 +114,7 @@ class BnpConditioningConfig:
     hessian_samples: int = 256  # the fixed batch the Hessian is taken on (first training samples)
     rel_tol: float = 1e-11  # eigenvalues below rel_tol * max|eig| count as zeros
 
-    cell_fields: ClassVar = common.METHOD_FIELDS | {"base.scenario"}
+    cell_fields: ClassVar = common.per_cell("scenario")
 
 
 def cells(cfg: BnpConditioningConfig) -> dict[str, TrainConfig]:

@@ -4,8 +4,9 @@ read (``preconditioner_options``), and report and figure scaffolding.
 
 An experiment config that trains holds ``base: TrainConfig`` (the fields its cells share; the
 ones it sets per cell are in its ``cell_fields`` class variable), ``methods``, and optionally
-``lrs`` (method -> learning rate) and ``method_options`` (method -> options). The conventions are
-explained in docs/experiments.md ("Conventions").
+``lrs`` (method -> learning rate) and ``method_options`` (method -> options): the fields of
+:class:`MethodsConfig` and :class:`MethodLrsConfig`, which such a config extends. The conventions
+are explained in docs/experiments.md ("Conventions").
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from normlab.errors import UsageError
 from normlab.experiments.core import (
@@ -35,12 +38,15 @@ __all__ = [
     "BATCH_SCENARIOS",
     "METHOD_FIELDS",
     "REFERENCE_BATCH",
+    "MethodLrsConfig",
+    "MethodsConfig",
     "axes_style",
     "batch_scenario",
     "cell_dir",
     "cell_name",
     "distinct_methods",
     "figure_file",
+    "first_step",
     "fmt",
     "load_results",
     "method_cell",
@@ -48,6 +54,7 @@ __all__ = [
     "method_of",
     "method_table",
     "num_train",
+    "per_cell",
     "plot_failures",
     "preconditioner_options",
     "probe_batch",
@@ -69,6 +76,32 @@ REFERENCE_BATCH = 64
 
 #: Base fields that every multi-method experiment sets for each cell.
 METHOD_FIELDS = frozenset({"base.method", "base.method_options"})
+
+
+def per_cell(*names: str) -> frozenset[str]:
+    """A config's ``cell_fields``: :data:`METHOD_FIELDS` and ``base.<name>`` for each of
+    ``names``, the base fields the experiment sets for each cell itself."""
+    return METHOD_FIELDS | {f"base.{name}" for name in names}
+
+
+@dataclass(frozen=True)
+class MethodsConfig:
+    """The fields of an experiment config that trains each method of ``methods`` from one
+    ``base``. An experiment's config subclasses it, redeclares a field to change its default (or
+    its ``--help`` text, the field's trailing comment) and adds its own fields after these."""
+
+    base: TrainConfig = TrainConfig()  # shared by every cell
+    methods: tuple[str, ...] = ("none", "bn")
+    method_options: dict[str, dict[str, Any]] | None = None  # method -> its options
+
+    cell_fields: ClassVar[frozenset[str]] = METHOD_FIELDS
+
+
+@dataclass(frozen=True)
+class MethodLrsConfig(MethodsConfig):
+    """:class:`MethodsConfig` with a learning rate per method (see :func:`method_lr`)."""
+
+    lrs: dict[str, float] | None = None  # method -> lr (else base.lr, Method.lr)
 
 
 #: The batch scenarios of the batch-dependence experiments: label -> TrainConfig fields.
@@ -251,6 +284,20 @@ def method_table(
     ``name(method, column)`` for each column."""
     cells = results["cells"]
     return [[m] + [text(cells[name(m, c)]) for c in columns] for m in results["methods"]]
+
+
+def first_step(
+    evaluations: Iterable[Mapping[str, Any]], key: str, target: float, *, at_most: bool = False
+) -> int | None:
+    """The first evaluated ``step`` whose metric ``key`` reaches ``target``: ``>= target`` (an
+    accuracy), or ``<= target`` with ``at_most`` (a loss); ``None`` if none does. An evaluation
+    without ``key`` counts as accuracy 0, or loss infinity."""
+    missing = math.inf if at_most else 0.0
+    for e in evaluations:
+        value = e.get(key, missing)
+        if (value <= target) if at_most else (value >= target):
+            return int(e["step"])
+    return None
 
 
 def table(title: str, rows: list[list[str]], header: list[str], *notes: str) -> str:

@@ -36,13 +36,10 @@ ARCHS = {False: "plain", True: "skip"}
 
 
 @dataclass(frozen=True)
-class DepthFlowConfig:
+class DepthFlowConfig(common.MethodLrsConfig):
     base: TrainConfig = TrainConfig(  # shared by every cell
         batch_size=64, lr=0.01, log_every=0, eval_train=False
     )
-    methods: tuple[str, ...] = ("none", "bn")
-    lrs: dict[str, float] | None = None  # method -> lr (else base.lr, Method.lr)
-    method_options: dict[str, dict[str, Any]] | None = None  # method -> its options
     depths: tuple[int, ...] = (8, 16, 32)  # hidden layers
     width: int = 64
     activations: tuple[str, ...] = ("relu", "tanh")
@@ -50,15 +47,9 @@ class DepthFlowConfig:
     steps: int = 50  # SGD steps before the second profile
     probe_samples: int = 256  # the fixed training batch the gradients are taken on
 
-    cell_fields: ClassVar = common.METHOD_FIELDS | {
-        "base.activation",
-        "base.epochs",
-        "base.max_steps",
-        "base.model",
-        "base.model_options",
-        "base.scenario",
-        "base.widths",
-    }
+    cell_fields: ClassVar = common.per_cell(
+        "activation", "epochs", "max_steps", "model", "model_options", "scenario", "widths"
+    )
 
 
 def _name(method: str, activation: str, skip: bool, depth: int, phase: str) -> str:

@@ -32,7 +32,7 @@ PHASES = ("init", "trained")
 
 
 @dataclass(frozen=True)
-class GradientFlowConfig:
+class GradientFlowConfig(common.MethodLrsConfig):
     base: TrainConfig = TrainConfig(  # shared by every cell; lr None: each method's own
         activation="sigmoid", batch_size=64, lr=None, log_every=0, eval_train=False
     )
@@ -41,16 +41,10 @@ class GradientFlowConfig:
     methods: tuple[str, ...] = ("none", "bn", "fn", "bnp")  # unregistered ones are skipped
     # method -> lr (else base.lr, Method.lr); BNP's steps are scaled by 1/var of each input
     lrs: dict[str, float] | None = field(default_factory=lambda: {"bnp": 0.01})
-    method_options: dict[str, dict[str, Any]] | None = None  # method -> its options
     steps: int = 200  # SGD steps before the second profile
     probe_samples: int = 256  # the fixed training batch the gradients are taken on
 
-    cell_fields: ClassVar = common.METHOD_FIELDS | {
-        "base.scenario",
-        "base.widths",
-        "base.epochs",
-        "base.max_steps",
-    }
+    cell_fields: ClassVar = common.per_cell("scenario", "widths", "epochs", "max_steps")
 
 
 def _probe(batch: tuple[Tensor, Tensor], options: dict[str, float] | None):

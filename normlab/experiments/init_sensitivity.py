@@ -22,21 +22,14 @@ __all__ = ["InitSensitivityConfig", "summarize"]
 
 
 @dataclass(frozen=True)
-class InitSensitivityConfig:
+class InitSensitivityConfig(common.MethodsConfig):
     base: TrainConfig = TrainConfig(  # shared by every cell
         batch_size=64, epochs=10, log_every=0, eval_train=False
     )
-    methods: tuple[str, ...] = ("none", "bn")
-    method_options: dict[str, dict[str, Any]] | None = None  # method -> its options
     init_scales: tuple[float, ...] = (0.1, 1.0, 3.0, 10.0)  # x the default init, hidden layers
     lr_grid: tuple[float, ...] = (0.01, 0.1, 1.0)  # every (method, scale) trains at each
 
-    cell_fields: ClassVar = common.METHOD_FIELDS | {
-        "base.lr",
-        "base.model",
-        "base.model_options",
-        "base.scenario",
-    }
+    cell_fields: ClassVar = common.per_cell("lr", "model", "model_options", "scenario")
 
 
 def _name(method: str, scale: float, lr: float) -> str:

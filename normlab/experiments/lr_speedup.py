@@ -20,27 +20,21 @@ __all__ = ["LrSpeedupConfig", "steps_to_target", "summarize"]
 
 
 @dataclass(frozen=True)
-class LrSpeedupConfig:
+class LrSpeedupConfig(common.MethodsConfig):
     base: TrainConfig = TrainConfig(  # shared by every cell
         batch_size=64, eval_every=10, log_every=0, eval_train=False
     )
-    methods: tuple[str, ...] = ("none", "bn")
-    method_options: dict[str, dict[str, Any]] | None = None  # method -> its options
     lr_grid: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # every method trains at each
     target_acc: float = 0.9
     reference: str = "none"  # speed-up of each other method: steps(reference) / steps(method)
 
-    cell_fields: ClassVar = common.METHOD_FIELDS | {"base.lr", "base.scenario"}
+    cell_fields: ClassVar = common.per_cell("lr", "scenario")
 
 
-def steps_to_target(cell: dict[str, Any], target: float) -> int | None:
-    """First evaluated step at which test accuracy reaches ``target`` (None: never)."""
-    if not cell.get("ok"):
-        return None
-    for e in cell["evaluations"]:
-        if e.get("test_acc", 0.0) >= target:
-            return int(e["step"])
-    return None
+def steps_to_target(cell: dict[str, Any], target: float, key: str = "test_acc") -> int | None:
+    """First evaluated step at which the accuracy ``key`` (default test accuracy) of a cell
+    reaches ``target`` (None: never, or the cell could not train)."""
+    return common.first_step(cell["evaluations"], key, target) if cell.get("ok") else None
 
 
 def summarize(results: dict[str, Any]) -> dict[str, Any]:

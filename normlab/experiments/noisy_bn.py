@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 from normlab.errors import UsageError
 from normlab.experiments import common, core
+from normlab.experiments.lr_speedup import steps_to_target
 from normlab.nn.noise import DistributionNoise
 from normlab.train import TrainConfig
 
@@ -34,7 +35,7 @@ def _default_noise() -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class NoisyBnConfig:
+class NoisyBnConfig(common.MethodsConfig):
     base: TrainConfig = TrainConfig(  # shared by every cell
         widths=(100, 100, 100, 100),
         batch_size=64,
@@ -45,18 +46,12 @@ class NoisyBnConfig:
     )
     methods: tuple[str, ...] = ("none", "bn")  # trained as they are
     noisy_methods: tuple[str, ...] = ("bn",)  # also trained with noise after every slot
-    method_options: dict[str, dict[str, Any]] | None = None  # method -> its options
     noise: dict[str, Any] = field(default_factory=_default_noise)  # DistributionNoise options
     lr_grid: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0)  # every arm trains at each
     target_train_acc: float = 0.95
     reference: str = "none"  # speed-up of each arm: steps(reference) / steps(arm)
 
-    cell_fields: ClassVar = common.METHOD_FIELDS | {
-        "base.lr",
-        "base.model",
-        "base.model_options",
-        "base.scenario",
-    }
+    cell_fields: ClassVar = common.per_cell("lr", "model", "model_options", "scenario")
 
 
 def arms(cfg: NoisyBnConfig) -> dict[str, tuple[str, bool]]:
@@ -88,12 +83,6 @@ def cells(cfg: NoisyBnConfig) -> dict[str, TrainConfig]:
     return out
 
 
-def _steps_to(cell: dict[str, Any], key: str, target: float) -> int | None:
-    if not cell.get("ok"):
-        return None
-    return next((int(e["step"]) for e in cell["evaluations"] if e.get(key, 0.0) >= target), None)
-
-
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
     """Per arm: steps to the target training accuracy at each lr (None: never), the best lr
     (fewest steps; ties: lower final training loss), its steps and final training loss and
@@ -105,7 +94,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     per_arm: dict[str, Any] = {}
     for arm in results["arms"]:
         steps = {
-            str(lr): _steps_to(results["cells"][_name(arm, lr)], "train_acc", target)
+            str(lr): steps_to_target(results["cells"][_name(arm, lr)], target, "train_acc")
             for lr in results["lrs"]
         }
 

@@ -24,22 +24,14 @@ __all__ = ["RegularizationConfig", "summarize"]
 
 
 @dataclass(frozen=True)
-class RegularizationConfig:
+class RegularizationConfig(common.MethodLrsConfig):
     base: TrainConfig = TrainConfig(  # shared by every cell; lr None: each method's own
         lr=None, batch_size=32, epochs=100, log_every=0, eval_train=True
     )
-    methods: tuple[str, ...] = ("none", "bn")
-    lrs: dict[str, float] | None = None  # method -> lr (else base.lr, Method.lr)
-    method_options: dict[str, dict[str, Any]] | None = None  # method -> its options
     dropouts: tuple[float, ...] = (0.0, 0.5)  # every method trains with each
     train_samples: int = 300  # the training subset; the rest of the training split is held out
 
-    cell_fields: ClassVar = common.METHOD_FIELDS | {
-        "base.holdout",
-        "base.model",
-        "base.model_options",
-        "base.scenario",
-    }
+    cell_fields: ClassVar = common.per_cell("holdout", "model", "model_options", "scenario")
 
 
 def _name(method: str, dropout: float) -> str:

@@ -33,20 +33,18 @@ __all__ = ["SanturkarConfig", "steps_to_loss", "summarize"]
 
 
 @dataclass(frozen=True)
-class SanturkarConfig:
+class SanturkarConfig(common.MethodsConfig):
     # eval_every: steps between landscape / ICS probes
     base: TrainConfig = TrainConfig(  # shared by every cell
         widths=(128, 128, 128, 128), batch_size=128, epochs=50, eval_every=25, log_every=0
     )
-    methods: tuple[str, ...] = ("none", "bn")
-    method_options: dict[str, dict[str, Any]] | None = None  # method -> its options
     lr_grid: tuple[float, ...] = (0.1, 0.5)  # every method trains at each
     step_multipliers: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)  # S = multipliers x lr
     probe_samples: int = 128  # the fixed training batch the probes use (first samples)
     ics_layers: tuple[int, ...] = (2, 4)  # hidden layers (2..depth) whose weight ICS is measured
     loss_target: float = 0.1  # training loss that defines "steps to train"
 
-    cell_fields: ClassVar = common.METHOD_FIELDS | {"base.lr", "base.scenario"}
+    cell_fields: ClassVar = common.per_cell("lr", "scenario")
 
 
 def _probe(
@@ -113,9 +111,7 @@ def run(cfg: SanturkarConfig, out: Path, ctx: core.RunContext) -> dict[str, Any]
 
 def steps_to_loss(evaluations: list[dict[str, Any]], target: float) -> int | None:
     """First evaluated step whose training loss is at most ``target`` (None: never)."""
-    return next(
-        (int(e["step"]) for e in evaluations if e.get("train_loss", math.inf) <= target), None
-    )
+    return common.first_step(evaluations, "train_loss", target, at_most=True)
 
 
 def _median(values: list[float]) -> float | None:

@@ -31,6 +31,7 @@ Interface for subclasses (stable):
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import ClassVar
 
 import torch
@@ -41,6 +42,26 @@ from normlab.functional import batch_norm as bnf
 __all__ = ["NormBase", "check_norm_args", "check_norm_input"]
 
 _HALF = (torch.float16, torch.bfloat16)
+
+
+def layer_doc(base: type, shape: str, example: tuple[str, tuple[int, ...]] | None = None) -> str:
+    """The docstring of a concrete layer class (``BatchNorm2d``, ...): ``base``'s docstring, a
+    ``Shape:`` section with the text ``shape`` and, for ``example=(name, input_shape)``, an
+    ``Example::`` section that applies ``normlab.nn.<name>(C)`` to ``torch.randn(*input_shape)``
+    (``C = input_shape[1]``) and shows the output shape, equal to the input's."""
+    text = textwrap.fill(shape, width=100, initial_indent=" " * 8, subsequent_indent=" " * 8)
+    doc = f"{base.__doc__ or ''}\n    Shape:\n{text}\n"
+    if example is not None:
+        name, dims = example
+        size = ", ".join(map(str, dims))
+        doc += (
+            "\n    Example::\n\n"
+            "        >>> import torch, normlab\n"
+            f"        >>> bn = normlab.nn.{name}({dims[1]})\n"
+            f"        >>> bn(torch.randn({size})).shape\n"
+            f"        torch.Size([{size}])\n"
+        )
+    return doc + "    "
 
 
 def check_norm_args(num_features: int, eps: float, momentum: float | None) -> None:

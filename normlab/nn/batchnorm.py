@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from normlab.errors import BatchTooSmallError
 from normlab.functional import _fused
 from normlab.functional import batch_norm as bnf
-from normlab.nn._base import NormBase, check_norm_args, check_norm_input
+from normlab.nn._base import NormBase, check_norm_args, check_norm_input, layer_doc
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "check_norm_args", "check_norm_input"]
 
@@ -175,19 +175,10 @@ class _BatchNorm(NormBase):
 
 
 class BatchNorm1d(_BatchNorm):
-    __doc__ = (
-        (_BatchNorm.__doc__ or "")
-        + r"""
-    Shape:
-        Input :math:`(N, C)` or :math:`(N, C, L)`; output the same shape.
-
-    Example::
-
-        >>> import torch, normlab
-        >>> bn = normlab.nn.BatchNorm1d(4)
-        >>> bn(torch.randn(8, 4)).shape
-        torch.Size([8, 4])
-    """
+    __doc__ = layer_doc(
+        _BatchNorm,
+        "Input :math:`(N, C)` or :math:`(N, C, L)`; output the same shape.",
+        ("BatchNorm1d", (8, 4)),
     )
     _ndims = (2, 3)
     _shape_doc = "(N, C) or (N, C, L)"
@@ -195,19 +186,10 @@ class BatchNorm1d(_BatchNorm):
 
 
 class BatchNorm2d(_BatchNorm):
-    __doc__ = (
-        (_BatchNorm.__doc__ or "")
-        + r"""
-    Shape:
-        Input :math:`(N, C, H, W)` (any memory format, channels_last included); output the same.
-
-    Example::
-
-        >>> import torch, normlab
-        >>> bn = normlab.nn.BatchNorm2d(3)
-        >>> bn(torch.randn(2, 3, 5, 5)).shape
-        torch.Size([2, 3, 5, 5])
-    """
+    __doc__ = layer_doc(
+        _BatchNorm,
+        "Input :math:`(N, C, H, W)` (any memory format, channels_last included); output the same.",
+        ("BatchNorm2d", (2, 3, 5, 5)),
     )
     _ndims = (4,)
     _shape_doc = "(N, C, H, W)"
@@ -215,20 +197,11 @@ class BatchNorm2d(_BatchNorm):
 
 
 class BatchNorm3d(_BatchNorm):
-    __doc__ = (
-        (_BatchNorm.__doc__ or "")
-        + r"""
-    Shape:
-        Input :math:`(N, C, D, H, W)` (any memory format, channels_last_3d included); output the
-        same.
-
-    Example::
-
-        >>> import torch, normlab
-        >>> bn = normlab.nn.BatchNorm3d(3)
-        >>> bn(torch.randn(2, 3, 4, 5, 5)).shape
-        torch.Size([2, 3, 4, 5, 5])
-    """
+    __doc__ = layer_doc(
+        _BatchNorm,
+        "Input :math:`(N, C, D, H, W)` (any memory format, channels_last_3d included); "
+        "output the same.",
+        ("BatchNorm3d", (2, 3, 4, 5, 5)),
     )
     _ndims = (5,)
     _shape_doc = "(N, C, D, H, W)"

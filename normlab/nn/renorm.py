@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from normlab.functional import batch_norm as bnf
+from normlab.nn._base import layer_doc
 from normlab.nn.batchnorm import _BatchNorm
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "renorm_limits"]
@@ -208,36 +209,20 @@ class _BatchRenorm(_BatchNorm):
 
 
 class BatchRenorm1d(_BatchRenorm):
-    __doc__ = (
-        (_BatchRenorm.__doc__ or "")
-        + r"""
-    Shape:
-        Input :math:`(N, C)` or :math:`(N, C, L)`; output the same shape.
-    """
+    __doc__ = layer_doc(
+        _BatchRenorm, "Input :math:`(N, C)` or :math:`(N, C, L)`; output the same shape."
     )
     _ndims = (2, 3)
     _shape_doc = "(N, C) or (N, C, L)"
 
 
 class BatchRenorm2d(_BatchRenorm):
-    __doc__ = (
-        (_BatchRenorm.__doc__ or "")
-        + r"""
-    Shape:
-        Input :math:`(N, C, H, W)`; output the same shape.
-    """
-    )
+    __doc__ = layer_doc(_BatchRenorm, "Input :math:`(N, C, H, W)`; output the same shape.")
     _ndims = (4,)
     _shape_doc = "(N, C, H, W)"
 
 
 class BatchRenorm3d(_BatchRenorm):
-    __doc__ = (
-        (_BatchRenorm.__doc__ or "")
-        + r"""
-    Shape:
-        Input :math:`(N, C, D, H, W)`; output the same shape.
-    """
-    )
+    __doc__ = layer_doc(_BatchRenorm, "Input :math:`(N, C, D, H, W)`; output the same shape.")
     _ndims = (5,)
     _shape_doc = "(N, C, D, H, W)"

@@ -140,6 +140,45 @@ inline int team_for(int64_t numel) {
   return std::max(1, omp_get_max_threads());
 }
 
+// Planes layout: whole channels per thread when they balance between the team's threads; else
+// planes per thread and a merge.
+inline bool by_channel(int64_t C, int team) { return team == 1 || C % team == 0 || C >= 8 * team; }
+
+// In a parallel region: the calling thread (t of nt) and its share [b, e) of n items (split).
+struct Share {
+  int t = 0, nt = 1;
+  int64_t b = 0, e = 0;
+};
+inline Share share_of(int64_t n) {
+  Share s;
+  s.t = omp_get_thread_num(), s.nt = omp_get_num_threads();
+  split(n, s.t, s.nt, s.b, s.e);
+  return s;
+}
+
+// Runs body(b, e) on every thread of a team of `team` threads (one: the calling thread), [b, e)
+// the thread's share of n items.
+template <typename Body>
+inline void parallel_ranges(int64_t n, int team, Body body) {
+#pragma omp parallel if (team > 1)
+  {
+    const Share s = share_of(n);
+    body(s.b, s.e);
+  }
+}
+
+// Runs body(c0, c1) on every thread of a full team, [c0, c1) the thread's columns
+// (split_columns).
+template <typename Body>
+inline void parallel_columns(int64_t C, Body body) {
+#pragma omp parallel
+  {
+    int64_t c0, c1;
+    split_columns(C, omp_get_thread_num(), omp_get_num_threads(), c0, c1);
+    body(c0, c1);
+  }
+}
+
 // Chan's merge of (count, mean, centred sum of squares); the plain sum is kept as well and
 // gives the final mean (so that an infinite value gives an infinite mean, as a plain mean does).
 // Everything accumulates in double, whatever the input type.
@@ -235,35 +274,33 @@ inline void run_moments(const T* p, int64_t len, double& sum, double& m2) {
 // few hundred values).
 constexpr int64_t kChannelTwoPass = 1 << 15;
 
+// One pass of channel_moments: adds f(v) of every value v (as double) of the N planes into the
+// kLanes accumulators acc (whole groups of kLanes values) and tail (the rest of each plane).
+template <typename T, typename F>
+inline void planes_lanes(const T* x, int64_t N, int64_t stride, int64_t S, F f, double* acc,
+                         double& tail) {
+  for (int64_t n = 0; n < N; ++n) {
+    const T* p = x + n * stride;
+    int64_t i = 0;
+    for (; i + kLanes <= S; i += kLanes) {
+#pragma omp simd
+      for (int j = 0; j < kLanes; ++j) acc[j] += f(static_cast<double>(ld(p[i + j])));
+    }
+    for (; i < S; ++i) tail += f(static_cast<double>(ld(p[i])));
+  }
+}
+
 template <typename T>
 inline void channel_moments(const T* x, int64_t N, int64_t stride, int64_t S, Moments& out) {
   double acc[kLanes] = {}, tail = 0;
-  for (int64_t n = 0; n < N; ++n) {
-    const T* p = x + n * stride;
-    int64_t i = 0;
-    for (; i + kLanes <= S; i += kLanes) {
-#pragma omp simd
-      for (int j = 0; j < kLanes; ++j) acc[j] += static_cast<double>(ld(p[i + j]));
-    }
-    for (; i < S; ++i) tail += static_cast<double>(ld(p[i]));
-  }
+  planes_lanes(x, N, stride, S, [](double v) { return v; }, acc, tail);
   const double M = static_cast<double>(N * S), s = lane_total(acc) + tail, m = s / M;
   double sq[kLanes] = {}, qt = 0;
-  for (int64_t n = 0; n < N; ++n) {
-    const T* p = x + n * stride;
-    int64_t i = 0;
-    for (; i + kLanes <= S; i += kLanes) {
-#pragma omp simd
-      for (int j = 0; j < kLanes; ++j) {
-        const double d = static_cast<double>(ld(p[i + j])) - m;
-        sq[j] += d * d;
-      }
-    }
-    for (; i < S; ++i) {
-      const double d = static_cast<double>(ld(p[i])) - m;
-      qt += d * d;
-    }
-  }
+  const auto square = [m](double v) {
+    const double d = v - m;
+    return d * d;
+  };
+  planes_lanes(x, N, stride, S, square, sq, qt);
   out.merge(M, m, lane_total(sq) + qt, s);
 }
 
@@ -433,6 +470,30 @@ inline void rows_moments(const T* x, int64_t r0, int64_t r1, int64_t stride, int
   }
 }
 
+// Rows layout: the forward coefficients of W columns in the accumulation type A, and the affine
+// map y = (x - center) * scale + shift that applies them to rows of those columns.
+template <typename A>
+struct ColumnCoefs {
+  std::vector<A> center, scale, shift;
+  explicit ColumnCoefs(int64_t W) : center(W), scale(W), shift(W) {}
+  void set(int64_t j, const FwdCoef& f) {
+    center[j] = static_cast<A>(f.center), scale[j] = static_cast<A>(f.scale);
+    shift[j] = static_cast<A>(f.shift);
+  }
+  // Rows [r0, r1) of the W columns at x (row r at x + r * stride) into y (same layout).
+  template <typename T>
+  void apply(const T* x, T* y, int64_t r0, int64_t r1, int64_t stride) const {
+    const int64_t W = static_cast<int64_t>(center.size());
+    const A *pc = center.data(), *ps = scale.data(), *ph = shift.data();
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xr = x + r * stride;
+      T* yr = y + r * stride;
+#pragma omp simd
+      for (int64_t j = 0; j < W; ++j) yr[j] = st<T>((ld(xr[j]) - pc[j]) * ps[j] + ph[j]);
+    }
+  }
+};
+
 // ------------------------------------------------------------------------------------ forward
 
 // mean/var (length C, biased var) receive the batch statistics; plane_mean (N*C, may be null)
@@ -445,13 +506,8 @@ void stats_apply(const T* x, T* y, const Geometry& g, double* mean, double* var,
   const double M = static_cast<double>(g.count());
   const int team = team_for(g.numel());
   if (!g.rows) {
-    // Whole channels per thread when they balance; else planes per thread and a merge.
-    const bool by_channel = team == 1 || C % team == 0 || C >= 8 * team;
-    if (by_channel) {
-#pragma omp parallel if (team > 1)
-      {
-        int64_t c0, c1;
-        split(C, omp_get_thread_num(), omp_get_num_threads(), c0, c1);
+    if (by_channel(C, team)) {
+      parallel_ranges(C, team, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
           Moments acc;
           if (!plane_mean && N * S <= kChannelTwoPass) {
@@ -469,34 +525,31 @@ void stats_apply(const T* x, T* y, const Geometry& g, double* mean, double* var,
               run_apply(x + (n * C + c) * S, y + (n * C + c) * S, S, f);
           }
         }
-      }
+      });
       return;
     }
     // Planes (n, c) in memory order split between threads; per-thread moments per channel.
     std::vector<Moments> part(static_cast<size_t>(team) * C);
     std::vector<FwdCoef> coefs(y ? C : 0);
-    const int64_t P = N * C;
 #pragma omp parallel if (team > 1)
     {
-      const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-      int64_t p0, p1;
-      split(P, t, nt, p0, p1);
-      Moments* mine = part.data() + static_cast<size_t>(t) * C;
-      for (int64_t p = p0; p < p1; ++p)
+      const Share planes = share_of(N * C);
+      Moments* mine = part.data() + static_cast<size_t>(planes.t) * C;
+      for (int64_t p = planes.b; p < planes.e; ++p)
         plane_moments(x + p * S, S, mine[p % C], plane_mean ? plane_mean + p : nullptr);
 #pragma omp barrier
-      int64_t c0, c1;
-      split(C, t, nt, c0, c1);
-      for (int64_t c = c0; c < c1; ++c) {
+      const Share chans = share_of(C);
+      for (int64_t c = chans.b; c < chans.e; ++c) {
         Moments acc;
-        for (int u = 0; u < nt; ++u) acc.merge(part[static_cast<size_t>(u) * C + c]);
+        for (int u = 0; u < chans.nt; ++u) acc.merge(part[static_cast<size_t>(u) * C + c]);
         mean[c] = acc.sum / M;
         var[c] = acc.m2 / M;
         if (y) coefs[c] = coef(c, mean[c], var[c]);
       }
       if (y) {
 #pragma omp barrier
-        for (int64_t p = p0; p < p1; ++p) run_apply(x + p * S, y + p * S, S, coefs[p % C]);
+        for (int64_t p = planes.b; p < planes.e; ++p)
+          run_apply(x + p * S, y + p * S, S, coefs[p % C]);
       }
     }
     return;
@@ -505,35 +558,20 @@ void stats_apply(const T* x, T* y, const Geometry& g, double* mean, double* var,
   const int64_t R = N * S;
   if (team > 1 && C >= columns_per_thread() * team) {
     // Wide rows: each thread its columns over every row, statistics then output.
-#pragma omp parallel
-    {
-      int64_t c0, c1;
-      split_columns(C, omp_get_thread_num(), omp_get_num_threads(), c0, c1);
+    parallel_columns(C, [&](int64_t c0, int64_t c1) {
       const int64_t W = c1 - c0;
       std::vector<double> tm(W), tq(W), ts(W);
-      std::vector<A> ctr(W), sc(W), sh(W);
+      ColumnCoefs<A> cf(y ? W : 0);
       double tn = 0;
       if (W > 0) rows_moments(x + c0, 0, R, C, W, tm.data(), tq.data(), ts.data(), tn);
       for (int64_t j = 0; j < W; ++j) {
         const int64_t c = c0 + j;
         mean[c] = ts[j] / M;
         var[c] = tq[j] / M;
-        if (y) {
-          const FwdCoef f = coef(c, mean[c], var[c]);
-          ctr[j] = static_cast<A>(f.center), sc[j] = static_cast<A>(f.scale);
-          sh[j] = static_cast<A>(f.shift);
-        }
+        if (y) cf.set(j, coef(c, mean[c], var[c]));
       }
-      if (y && W > 0) {
-        const A *pc = ctr.data(), *ps = sc.data(), *ph = sh.data();
-        for (int64_t r = 0; r < R; ++r) {
-          const T* xr = x + r * C + c0;
-          T* yr = y + r * C + c0;
-#pragma omp simd
-          for (int64_t j = 0; j < W; ++j) yr[j] = st<T>((ld(xr[j]) - pc[j]) * ps[j] + ph[j]);
-        }
-      }
-    }
+      if (y && W > 0) cf.apply(x + c0, y + c0, 0, R, C);
+    });
     return;
   }
   // Rows of C values split between threads: blocks of rows, two passes per block in cache,
@@ -544,21 +582,17 @@ void stats_apply(const T* x, T* y, const Geometry& g, double* mean, double* var,
   std::vector<FwdCoef> coefs(y ? C : 0);
 #pragma omp parallel if (team > 1)
   {
-    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    int64_t r0, r1;
-    split(R, t, nt, r0, r1);
-    double* tm = pm.data() + static_cast<size_t>(t) * C;
-    double* tq = pq.data() + static_cast<size_t>(t) * C;
-    double* ts = ps.data() + static_cast<size_t>(t) * C;
+    const Share rows = share_of(R);
+    const size_t mine = static_cast<size_t>(rows.t) * C;
     double tn = 0;
-    rows_moments(x, r0, r1, C, C, tm, tq, ts, tn);
-    pn[t] = tn;
+    rows_moments(x, rows.b, rows.e, C, C, pm.data() + mine, pq.data() + mine, ps.data() + mine,
+                 tn);
+    pn[rows.t] = tn;
 #pragma omp barrier
-    int64_t c0, c1;
-    split(C, t, nt, c0, c1);
-    for (int64_t c = c0; c < c1; ++c) {
+    const Share chans = share_of(C);
+    for (int64_t c = chans.b; c < chans.e; ++c) {
       Moments acc;
-      for (int u = 0; u < nt; ++u) {
+      for (int u = 0; u < chans.nt; ++u) {
         const size_t o = static_cast<size_t>(u) * C + c;
         acc.merge(pn[u], pm[o], pq[o], ps[o]);
       }
@@ -568,18 +602,9 @@ void stats_apply(const T* x, T* y, const Geometry& g, double* mean, double* var,
     }
     if (y) {
 #pragma omp barrier
-      std::vector<A> ctr(C), sc(C), sh(C);
-      for (int64_t c = 0; c < C; ++c)
-        ctr[c] = static_cast<A>(coefs[c].center), sc[c] = static_cast<A>(coefs[c].scale),
-        sh[c] = static_cast<A>(coefs[c].shift);
-      for (int64_t r = r0; r < r1; ++r) {
-        const T* xr = x + r * C;
-        T* yr = y + r * C;
-        const A *pc = ctr.data(), *ps = sc.data(), *ph = sh.data();
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c)
-          yr[c] = st<T>((ld(xr[c]) - pc[c]) * ps[c] + ph[c]);
-      }
+      ColumnCoefs<A> cf(C);
+      for (int64_t c = 0; c < C; ++c) cf.set(c, coefs[c]);
+      cf.apply(x, y, rows.b, rows.e, C);
     }
   }
 }
@@ -589,11 +614,7 @@ void stats_apply(const T* x, T* y, const Geometry& g, double* mean, double* var,
 template <typename T>
 void sample_means_rows(const T* x, const Geometry& g, double* out) {
   const int64_t N = g.N, C = g.C, S = g.S;
-  const int team = team_for(g.numel());
-#pragma omp parallel if (team > 1)
-  {
-    int64_t n0, n1;
-    split(N, omp_get_thread_num(), omp_get_num_threads(), n0, n1);
+  parallel_ranges(N, team_for(g.numel()), [&](int64_t n0, int64_t n1) {
     std::vector<double> acc(C);
     for (int64_t n = n0; n < n1; ++n) {
       std::fill(acc.begin(), acc.end(), 0.0);
@@ -605,7 +626,7 @@ void sample_means_rows(const T* x, const Geometry& g, double* out) {
       }
       for (int64_t c = 0; c < C; ++c) out[n * C + c] = acc[c] / static_cast<double>(S);
     }
-  }
+  });
 }
 
 // Affine map with fixed per-channel coefficients: y = (x - center) * scale + shift.
@@ -615,36 +636,82 @@ void apply_only(const T* x, T* y, const Geometry& g, const FwdCoef* coefs) {
   const int64_t C = g.C, S = g.S;
   const int team = team_for(g.numel());
   if (!g.rows) {
-    const int64_t P = g.N * C;
-#pragma omp parallel if (team > 1)
-    {
-      int64_t p0, p1;
-      split(P, omp_get_thread_num(), omp_get_num_threads(), p0, p1);
+    parallel_ranges(g.N * C, team, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) run_apply(x + p * S, y + p * S, S, coefs[p % C]);
-    }
+    });
     return;
   }
-  const int64_t R = g.N * S;
-  std::vector<A> ctr(C), sc(C), sh(C);
-  for (int64_t c = 0; c < C; ++c)
-    ctr[c] = static_cast<A>(coefs[c].center), sc[c] = static_cast<A>(coefs[c].scale),
-    sh[c] = static_cast<A>(coefs[c].shift);
-#pragma omp parallel if (team > 1)
-  {
-    int64_t r0, r1;
-    split(R, omp_get_thread_num(), omp_get_num_threads(), r0, r1);
-    const A *pc = ctr.data(), *ps = sc.data(), *ph = sh.data();
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* xr = x + r * C;
-      T* yr = y + r * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c)
-        yr[c] = st<T>((ld(xr[c]) - pc[c]) * ps[c] + ph[c]);
-    }
-  }
+  ColumnCoefs<A> cf(C);
+  for (int64_t c = 0; c < C; ++c) cf.set(c, coefs[c]);
+  parallel_ranges(g.N * S, team, [&](int64_t r0, int64_t r1) { cf.apply(x, y, r0, r1, C); });
 }
 
 // ----------------------------------------------------------------------------------- backward
+
+// Per-thread partial sums of the C channels: thread t's sum(g) at g(t)[c], its sum(g (x -
+// center)) at gx(t)[c].
+struct PartialSums {
+  int64_t C;
+  std::vector<double> data;
+  PartialSums(int team, int64_t C) : C(C), data(static_cast<size_t>(team) * C * 2, 0.0) {}
+  double* g(int t) { return data.data() + static_cast<size_t>(t) * C * 2; }
+  double* gx(int t) { return g(t) + C; }
+  // In the parallel region, after a barrier: this thread adds up the threads' partial sums of
+  // its share of the channels into sum_g[c] and sum_gx[c], then calls done(c).
+  template <typename Done>
+  void merge(double* sum_g, double* sum_gx, Done done) {
+    const Share chans = share_of(C);
+    for (int64_t c = chans.b; c < chans.e; ++c) {
+      double sg = 0, sgx = 0;
+      for (int u = 0; u < chans.nt; ++u) {
+        sg += g(u)[c];
+        sgx += gx(u)[c];
+      }
+      sum_g[c] = sg;
+      sum_gx[c] = sgx;
+      done(c);
+    }
+  }
+};
+
+// Rows layout: the backward coefficients of W columns and their centers in the accumulation type
+// A, and the gradients they give on rows of those columns (row r at + r * stride).
+template <typename A>
+struct ColumnBwd {
+  std::vector<A> a, b, k, center;
+  ColumnBwd(int64_t W, const double* centers) : a(W), b(W), k(W), center(W) {
+    for (int64_t j = 0; j < W; ++j) center[j] = static_cast<A>(centers[j]);
+  }
+  void set(int64_t j, const BwdCoef& f) {
+    a[j] = static_cast<A>(f.a), b[j] = static_cast<A>(f.b), k[j] = static_cast<A>(f.k);
+  }
+  // out = a * g on rows [r0, r1).
+  template <typename T>
+  void scale(const T* g, T* out, int64_t r0, int64_t r1, int64_t stride) const {
+    const int64_t W = static_cast<int64_t>(a.size());
+    const A* pa = a.data();
+    for (int64_t i = r0; i < r1; ++i) {
+      const T* gr = g + i * stride;
+      T* o = out + i * stride;
+#pragma omp simd
+      for (int64_t j = 0; j < W; ++j) o[j] = st<T>(pa[j] * ld(gr[j]));
+    }
+  }
+  // out = a * g + b * (x - center) + k on rows [r0, r1).
+  template <typename T>
+  void grad(const T* g, const T* x, T* out, int64_t r0, int64_t r1, int64_t stride) const {
+    const int64_t W = static_cast<int64_t>(a.size());
+    const A *pa = a.data(), *pb = b.data(), *pk = k.data(), *pc = center.data();
+    for (int64_t i = r0; i < r1; ++i) {
+      const T* gr = g + i * stride;
+      const T* xr = x + i * stride;
+      T* o = out + i * stride;
+#pragma omp simd
+      for (int64_t j = 0; j < W; ++j)
+        o[j] = st<T>(pa[j] * ld(gr[j]) + (pb[j] * (ld(xr[j]) - pc[j]) + pk[j]));
+    }
+  }
+};
 
 // sum_g/sum_gx (length C) receive sum(g) and sum(g * (x - center)) per channel; coef(c, sum_g,
 // sum_gx) -> BwdCoef (called once per channel, also without out); out (may be null: sums
@@ -658,12 +725,8 @@ void sums_apply(const T* g, const T* x, T* out, const Geometry& geo, const doubl
   const int64_t N = geo.N, C = geo.C, S = geo.S;
   const int team = team_for(geo.numel());
   if (!geo.rows) {
-    const bool by_channel = team == 1 || C % team == 0 || C >= 8 * team;
-    if (by_channel) {
-#pragma omp parallel if (team > 1)
-      {
-        int64_t c0, c1;
-        split(C, omp_get_thread_num(), omp_get_num_threads(), c0, c1);
+    if (by_channel(C, team)) {
+      parallel_ranges(C, team, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
           double sg = 0, sgx = 0, a1[kLanes] = {}, a2[kLanes] = {}, t1 = 0, t2 = 0;
           BwdCoef f;
@@ -684,41 +747,29 @@ void sums_apply(const T* g, const T* x, T* out, const Geometry& geo, const doubl
             }
           }
         }
-      }
+      });
       return;
     }
-    std::vector<double> ps(static_cast<size_t>(team) * C * 2, 0.0);
+    PartialSums part(team, C);
     std::vector<BwdCoef> coefs(C);
     if (one_pass)
       for (int64_t c = 0; c < C; ++c) coefs[c] = coef(c, 0.0, 0.0);
-    const int64_t P = N * C;
 #pragma omp parallel if (team > 1)
     {
-      const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-      int64_t p0, p1;
-      split(P, t, nt, p0, p1);
-      double* mine = ps.data() + static_cast<size_t>(t) * C * 2;
-      for (int64_t p = p0; p < p1; ++p) {
+      const Share planes = share_of(N * C);
+      double *mg = part.g(planes.t), *mgx = part.gx(planes.t);
+      for (int64_t p = planes.b; p < planes.e; ++p) {
         const int64_t c = p % C;
-        run_sums(g + p * S, x + p * S, S, center[c], mine[2 * c], mine[2 * c + 1]);
+        run_sums(g + p * S, x + p * S, S, center[c], mg[c], mgx[c]);
         if (one_pass && out) run_scale(g + p * S, out + p * S, S, coefs[c].a);
       }
 #pragma omp barrier
-      int64_t c0, c1;
-      split(C, t, nt, c0, c1);
-      for (int64_t c = c0; c < c1; ++c) {
-        double sg = 0, sgx = 0;
-        for (int u = 0; u < nt; ++u) {
-          sg += ps[(static_cast<size_t>(u) * C + c) * 2];
-          sgx += ps[(static_cast<size_t>(u) * C + c) * 2 + 1];
-        }
-        sum_g[c] = sg;
-        sum_gx[c] = sgx;
-        if (!one_pass) coefs[c] = coef(c, sg, sgx);
-      }
+      part.merge(sum_g, sum_gx, [&](int64_t c) {
+        if (!one_pass) coefs[c] = coef(c, sum_g[c], sum_gx[c]);
+      });
       if (!one_pass && out) {
 #pragma omp barrier
-        for (int64_t p = p0; p < p1; ++p)
+        for (int64_t p = planes.b; p < planes.e; ++p)
           run_grad(g + p * S, x + p * S, out + p * S, S, center[p % C], coefs[p % C]);
       }
     }
@@ -727,111 +778,52 @@ void sums_apply(const T* g, const T* x, T* out, const Geometry& geo, const doubl
   const int64_t R = N * S;
   if (team > 1 && C >= columns_per_thread() * team) {
     // Wide rows: each thread its columns over every row, sums then gradient.
-#pragma omp parallel
-    {
-      int64_t c0, c1;
-      split_columns(C, omp_get_thread_num(), omp_get_num_threads(), c0, c1);
+    parallel_columns(C, [&](int64_t c0, int64_t c1) {
       const int64_t W = c1 - c0;
-      std::vector<A> ca(W), cb(W), ck(W), cc(W);
+      ColumnBwd<A> cf(W, center + c0);
       for (int64_t j = 0; j < W; ++j) {
         sum_g[c0 + j] = 0.0, sum_gx[c0 + j] = 0.0;
-        cc[j] = static_cast<A>(center[c0 + j]);
-        if (one_pass) ca[j] = static_cast<A>(coef(c0 + j, 0.0, 0.0).a);
+        if (one_pass) cf.set(j, coef(c0 + j, 0.0, 0.0));
       }
       const int64_t B = one_pass ? 64 : R;
       for (int64_t r = 0; W > 0 && r < R; r += B) {
         const int64_t re = std::min(R, r + B);
         rows_sums(g + c0, x + c0, r, re, C, W, center + c0, sum_g + c0, sum_gx + c0);
-        if (one_pass && out) {
-          const A* pa = ca.data();
-          for (int64_t i = r; i < re; ++i) {
-            const T* gr = g + i * C + c0;
-            T* o = out + i * C + c0;
-#pragma omp simd
-            for (int64_t j = 0; j < W; ++j) o[j] = st<T>(pa[j] * ld(gr[j]));
-          }
-        }
+        if (one_pass && out) cf.scale(g + c0, out + c0, r, re, C);
       }
       if (W > 0) rows_centre<T>(W, center + c0, sum_g + c0, sum_gx + c0);
       if (!one_pass && out && W > 0) {
-        for (int64_t j = 0; j < W; ++j) {
-          const BwdCoef f = coef(c0 + j, sum_g[c0 + j], sum_gx[c0 + j]);
-          ca[j] = static_cast<A>(f.a), cb[j] = static_cast<A>(f.b), ck[j] = static_cast<A>(f.k);
-        }
-        const A *pa = ca.data(), *pb = cb.data(), *pk = ck.data(), *pcc = cc.data();
-        for (int64_t i = 0; i < R; ++i) {
-          const T* gr = g + i * C + c0;
-          const T* xr = x + i * C + c0;
-          T* o = out + i * C + c0;
-#pragma omp simd
-          for (int64_t j = 0; j < W; ++j)
-            o[j] = st<T>(pa[j] * ld(gr[j]) + (pb[j] * (ld(xr[j]) - pcc[j]) + pk[j]));
-        }
+        for (int64_t j = 0; j < W; ++j) cf.set(j, coef(c0 + j, sum_g[c0 + j], sum_gx[c0 + j]));
+        cf.grad(g + c0, x + c0, out + c0, 0, R, C);
       } else if (!one_pass) {
         for (int64_t j = 0; j < W; ++j) coef(c0 + j, sum_g[c0 + j], sum_gx[c0 + j]);
       }
-    }
+    });
     return;
   }
   // Rows layout split by rows: per-thread column sums over its rows, merged; then the gradient.
-  std::vector<double> ps(static_cast<size_t>(team) * C * 2, 0.0);
-  std::vector<A> ca(C), cb(C), ck(C), cc(C);
-  for (int64_t c = 0; c < C; ++c) cc[c] = static_cast<A>(center[c]);
+  PartialSums part(team, C);
+  ColumnBwd<A> cf(C, center);
   if (one_pass)
-    for (int64_t c = 0; c < C; ++c) {
-      const BwdCoef f = coef(c, 0.0, 0.0);
-      ca[c] = static_cast<A>(f.a), cb[c] = static_cast<A>(f.b), ck[c] = static_cast<A>(f.k);
-    }
+    for (int64_t c = 0; c < C; ++c) cf.set(c, coef(c, 0.0, 0.0));
   const int64_t B = one_pass ? 64 : R;  // one pass: the gradient of each block while in cache
 #pragma omp parallel if (team > 1)
   {
-    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    int64_t r0, r1;
-    split(R, t, nt, r0, r1);
-    double* mg = ps.data() + static_cast<size_t>(t) * C * 2;
-    double* mgx = mg + C;
-    const A* pcc = cc.data();
-    for (int64_t r = r0; r < r1; r += B) {
-      const int64_t re = std::min(r1, r + B);
+    const Share rows = share_of(R);
+    double *mg = part.g(rows.t), *mgx = part.gx(rows.t);
+    for (int64_t r = rows.b; r < rows.e; r += B) {
+      const int64_t re = std::min(rows.e, r + B);
       rows_sums(g, x, r, re, C, C, center, mg, mgx);
-      if (one_pass && out) {  // a * g, while the block is in cache
-        const A* pa = ca.data();
-        for (int64_t i = r; i < re; ++i) {
-          const T* gr = g + i * C;
-          T* o = out + i * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) o[c] = st<T>(pa[c] * ld(gr[c]));
-        }
-      }
+      if (one_pass && out) cf.scale(g, out, r, re, C);  // a * g, while the block is in cache
     }
     rows_centre<T>(C, center, mg, mgx);
 #pragma omp barrier
-    int64_t c0, c1;
-    split(C, t, nt, c0, c1);
-    for (int64_t c = c0; c < c1; ++c) {
-      double sg = 0, sgx = 0;
-      for (int u = 0; u < nt; ++u) {
-        sg += ps[static_cast<size_t>(u) * C * 2 + c];
-        sgx += ps[static_cast<size_t>(u) * C * 2 + C + c];
-      }
-      sum_g[c] = sg;
-      sum_gx[c] = sgx;
-      if (!one_pass) {
-        const BwdCoef f = coef(c, sg, sgx);
-        ca[c] = static_cast<A>(f.a), cb[c] = static_cast<A>(f.b), ck[c] = static_cast<A>(f.k);
-      }
-    }
+    part.merge(sum_g, sum_gx, [&](int64_t c) {
+      if (!one_pass) cf.set(c, coef(c, sum_g[c], sum_gx[c]));
+    });
     if (!one_pass && out) {
 #pragma omp barrier
-      const A *pa = ca.data(), *pb = cb.data(), *pk = ck.data();
-      for (int64_t i = r0; i < r1; ++i) {
-        const T* gr = g + i * C;
-        const T* xr = x + i * C;
-        T* o = out + i * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c)
-          o[c] = st<T>(pa[c] * ld(gr[c]) + (pb[c] * (ld(xr[c]) - pcc[c]) + pk[c]));
-      }
+      cf.grad(g, x, out, rows.b, rows.e, C);
     }
   }
 }
