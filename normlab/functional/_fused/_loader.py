@@ -4,8 +4,11 @@ The sources are compiled on first use into a build directory keyed by a digest o
 the compiler flags, torch, Python and the CPU's vector extensions: ``$TORCH_EXTENSIONS_DIR``
 when set (torch's own layout), else ``$XDG_CACHE_HOME/normlab/torch_extensions`` (default
 ``~/.cache/normlab/torch_extensions``). Later processes load the cached library in well under a
-second. Any failure (no C++ compiler, no ninja, a compile error, ``NORMLAB_FUSED=0``) leaves
-:func:`load` returning ``None``; a failure is logged once at WARNING. See docs/performance.md.
+second. Builds are serialized across processes by an OS file lock held for the build, so a
+build killed half-way (which leaves torch's own ``lock`` file behind, and would make every later
+build wait on it forever) is detected and its stale lock removed, with a WARNING. Any failure
+(no C++ compiler, no ninja, a compile error, ``NORMLAB_FUSED=0``) leaves :func:`load` returning
+``None``; a failure is logged once at WARNING. See docs/performance.md.
 """
 
 from __future__ import annotations
@@ -162,7 +165,8 @@ def _build() -> ModuleType | None:
         "loading normlab's fused CPU kernels %s (compiled on first use, about a minute)",
         name,
     )
-    with _ninja_on_path():
+    folder = where or cpp_extension._get_build_directory(name, verbose=False)
+    with _ninja_on_path(), _exclusive_build(folder):
         module = cpp_extension.load(
             name=name,
             sources=[str(_CSRC / s) for s in _SOURCES],
@@ -174,6 +178,38 @@ def _build() -> ModuleType | None:
         )
     _log.info("normlab fused kernels ready in %.1f s", time.perf_counter() - t0)
     return module
+
+
+@contextlib.contextmanager
+def _exclusive_build(folder: str) -> Iterator[None]:
+    """Hold an exclusive OS lock on ``<folder>.normlab-build`` for the build.
+
+    The OS releases the lock when its process dies, so whoever holds it knows that no other
+    normlab process is building ``folder``: a ``lock`` file torch's build left there is then
+    stale (a killed build) and is removed. Without ``fcntl`` (Windows) nothing is checked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        yield
+        return
+    os.makedirs(folder, exist_ok=True)
+    with open(folder.rstrip(os.sep) + ".normlab-build", "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            _clear_stale_lock(folder)
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _clear_stale_lock(folder: str) -> bool:
+    # Called with the build lock held: torch's `lock` file in `folder` belongs to a dead build.
+    stale = Path(folder) / "lock"
+    if not stale.exists():
+        return False
+    _log.warning("removing a stale build lock left by an interrupted build: %s", stale)
+    stale.unlink(missing_ok=True)
+    return True
 
 
 def load_error() -> str | None:
