@@ -422,3 +422,21 @@ def test_inf_in_every_channel_and_mixed_signs():
         bn(x)
     assert torch.equal(bn.running_mean, torch.zeros(2))
     assert torch.equal(bn.running_var, torch.ones(2))
+
+
+@pytest.mark.parametrize("shape", [(8, 3), (4, 3, 5, 5)])
+@pytest.mark.parametrize("fused", [False, True])
+def test_bias_without_weight_gets_its_gradient(shape, fused):
+    # A bias with no weight is a valid call (torch accepts it); its gradient is sum(grad_y).
+    from normlab.functional import _fused
+
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    with _fused.use(fused):
+        y = batch_norm_train(x, None, b, 1e-5)[0]
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, b), g)
+    ref = F.batch_norm(x, None, None, None, b, True, 0.1, 1e-5)
+    expected = torch.autograd.grad(ref, (x, b), g)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want)

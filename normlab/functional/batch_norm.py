@@ -310,6 +310,8 @@ class BatchNormTrainFn(torch.autograd.Function):
         else:
             grad_x, grad_w, grad_b = _train_backward(grad_y, x, weight, mean, var, ctx.eps)
         needs = ctx.needs_input_grad
+        if grad_b is None and needs[2]:  # a bias without a weight: dL/dbeta = sum of grad_y
+            grad_b = grad_y.sum(reduce_dims(x), dtype=torch.float32 if x.dtype in _HALF else None)
         return (
             grad_x if needs[0] else None,
             grad_w if needs[1] else None,
