@@ -1,25 +1,34 @@
-"""Fused CPU kernels of batch norm and Full Normalization, and the dispatch to them.
+"""Fused kernels of batch norm and Full Normalization (C++ on CPU, Triton on CUDA), and the
+dispatch to them.
 
 The readable reference code in :mod:`normlab.functional.batch_norm` and
 :mod:`normlab.functional.full_norm` calls the ``try_*`` functions here first; each returns the
 fused result, or ``None`` when the call must go to the reference:
 
-* the kernels are unavailable (no compiler, a failed build: logged once at WARNING), switched
-  off by ``NORMLAB_FUSED=0`` or by :func:`set_enabled` / :func:`use`;
-* an input is not a plain strided CPU tensor of a floating dtype (CUDA, meta, sparse, tensor
+* the kernels are unavailable (no compiler, a failed build; on CUDA no Triton or a failed
+  kernel build: logged once at WARNING), switched off by ``NORMLAB_FUSED=0`` or by
+  :func:`set_enabled` / :func:`use` (both devices);
+* an input is not a plain strided CPU or CUDA tensor of a floating dtype (meta, sparse, tensor
   subclasses, ``torch.func`` transforms, forward-mode AD, dispatch or function modes, tracing and
-  ``torch.compile``), or a per-channel tensor has another shape than ``(C,)``;
-* Full Normalization with a process group.
+  ``torch.compile``), or a per-channel tensor has another shape than ``(C,)`` or another device;
+* Full Normalization with a process group, or on CUDA (batch norm only there).
 
-Results equal the reference's up to rounding (the tests in tests/test_fused.py hold them to
-1e-6 in float32 and 1e-12 in float64). The fused backward is first-order; when a graph of the
-backward is recorded (``create_graph=True``) it runs the reference formulas, so double backward
-stays exact. Design and measurements: docs/performance.md.
+CPU tensors go to the C++ kernels, CUDA tensors to the Triton kernels of
+:mod:`normlab.functional._fused._triton` (same contract; their module step writes the running
+statistics on the device and returns ``ok`` false, so that the layer applies its non-finite
+policy without a host synchronisation).
+
+Results equal the reference's up to rounding (tests/test_fused.py and, for the Triton kernels,
+tests/test_fused_triton.py hold them to 1e-6 in float32 and 1e-12 in float64). The fused
+backward is first-order; when a graph of the backward is recorded (``create_graph=True``) it
+runs the reference formulas, so double backward stays exact. Design and measurements:
+docs/performance.md.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -27,7 +36,7 @@ import torch
 import torch.autograd.forward_ad as _fwad
 from torch import Tensor
 
-from normlab.functional._fused import _loader
+from normlab.functional._fused import _loader, _triton
 
 __all__ = [
     "ESTIMATOR_CODES",
@@ -51,6 +60,9 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 _STRIDED = torch.strided
 _C = torch._C
 _enabled = _loader.env_enabled()
+# Testing hook (tests/test_fused_triton.py): with TRITON_INTERPRET=1 in the environment, CPU
+# tensors go to the Triton kernels run by Triton's interpreter instead of the C++ kernels.
+_triton_on_cpu = False
 
 
 def available() -> bool:
@@ -92,11 +104,33 @@ def use(flag: bool) -> Iterator[None]:
         set_enabled(previous)
 
 
-def _ops() -> ModuleType | None:
-    # The kernels when the fused path may run at all in the current context.
+@contextlib.contextmanager
+def _route_cpu_to_triton() -> Iterator[None]:
+    # Testing hook: inside, CPU tensors run the Triton kernels in Triton's interpreter, when
+    # TRITON_INTERPRET=1 is set (otherwise nothing changes).
+    global _triton_on_cpu
+    previous, _triton_on_cpu = _triton_on_cpu, True
+    try:
+        yield
+    finally:
+        _triton_on_cpu = previous
+
+
+def _interpreting() -> bool:
+    return _triton_on_cpu and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _ops(x: Tensor) -> ModuleType | None:
+    # The kernels for x's device when the fused path may run at all in the current context:
+    # the C++ module for CPU tensors, the Triton module for CUDA tensors.
     if not _enabled or torch.compiler.is_compiling():
         return None
-    ops = _loader._module if _loader._tried else _loader.load()
+    if x.is_cpu and not _interpreting():
+        ops = _loader._module if _loader._tried else _loader.load()
+    elif x.is_cuda or (x.is_cpu and _interpreting()):
+        ops = _triton if _triton.available() else None
+    else:
+        return None
     if ops is None:
         return None
     if (
@@ -110,22 +144,20 @@ def _ops() -> ModuleType | None:
     return ops
 
 
-def _plain_input(x: object) -> bool:
-    return (
-        type(x) is Tensor
-        and x.is_cpu
-        and x.layout is _STRIDED
-        and x.dtype in _DTYPES
-        and x.dim() >= 2
-        and x.numel() > 0
-    )
+def _plain_input(x: Tensor) -> bool:
+    return x.layout is _STRIDED and x.dtype in _DTYPES and x.dim() >= 2 and x.numel() > 0
 
 
-def _per_channel(p: object, c: int) -> bool:
-    # None, or a plain (C,) CPU tensor of a floating dtype.
+def _same_device(p: Tensor, device: torch.device | None) -> bool:
+    # device None: the CPU (the C++ kernels' case, kept to the cheapest test).
+    return p.is_cpu if device is None else p.device == device
+
+
+def _per_channel(p: object, c: int, device: torch.device | None = None) -> bool:
+    # None, or a plain (C,) tensor of a floating dtype on the input's device.
     return p is None or (
         type(p) in _PLAIN
-        and p.is_cpu
+        and _same_device(p, device)
         and p.layout is _STRIDED
         and p.dtype in _DTYPES
         and p.dim() == 1
@@ -133,9 +165,9 @@ def _per_channel(p: object, c: int) -> bool:
     )
 
 
-def _constant(p: Tensor, c: int) -> bool:
+def _constant(p: Tensor, c: int, device: torch.device | None = None) -> bool:
     # A per-channel statistic the map treats as constant: no gradient may be asked of it.
-    return _per_channel(p, c) and p is not None and not p.requires_grad
+    return _per_channel(p, c, device) and p is not None and not p.requires_grad
 
 
 def _stat_dtype(x: Tensor) -> torch.dtype:
@@ -152,20 +184,23 @@ def _gate(
     # (kernels, C) when x and its per-channel tensors may go to the kernels: ``params`` are
     # weight/bias (None or (C,)), ``stats`` constant statistics, ``buffers`` running-statistics
     # buffers the kernels write (see _buffer).
-    ops = _ops()
+    if type(x) is not Tensor:
+        return None
+    ops = _ops(x)
     if ops is None or not _plain_input(x):
         return None
     c = x.shape[1]
+    device = None if ops is not _triton else x.device
     for p in params:
-        if not _per_channel(p, c):
+        if not _per_channel(p, c, device):
             return None
     for s in stats:
-        if not _constant(s, c):
+        if not _constant(s, c, device):
             return None
     if buffers:
         dtype = _stat_dtype(x)
         for b in buffers:
-            if not _buffer(b, c, dtype):
+            if not _buffer(b, c, dtype, device):
                 return None
     return ops, c
 
@@ -200,7 +235,7 @@ def _fn_code(
     estimator: str,
 ) -> int | None:
     # The estimator's code when a Full Normalization call that passed _gate may run fused.
-    if gate is None:
+    if gate is None or gate[0] is _triton:
         return None
     c = gate[1]
     if outer_state is not None and not (
@@ -216,13 +251,13 @@ def _fn_code(
     return ESTIMATOR_CODES.get(estimator)
 
 
-def _counter(t: object) -> bool:
-    return type(t) is Tensor and t.is_cpu and t.dtype == torch.long and t.dim() == 0
+def _counter(t: object, device: torch.device | None = None) -> bool:
+    return type(t) is Tensor and _same_device(t, device) and t.dtype == torch.long and t.dim() == 0
 
 
-def _buffer(t: object, c: int, dtype: torch.dtype) -> bool:
+def _buffer(t: object, c: int, dtype: torch.dtype, device: torch.device | None = None) -> bool:
     # A running-statistics buffer the kernels may write: (C,), contiguous, the statistics' dtype.
-    return _constant(t, c) and t.dtype == dtype and t.is_contiguous()
+    return _constant(t, c, device) and t.dtype == dtype and t.is_contiguous()
 
 
 def try_full_norm_train(
@@ -275,9 +310,13 @@ def try_batch_norm_module_train(
     running-statistics update (``momentum`` ``None``: the cumulative average) written into the
     buffers, which are left untouched when a statistic is not finite. Returns ``(y, var, ok)``
     (``ok`` false: nothing was written, the layer applies its non-finite policy), or ``None``
-    (use the reference)."""
+    (use the reference). On CUDA ``ok`` is always false: the buffers were written on the device
+    only if every statistic is finite, and the layer's policy counts (or raises) from ``var``
+    without a host synchronisation."""
     gate = _gate(x, (weight, bias), buffers=(running_mean, running_var))
-    if gate is None or not _counter(num_batches_tracked):
+    if gate is None:
+        return None
+    if not _counter(num_batches_tracked, None if gate[0] is not _triton else x.device):
         return None
     mom = -1.0 if momentum is None else float(momentum)
     buffers = (running_mean, running_var, num_batches_tracked)

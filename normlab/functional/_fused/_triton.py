@@ -1,0 +1,797 @@
+"""Fused batch norm kernels for CUDA tensors, written in Triton (imported on first use).
+
+The dispatch in :mod:`normlab.functional._fused` sends plain strided CUDA tensors here; the
+functions below mirror the C++ CPU kernels' entry points (``bn_train``, ``norm_eval``,
+``bn_train_module``) and return ``None`` where they do not apply (the caller then runs the
+pure-PyTorch reference):
+
+* :func:`bn_train` ``(x, weight, bias, eps) -> (y, mean, var)``: training forward, ``mean`` and
+  the biased ``var`` of shape ``(C,)`` in the statistics' dtype (float32 for half inputs);
+  recorded as one :class:`BNTrainTriton` autograd node whose backward is the fused first-order
+  kernel, or the reference formulas when a graph of the backward is recorded.
+* :func:`norm_eval` ``(x, mean, var, weight, bias, eps) -> y``: eval forward.
+* :func:`bn_train_module`: a BatchNorm layer's training step, the running statistics updated on
+  the device (torch's unbiased running variance, ``momentum`` ``< 0``: cumulative average),
+  nothing written when a statistic is not finite; returns ``(y, var, False)``: the layer then
+  applies its non-finite policy without a host synchronisation.
+
+Not applicable (``None``): Triton missing or failing (logged once at WARNING), more than
+``2**31 - 1`` elements, per-channel tensors of another dtype than the input's or float32.
+Kernels, grids and accuracy: docs/performance.md ("CUDA kernels").
+
+Testing: :func:`kernels` builds interpreter versions (``TRITON_INTERPRET=1``) for CPU tensors,
+so the same code runs without a GPU (tests/test_fused_triton.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import math
+import threading
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BNTrainTriton",
+    "NormEvalTriton",
+    "available",
+    "bn_train",
+    "bn_train_module",
+    "kernels",
+    "load_error",
+    "norm_eval",
+]
+
+_log = logging.getLogger("normlab.functional._fused")
+
+_HALF = (torch.float16, torch.bfloat16)
+_INT32_MAX = 2**31 - 1
+
+triton: Any = None  # the modules, bound by _import()
+tl: Any = None
+_lock = threading.Lock()
+_tried = False
+_error: str | None = None
+_kernels: dict[bool, SimpleNamespace] = {}
+
+
+def _import() -> bool:
+    # Import Triton once; a failure is logged once at WARNING and leaves the reference in place.
+    global triton, tl, _tried, _error
+    if _tried:
+        return _error is None
+    with _lock:
+        if not _tried:
+            try:
+                import triton as _triton_mod
+                import triton.language as _tl
+
+                triton, tl = _triton_mod, _tl
+            except Exception as exc:  # ImportError, or a broken installation
+                _error = f"{type(exc).__name__}: {exc}"
+                _log.warning(
+                    "Triton is unavailable (%s); normlab's batch norm on CUDA uses the slower "
+                    "pure-PyTorch reference code",
+                    _error,
+                )
+            _tried = True
+    return _error is None
+
+
+def available() -> bool:
+    """Whether Triton imports (importing it on the first call)."""
+    return _import()
+
+
+def load_error() -> str | None:
+    """Why the Triton kernels are unavailable (import or first-launch failure), or ``None``."""
+    return _error
+
+
+def _disable(exc: BaseException) -> None:
+    # A kernel failed to compile or launch: use the reference from now on, say so once.
+    global _error
+    if _error is None:
+        _error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1:] or ''}"
+        _log.warning(
+            "normlab's Triton batch norm kernels failed (%s); using the pure-PyTorch reference",
+            _error,
+        )
+
+
+# ------------------------------------------------------------------------------------ kernels
+#
+# Every tensor is seen as (N, C, S) with strides (sn, sc, ss); the per-channel reduction runs
+# over r = n * S + s < M = N * S. A program owns BLOCK_C channels and a range of R_PER_PROG
+# values of r (one split), read in tiles of BLOCK_R x BLOCK_C. Partial results per split go to
+# a (2, NSPLIT, C) workspace in the accumulation dtype ACC (float32, float64 for float64).
+
+
+def _k_stats(
+    X, PART, C, S, sxn, sxc, sxs, M, R_PER_PROG,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # Per split: the sum and the centred sum of squares of each channel, merged tile by tile
+    # with Chan's formula (each tile's own mean, then the pairwise update).
+    pid_c = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    nsplit = tl.num_programs(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    r_start = pid_r * R_PER_PROG
+    r_end = tl.minimum(r_start + R_PER_PROG, M)
+    total = tl.zeros([BLOCK_C], dtype=ACC)
+    mean = tl.zeros([BLOCK_C], dtype=ACC)
+    m2 = tl.zeros([BLOCK_C], dtype=ACC)
+    cnt = tl.zeros([BLOCK_C], dtype=ACC)
+    for r0 in range(r_start, r_end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        rmask = rows < r_end
+        n = rows // S
+        s = rows - n * S
+        off = (n * sxn + s * sxs)[:, None] + (cols * sxc)[None, :]
+        mask = rmask[:, None] & cmask[None, :]
+        v = tl.load(X + off, mask=mask, other=0.0).to(ACC)
+        bc = tl.minimum(r_end - r0, BLOCK_R).to(ACC)
+        bsum = tl.sum(v, axis=0)
+        bmean = bsum / bc
+        d = tl.where(mask, v - bmean[None, :], 0.0)
+        bm2 = tl.sum(d * d, axis=0)
+        tot = cnt + bc
+        delta = bmean - mean
+        mean = mean + delta * (bc / tot)
+        m2 = m2 + bm2 + delta * delta * (cnt * (bc / tot))
+        cnt = tot
+        total = total + bsum
+    tl.store(PART + pid_r * C + cols, total, mask=cmask)
+    tl.store(PART + (nsplit + pid_r) * C + cols, m2, mask=cmask)
+
+
+def _k_forward(
+    X, Y, PART, W, B, MEAN, VAR, C, S, sxn, sxc, sxs, syn, syc, sys, M, R_PER_PROG,
+    eps: tl.float64,
+    ACC: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, SINGLE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # Merge the splits' partial moments (Chan), then y = (x - mean) * (invstd * w) + b over
+    # this program's range; the first split's programs store mean and the biased var.
+    # SINGLE (one split): the moments are computed here as in _k_stats, and PART is unused.
+    pid_c = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    nsplit = tl.num_programs(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    total = tl.zeros([BLOCK_C], dtype=ACC)
+    mean = tl.zeros([BLOCK_C], dtype=ACC)
+    m2 = tl.zeros([BLOCK_C], dtype=ACC)
+    cnt = tl.zeros([BLOCK_C], dtype=ACC)
+    if SINGLE:
+        for r0 in range(0, M, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            rmask = rows < M
+            n = rows // S
+            s = rows - n * S
+            off = (n * sxn + s * sxs)[:, None] + (cols * sxc)[None, :]
+            mask = rmask[:, None] & cmask[None, :]
+            v = tl.load(X + off, mask=mask, other=0.0).to(ACC)
+            bc = tl.minimum(M - r0, BLOCK_R).to(ACC)
+            bsum = tl.sum(v, axis=0)
+            bmean = bsum / bc
+            d = tl.where(mask, v - bmean[None, :], 0.0)
+            bm2 = tl.sum(d * d, axis=0)
+            tot = cnt + bc
+            delta = bmean - mean
+            mean = mean + delta * (bc / tot)
+            m2 = m2 + bm2 + delta * delta * (cnt * (bc / tot))
+            cnt = tot
+            total = total + bsum
+    else:
+        for k in range(0, nsplit):
+            ck = tl.minimum(R_PER_PROG, M - k * R_PER_PROG).to(ACC)
+            sk = tl.load(PART + k * C + cols, mask=cmask, other=0.0)
+            qk = tl.load(PART + (nsplit + k) * C + cols, mask=cmask, other=0.0)
+            tot = cnt + ck
+            delta = sk / ck - mean
+            mean = mean + delta * (ck / tot)
+            m2 = m2 + qk + delta * delta * (cnt * (ck / tot))
+            cnt = tot
+            total = total + sk
+    mean = total / M  # the plain mean: an infinite value gives an infinite mean
+    var = m2 / M
+    invstd = (1.0 / tl.sqrt(var.to(tl.float64) + eps)).to(ACC)
+    scale = invstd
+    if HAS_W:
+        scale = scale * tl.load(W + cols, mask=cmask, other=1.0).to(ACC)
+    if HAS_B:
+        bias = tl.load(B + cols, mask=cmask, other=0.0).to(ACC)
+    else:
+        bias = tl.zeros([BLOCK_C], dtype=ACC)
+    if pid_r == 0:
+        tl.store(MEAN + cols, mean.to(MEAN.dtype.element_ty), mask=cmask)
+        tl.store(VAR + cols, var.to(VAR.dtype.element_ty), mask=cmask)
+    r_start = pid_r * R_PER_PROG
+    r_end = tl.minimum(r_start + R_PER_PROG, M)
+    for r0 in range(r_start, r_end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        rmask = rows < r_end
+        n = rows // S
+        s = rows - n * S
+        mask = rmask[:, None] & cmask[None, :]
+        xo = (n * sxn + s * sxs)[:, None] + (cols * sxc)[None, :]
+        v = tl.load(X + xo, mask=mask, other=0.0).to(ACC)
+        out = (v - mean[None, :]) * scale[None, :] + bias[None, :]
+        yo = (n * syn + s * sys)[:, None] + (cols * syc)[None, :]
+        tl.store(Y + yo, out.to(Y.dtype.element_ty), mask=mask)
+
+
+def _k_backward_sums(
+    X, G, MEAN, PART, C, S, sxn, sxc, sxs, sgn, sgc, sgs, M, R_PER_PROG,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # Per split: sum(g) and sum(g * (x - mean)) of each channel.
+    pid_c = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    nsplit = tl.num_programs(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mean = tl.load(MEAN + cols, mask=cmask, other=0.0).to(ACC)
+    sum_g = tl.zeros([BLOCK_C], dtype=ACC)
+    sum_gx = tl.zeros([BLOCK_C], dtype=ACC)
+    r_start = pid_r * R_PER_PROG
+    r_end = tl.minimum(r_start + R_PER_PROG, M)
+    for r0 in range(r_start, r_end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        rmask = rows < r_end
+        n = rows // S
+        s = rows - n * S
+        mask = rmask[:, None] & cmask[None, :]
+        xo = (n * sxn + s * sxs)[:, None] + (cols * sxc)[None, :]
+        go = (n * sgn + s * sgs)[:, None] + (cols * sgc)[None, :]
+        v = tl.load(X + xo, mask=mask, other=0.0).to(ACC)
+        g = tl.load(G + go, mask=mask, other=0.0).to(ACC)
+        xc = tl.where(mask, v - mean[None, :], 0.0)
+        sum_g = sum_g + tl.sum(g, axis=0)
+        sum_gx = sum_gx + tl.sum(g * xc, axis=0)
+    tl.store(PART + pid_r * C + cols, sum_g, mask=cmask)
+    tl.store(PART + (nsplit + pid_r) * C + cols, sum_gx, mask=cmask)
+
+
+def _k_backward(
+    X, G, DX, W, MEAN, VAR, PART, DW, DB, NSPLIT, C, S, sxn, sxc, sxs, sgn, sgc, sgs,
+    sdn, sdc, sds, M, R_PER_PROG,
+    eps: tl.float64,
+    ACC: tl.constexpr, HAS_W: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DW: tl.constexpr,
+    WRITE_DB: tl.constexpr, SINGLE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # Sum the splits' partial sums (in split order: deterministic), then
+    # dx = a g + b (x - mean) + k with a = w invstd, b = -a invstd sum(g xhat) / M,
+    # k = -a sum(g) / M; the first split's programs store dw = sum(g xhat), db = sum(g).
+    # SINGLE (one split): the sums are computed here as in _k_backward_sums; PART is unused.
+    pid_c = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    sum_g = tl.zeros([BLOCK_C], dtype=ACC)
+    sum_gx = tl.zeros([BLOCK_C], dtype=ACC)
+    mean = tl.load(MEAN + cols, mask=cmask, other=0.0).to(ACC)
+    if SINGLE:
+        for r0 in range(0, M, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            rmask = rows < M
+            n = rows // S
+            s = rows - n * S
+            mask = rmask[:, None] & cmask[None, :]
+            xo = (n * sxn + s * sxs)[:, None] + (cols * sxc)[None, :]
+            go = (n * sgn + s * sgs)[:, None] + (cols * sgc)[None, :]
+            v = tl.load(X + xo, mask=mask, other=0.0).to(ACC)
+            g = tl.load(G + go, mask=mask, other=0.0).to(ACC)
+            xc = tl.where(mask, v - mean[None, :], 0.0)
+            sum_g = sum_g + tl.sum(g, axis=0)
+            sum_gx = sum_gx + tl.sum(g * xc, axis=0)
+    else:
+        for k in range(0, NSPLIT):
+            sum_g = sum_g + tl.load(PART + k * C + cols, mask=cmask, other=0.0)
+            sum_gx = sum_gx + tl.load(PART + (NSPLIT + k) * C + cols, mask=cmask, other=0.0)
+    var = tl.load(VAR + cols, mask=cmask, other=1.0).to(ACC)
+    invstd = (1.0 / tl.sqrt(var.to(tl.float64) + eps)).to(ACC)
+    sum_gxhat = sum_gx * invstd
+    if pid_r == 0:
+        if WRITE_DW:
+            tl.store(DW + cols, sum_gxhat.to(DW.dtype.element_ty), mask=cmask)
+        if WRITE_DB:
+            tl.store(DB + cols, sum_g.to(DB.dtype.element_ty), mask=cmask)
+    if WRITE_DX:
+        a = invstd
+        if HAS_W:
+            a = a * tl.load(W + cols, mask=cmask, other=1.0).to(ACC)
+        kk = -a / M
+        bcoef = kk * invstd * sum_gxhat
+        ccoef = kk * sum_g
+        r_start = pid_r * R_PER_PROG
+        r_end = tl.minimum(r_start + R_PER_PROG, M)
+        for r0 in range(r_start, r_end, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            rmask = rows < r_end
+            n = rows // S
+            s = rows - n * S
+            mask = rmask[:, None] & cmask[None, :]
+            xo = (n * sxn + s * sxs)[:, None] + (cols * sxc)[None, :]
+            go = (n * sgn + s * sgs)[:, None] + (cols * sgc)[None, :]
+            v = tl.load(X + xo, mask=mask, other=0.0).to(ACC)
+            g = tl.load(G + go, mask=mask, other=0.0).to(ACC)
+            dx = a[None, :] * g + bcoef[None, :] * (v - mean[None, :]) + ccoef[None, :]
+            do = (n * sdn + s * sds)[:, None] + (cols * sdc)[None, :]
+            tl.store(DX + do, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+def _k_eval(
+    X, Y, RM, RV, W, B, C, S, sxn, sxc, sxs, syn, syc, sys, M, R_PER_PROG,
+    eps: tl.float64,
+    ACC: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # y = x * scale + shift, scale = w / sqrt(var + eps), shift = b - mean * scale.
+    pid_c = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mean = tl.load(RM + cols, mask=cmask, other=0.0).to(ACC)
+    var = tl.load(RV + cols, mask=cmask, other=1.0).to(ACC)
+    scale = (1.0 / tl.sqrt(var.to(tl.float64) + eps)).to(ACC)
+    if HAS_W:
+        scale = scale * tl.load(W + cols, mask=cmask, other=1.0).to(ACC)
+    shift = -mean * scale
+    if HAS_B:
+        shift = tl.load(B + cols, mask=cmask, other=0.0).to(ACC) - mean * scale
+    r_start = pid_r * R_PER_PROG
+    r_end = tl.minimum(r_start + R_PER_PROG, M)
+    for r0 in range(r_start, r_end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        rmask = rows < r_end
+        n = rows // S
+        s = rows - n * S
+        mask = rmask[:, None] & cmask[None, :]
+        xo = (n * sxn + s * sxs)[:, None] + (cols * sxc)[None, :]
+        v = tl.load(X + xo, mask=mask, other=0.0).to(ACC)
+        out = v * scale[None, :] + shift[None, :]
+        yo = (n * syn + s * sys)[:, None] + (cols * syc)[None, :]
+        tl.store(Y + yo, out.to(Y.dtype.element_ty), mask=mask)
+
+
+def _k_running(
+    MEAN, VAR, RM, RV, TRACKED, C,
+    momentum: tl.float64, unbias: tl.float64,
+    CUMULATIVE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # One program: when every var is finite, num_batches_tracked += 1 and the running
+    # statistics move towards the batch's (torch's lerp; momentum None: weight 1 / count).
+    bad = tl.zeros([BLOCK], dtype=tl.int32)
+    for c0 in range(0, C, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        v = tl.load(VAR + cols, mask=cols < C, other=0.0).to(tl.float64)
+        bad = bad + tl.where(tl.abs(v) <= 1.7976931348623157e308, 0, 1)  # NaN, Inf: 1
+    if tl.sum(bad, axis=0) == 0:
+        count = tl.load(TRACKED) + 1
+        tl.store(TRACKED, count)
+        if CUMULATIVE:
+            w = 1.0 / count.to(tl.float64)
+        else:
+            w = momentum + tl.zeros([1], dtype=tl.float64)
+        for c0 in range(0, C, BLOCK):
+            cols = c0 + tl.arange(0, BLOCK)
+            cm = cols < C
+            m = tl.load(MEAN + cols, mask=cm, other=0.0).to(tl.float64)
+            v = tl.load(VAR + cols, mask=cm, other=0.0).to(tl.float64) * unbias
+            rm = tl.load(RM + cols, mask=cm, other=0.0).to(tl.float64)
+            rv = tl.load(RV + cols, mask=cm, other=0.0).to(tl.float64)
+            # torch's lerp, from the far end for weights of 0.5 and more
+            small = w < 0.5
+            rm = tl.where(small, rm + w * (m - rm), m - (m - rm) * (1.0 - w))
+            rv = tl.where(small, rv + w * (v - rv), v - (v - rv) * (1.0 - w))
+            tl.store(RM + cols, rm.to(RM.dtype.element_ty), mask=cm)
+            tl.store(RV + cols, rv.to(RV.dtype.element_ty), mask=cm)
+
+
+_SOURCES = ("_k_stats", "_k_forward", "_k_backward_sums", "_k_backward", "_k_eval", "_k_running")
+
+
+# Sizes that gain nothing from Triton's specialization on divisibility by 16, for fewer compiled
+# variants. Strides, S and C keep it: a unit channel stride with S = 1 and C a multiple of 16
+# (a channel mask constant over 16 lanes) is what gives 128-bit loads in the rows layout.
+_NO_SPECIALIZE = ("M", "R_PER_PROG", "NSPLIT")
+
+
+def _jit(fn: Any) -> Any:
+    import inspect
+
+    names = inspect.signature(fn).parameters
+    return triton.jit(fn, do_not_specialize=[n for n in _NO_SPECIALIZE if n in names])
+
+
+def kernels(interpret: bool) -> SimpleNamespace:
+    """The kernels compiled for the GPU (``interpret`` false) or run by Triton's interpreter
+    (CPU tensors, for tests); built once each."""
+    ns = _kernels.get(interpret)
+    if ns is None:
+        if interpret:
+            from triton.runtime.interpreter import InterpretedFunction
+
+            ns = SimpleNamespace(
+                **{name[3:]: InterpretedFunction(globals()[name]) for name in _SOURCES}
+            )
+        else:
+            ns = SimpleNamespace(**{name[3:]: _jit(globals()[name]) for name in _SOURCES})
+        _kernels[interpret] = ns
+    return ns
+
+
+# ------------------------------------------------------------------------------------ layouts
+
+
+def _acc(dtype: torch.dtype) -> tuple[torch.dtype, Any]:
+    # The accumulation dtype: float64 for float64, float32 otherwise (torch's opmath type).
+    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    # The smallest power of two >= n (n >= 1).
+    return 1 << (n - 1).bit_length()
+
+
+def _sms(device: torch.device) -> int:
+    sms = _SMS.get(device.index)
+    if sms is None:
+        sms = _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return sms
+
+
+_SMS: dict[int | None, int] = {}
+
+
+def _view3(t: Tensor) -> Tensor | None:
+    # t as (N, C, S), a view, or None when the strides do not allow one.
+    n, c = t.shape[0], t.shape[1]
+    try:
+        return t.view(n, c, -1) if t.dim() != 2 else t.unsqueeze(-1)
+    except RuntimeError:
+        return None
+
+
+class _Plan:
+    """Views of same-shaped tensors as (N, C, S) (copying to contiguous where no view exists),
+    merged to (N * S, C, 1) when every tensor allows it, and the grid of the kernels."""
+
+    def __init__(self, ts: list[Tensor], cuda: bool) -> None:
+        views, self.copied = [], []
+        for t in ts:
+            v = _view3(t)
+            self.copied.append(v is None)
+            if v is None:
+                v = _view3(t.contiguous())
+            views.append(v)
+        n, c, s = views[0].shape
+        strides = [list(v.stride()) for v in views]
+        if s > 1 and all(st[0] == s * st[2] for st in strides):
+            n, s = n * s, 1
+            for st in strides:
+                st[0], st[2] = st[2], 0
+        self.views = views
+        self.strides = strides
+        self.N, self.C, self.S, self.M = n, c, s, n * s
+        rows = strides[0][1] == 1 and c > 1
+        if cuda:
+            block_c = min(64, _pow2(c)) if rows else 1
+            block_r = max(16, 2048 // block_c)
+            target = 4 * _sms(ts[0].device)
+            single = _SINGLE_MAX
+            self.num_warps = 4
+        else:  # the interpreter: small tiles, so that small tests cover several tiles and splits
+            block_c = min(4, _pow2(c)) if rows else 1
+            block_r = 16
+            target = 6
+            single = 64
+            self.num_warps = 1
+        block_r = min(block_r, max(1, _pow2(self.M)))
+        n_cblocks = _cdiv(c, block_c)
+        tiles = _cdiv(self.M, block_r)
+        # Small reductions: one split, whose programs read their channels whole twice (stats,
+        # then output) in one launch instead of two (the launches cost more than the reads).
+        self.single = self.M * block_c <= single
+        nsplit = 1 if self.single else max(1, min(tiles, target // n_cblocks))
+        self.r_per_prog = _cdiv(tiles, nsplit) * block_r
+        self.nsplit = _cdiv(self.M, self.r_per_prog)
+        self.block_r, self.block_c = block_r, block_c
+        self.grid = (n_cblocks, self.nsplit)
+
+    def st(self, i: int) -> list[int]:
+        return self.strides[i]
+
+
+# Largest M * BLOCK_C read by one program in the single-launch path on CUDA.
+_SINGLE_MAX = 32768
+
+
+def _fits(x: Tensor) -> bool:
+    # Every element offset fits the kernels' 32-bit index arithmetic.
+    span = sum((n - 1) * abs(st) for n, st in zip(x.shape, x.stride(), strict=True))
+    return x.numel() <= _INT32_MAX and span <= _INT32_MAX
+
+
+def _per_channel_ok(x: Tensor, *ps: Tensor | None) -> bool:
+    # Per-channel tensors of the input's dtype or of the statistics' dtype (float32 for half).
+    allowed = (x.dtype, torch.float32 if x.dtype in _HALF else x.dtype)
+    return all(p is None or p.dtype in allowed for p in ps)
+
+
+def _like(x: Tensor) -> Tensor:
+    # An output for x: x's layout where x is dense, else contiguous.
+    return torch.empty_like(x)
+
+
+# ----------------------------------------------------------------------------- launches
+
+
+def _forward(x: Tensor, w: Tensor | None, b: Tensor | None, eps: float):
+    cuda = x.is_cuda
+    k = kernels(not cuda)
+    acc_t, acc = _acc(x.dtype)
+    y = _like(x)
+    plan = _Plan([x, y], cuda)
+    xv, yv = plan.views
+    c = plan.C
+    mean = torch.empty(c, dtype=acc_t, device=x.device)
+    var = torch.empty(c, dtype=acc_t, device=x.device)
+    sx, sy = plan.st(0), plan.st(1)
+    common = {"BLOCK_R": plan.block_r, "BLOCK_C": plan.block_c, "num_warps": plan.num_warps}
+    if plan.single:
+        part = mean  # unused
+    else:
+        part = torch.empty((2, plan.nsplit, c), dtype=acc_t, device=x.device)
+        k.stats[plan.grid](xv, part, c, plan.S, *sx, plan.M, plan.r_per_prog, ACC=acc, **common)
+    k.forward[plan.grid](
+        xv, yv, part, w if w is not None else mean, b if b is not None else mean, mean, var,
+        c, plan.S, *sx, *sy, plan.M, plan.r_per_prog, float(eps),
+        ACC=acc, HAS_W=w is not None, HAS_B=b is not None, SINGLE=plan.single, **common,
+    )  # fmt: skip
+    return (yv.view(x.shape) if plan.copied[1] else y), mean, var
+
+
+def _backward(
+    g: Tensor, x: Tensor, w: Tensor | None, mean: Tensor, var: Tensor, eps: float,
+    need_dx: bool, need_dw: bool, need_db: bool, db_dtype: torch.dtype | None = None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
+    cuda = x.is_cuda
+    k = kernels(not cuda)
+    acc_t, acc = _acc(x.dtype)
+    if not _fits(g):
+        g = g.contiguous()
+    dx = _like(x) if need_dx else None
+    plan = _Plan([x, g] + ([dx] if dx is not None else []), cuda)
+    xv, gv = plan.views[0], plan.views[1]
+    dxv = plan.views[2] if dx is not None else xv
+    sdx = plan.st(2) if dx is not None else plan.st(0)
+    c = plan.C
+    common = {"BLOCK_R": plan.block_r, "BLOCK_C": plan.block_c, "num_warps": plan.num_warps}
+    if plan.single:
+        part = mean  # unused
+    else:
+        part = torch.empty((2, plan.nsplit, c), dtype=acc_t, device=x.device)
+        k.backward_sums[plan.grid](
+            xv, gv, mean, part, c, plan.S, *plan.st(0), *plan.st(1), plan.M, plan.r_per_prog,
+            ACC=acc, **common,
+        )  # fmt: skip
+    pdtype = w.dtype if w is not None else acc_t
+    dw = torch.empty(c, dtype=pdtype, device=x.device) if need_dw else None
+    db = torch.empty(c, dtype=db_dtype or pdtype, device=x.device) if need_db else None
+    grid = plan.grid if need_dx else (plan.grid[0], 1)
+    k.backward[grid](
+        xv, gv, dxv, w if w is not None else mean, mean, var, part,
+        dw if dw is not None else mean, db if db is not None else mean, plan.nsplit,
+        c, plan.S, *plan.st(0), *plan.st(1), *sdx, plan.M, plan.r_per_prog, float(eps),
+        ACC=acc, HAS_W=w is not None, WRITE_DX=need_dx, WRITE_DW=need_dw, WRITE_DB=need_db,
+        SINGLE=plan.single, **common,
+    )  # fmt: skip
+    if dx is not None and plan.copied[2]:
+        dx = dxv.view(x.shape)
+    return dx, dw, db
+
+
+def _eval(x: Tensor, rm: Tensor, rv: Tensor, w: Tensor | None, b: Tensor | None, eps: float):
+    cuda = x.is_cuda
+    k = kernels(not cuda)
+    _, acc = _acc(x.dtype)
+    y = _like(x)
+    plan = _Plan([x, y], cuda)
+    xv, yv = plan.views
+    k.eval[plan.grid](
+        xv, yv, rm, rv, w if w is not None else rm, b if b is not None else rm,
+        plan.C, plan.S, *plan.st(0), *plan.st(1), plan.M, plan.r_per_prog, float(eps),
+        ACC=acc, HAS_W=w is not None, HAS_B=b is not None,
+        BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, num_warps=plan.num_warps,
+    )  # fmt: skip
+    return yv.view(x.shape) if plan.copied[1] else y
+
+
+# ------------------------------------------------------------------------ autograd nodes
+
+
+def _graph() -> Any:
+    # The graph-recording backwards (normlab.functional._fused._graph, which imports the
+    # reference batch_norm module, which imports the dispatch), looked up by name at backward
+    # time as the C++ nodes do (module.cpp): a static import would close an import cycle.
+    return importlib.import_module("normlab.functional._fused._graph")
+
+
+class BNTrainTriton(torch.autograd.Function):
+    """Training batch norm on the Triton kernels: ``(x, weight, bias, eps) -> (y, mean, var)``.
+
+    Saves ``x``, ``weight`` and the two ``(C,)`` statistics (torch's footprint). The backward is
+    the fused first-order kernel; under ``create_graph=True`` it runs the reference formulas
+    (``normlab.functional._fused._graph.bn_train_backward``), so double backward is exact.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):  # type: ignore[override]
+        y, mean, var = _forward(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, mean, var)
+        ctx.mark_non_differentiable(mean, var)
+        ctx.set_materialize_grads(False)
+        ctx.eps = eps
+        ctx.b_dtype = None if bias is None else bias.dtype
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_mean, _grad_var):  # type: ignore[override]
+        if grad_y is None:
+            return None, None, None, None
+        x, weight, mean, var = ctx.saved_tensors
+        nx, nw, nb = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():
+            gx, gw, gb = _graph().bn_train_backward(grad_y, x, weight, ctx.eps)
+        else:
+            with _on_device(x):
+                gx, gw, gb = _backward(
+                    grad_y,
+                    x,
+                    weight,
+                    mean,
+                    var,
+                    ctx.eps,
+                    nx,
+                    nw and weight is not None,
+                    nb,
+                    ctx.b_dtype,
+                )
+        return gx if nx else None, gw if nw else None, gb if nb else None, None
+
+
+class NormEvalTriton(torch.autograd.Function):
+    """Eval batch norm on the Triton kernel: ``(x, weight, bias, mean, var, eps) -> y``; the
+    statistics are constants. Backward: ``normlab.functional._fused._graph.norm_eval_backward``
+    (differentiable operations)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, var, eps):  # type: ignore[override]
+        y = _eval(x, mean, var, weight, bias, eps)
+        acc_t = _acc(x.dtype)[0]
+        coef = torch.stack((mean.to(acc_t), torch.rsqrt(var.to(acc_t) + eps)))
+        save_x = weight is not None and weight.requires_grad
+        ctx.save_for_backward(x if save_x else None, weight, coef)
+        ctx.set_materialize_grads(False)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        if grad_y is None:
+            return None, None, None, None, None, None
+        x, weight, coef = ctx.saved_tensors
+        gx, gw, gb = _graph().norm_eval_backward(grad_y, x, weight, coef)
+        nx, nw, nb = ctx.needs_input_grad[:3]
+        if nb and gb is None:  # a bias without a weight: sum(g)
+            gs = grad_y.float() if grad_y.dtype in _HALF else grad_y
+            gb = gs.sum((0, *range(2, grad_y.dim())))
+        return gx if nx else None, gw if nw else None, gb if nb else None, None, None, None
+
+
+# --------------------------------------------------------------------- entry points
+
+
+def _on_device(x: Tensor) -> Any:
+    # Triton launches on the current CUDA device: make it x's.
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
+
+
+def _recording(*ts: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def bn_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Training forward ``(y, mean, var)`` (see the module docstring), or ``None``."""
+    if _error is not None or not _fits(x) or not _per_channel_ok(x, weight, bias):
+        return None
+    try:
+        with _on_device(x):
+            if _recording(x, weight, bias):
+                return BNTrainTriton.apply(x, weight, bias, eps)
+            return _forward(x, weight, bias, eps)
+    except Exception as exc:  # compile or launch failure: the reference, logged once
+        _disable(exc)
+        return None
+
+
+def norm_eval(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor | None:
+    """Eval forward ``y``, or ``None``."""
+    if _error is not None or not _fits(x) or not _per_channel_ok(x, weight, bias, mean, var):
+        return None
+    try:
+        with _on_device(x):
+            if _recording(x, weight, bias):
+                return NormEvalTriton.apply(x, weight, bias, mean, var, eps)
+            return _eval(x, mean, var, weight, bias, eps)
+    except Exception as exc:
+        _disable(exc)
+        return None
+
+
+def bn_train_module(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    running_mean: Tensor,
+    running_var: Tensor,
+    tracked: Tensor,
+    momentum: float,
+) -> tuple[Tensor, Tensor, bool] | None:
+    """:func:`bn_train` and the running-statistics update on the device (``momentum < 0``:
+    cumulative average); ``(y, var, False)`` (the layer applies its non-finite policy), or
+    ``None``."""
+    out = bn_train(x, weight, bias, eps)
+    if out is None:
+        return None
+    y, mean, var = out
+    count = x.numel() // x.shape[1]
+    acc_t, acc = _acc(x.dtype)
+    if running_mean.dtype != acc_t or running_var.dtype != acc_t:
+        return None  # unreachable through the dispatch (it checks the buffers' dtype)
+    k = kernels(not x.is_cuda)
+    c = x.shape[1]
+    block = min(1024, _pow2(c))
+    with _on_device(x):
+        _running(k, mean, var, running_mean, running_var, tracked, c, count, momentum, block)
+    _bump(running_mean, running_var, tracked)
+    return y, var, False
+
+
+def _running(k, mean, var, running_mean, running_var, tracked, c, count, momentum, block):
+    k.running[(1,)](
+        mean, var, running_mean, running_var, tracked, c,
+        float(momentum), count / (count - 1) if count > 1 else math.inf,
+        CUMULATIVE=momentum < 0, BLOCK=block, num_warps=4 if mean.is_cuda else 1,
+    )  # fmt: skip
+
+
+def _bump(*ts: Tensor) -> None:
+    # Buffers written by a kernel: bump their version counters, as an in-place op does.
+    for t in ts:
+        torch.autograd.graph.increment_version(t)
