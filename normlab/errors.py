@@ -12,6 +12,7 @@ __all__ = [
     "ConfigMismatchError",
     "DivergenceError",
     "ExpectedTrainingFailure",
+    "NonFiniteBatchError",
     "UsageError",
 ]
 
@@ -27,6 +28,12 @@ class BatchTooSmallError(ExpectedTrainingFailure, ValueError):
 
 class DivergenceError(ExpectedTrainingFailure, FloatingPointError):
     """Training diverged: the loss became NaN or infinite."""
+
+
+class NonFiniteBatchError(ValueError):
+    """A normalization layer got a training batch with non-finite values (NaN or Inf) and left
+    its statistics unchanged. Bad input when the data is not finite; the training loop reports it
+    as :class:`DivergenceError` when the data was finite (the network's activations overflowed)."""
 
 
 class UsageError(ValueError):

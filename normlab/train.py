@@ -47,7 +47,12 @@ from normlab._io import (
 )
 from normlab.data import DATASETS, Dataset, get_scenario, load_dataset
 from normlab.data.sources import as_source
-from normlab.errors import BatchTooSmallError, ConfigMismatchError, DivergenceError
+from normlab.errors import (
+    BatchTooSmallError,
+    ConfigMismatchError,
+    DivergenceError,
+    NonFiniteBatchError,
+)
 from normlab.methods import Method, resolve_method
 from normlab.models import MODELS, build_model
 
@@ -818,6 +823,13 @@ def _train(cfg, out_dir, user_model, data, progress, on_step, on_eval, logger=No
                         with autocast():
                             try:
                                 out_batch = model(x)
+                            except NonFiniteBatchError as exc:
+                                if torch.is_tensor(x) and bool(torch.isfinite(x).all()):
+                                    raise DivergenceError(
+                                        f"activations became non-finite at step {step + 1} "
+                                        f"(method {cfg.method}, lr {cfg.lr}): {exc}"
+                                    ) from exc
+                                raise
                             except ValueError as exc:
                                 if _TORCH_BN_TOO_SMALL in str(exc):
                                     raise BatchTooSmallError(str(exc)) from exc

@@ -37,6 +37,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from normlab.errors import NonFiniteBatchError
 from normlab.functional import batch_norm as bnf
 
 __all__ = ["NormBase", "check_norm_args", "check_norm_input"]
@@ -303,12 +304,13 @@ class NormBase(nn.Module):
         alone decides.
 
         Raises:
-            ValueError: raising policy and a non-finite ``var`` (no state changed).
+            NonFiniteBatchError: (a ``ValueError``) raising policy and a non-finite ``var`` (no
+                state changed).
         """
         if self._raises_on_non_finite(input):
             # One float64 sum: any NaN/Inf (or an overflowing variance) makes it non-finite.
             if not math.isfinite(var.sum(dtype=torch.float64)):
-                raise ValueError(
+                raise NonFiniteBatchError(
                     f"{type(self).__name__} got a training batch with non-finite values (NaN or "
                     f"Inf) in input of shape {tuple(input.shape)}; running statistics were left "
                     "unchanged"
