@@ -453,6 +453,12 @@ def _build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--seeds", type=int, default=3, help="seeds per cell (fair protocol; not with --smoke)"
     )
+    report.add_argument(
+        "--mnist-root",
+        type=Path,
+        default=None,
+        help="folder of the MNIST IDX files: also run the method table's MNIST rows",
+    )
     report.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(verb_parsers=sub.choices)
     return parser
@@ -586,10 +592,15 @@ def _one_line(exc: BaseException) -> str:
 def _report(args: argparse.Namespace) -> int:
     from normlab.experiments import RunContext
     from normlab.experiments.protocol import Protocol
-    from normlab.report import build_report
+    from normlab.report import CLAIMS, build_report
+    from normlab.report.table import table_claims
 
     if args.jobs < 1:
         raise CLIError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.mnist_root is not None and not args.mnist_root.is_dir():
+        raise CLIError(f"--mnist-root must be a folder of MNIST IDX files, got {args.mnist_root}")
+    mnist_root = None if args.mnist_root is None else str(args.mnist_root)
+    table = table_claims(mnist_root=mnist_root)
     out = args.out or Path("runs") / ("report-smoke" if args.smoke else "report")
     protocol = None if args.smoke else Protocol(seeds=args.seeds)
     progress = not args.no_progress and sys.stderr.isatty()
@@ -598,9 +609,7 @@ def _report(args: argparse.Namespace) -> int:
     if progress:
         from tqdm.auto import tqdm
 
-        from normlab.report import CLAIMS
-
-        runs = {c.run_name for c in CLAIMS if c.experiment is not None}
+        runs = {c.run_name for c in [*CLAIMS, *table] if c.experiment is not None}
         bar = tqdm(total=len(runs), desc="report", position=0, leave=True, dynamic_ncols=True)
     try:
         rows = build_report(
@@ -609,6 +618,7 @@ def _report(args: argparse.Namespace) -> int:
             jobs=args.jobs,
             ctx=ctx,
             on_done=(lambda _name: bar.update(1)) if bar is not None else None,
+            table_claims=table,
         )
     finally:
         if bar is not None:

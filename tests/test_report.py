@@ -164,3 +164,10 @@ def test_cai_measure_names_each_methods_best_lr():
     never = {"best_iterations": None, "best_lr": None}
     m = measure({"summary": {"gd": never, "bn_gd": never}})
     assert m.verdict == "fails" and "GD never (lr n/a), BN-GD never (lr n/a)" in m.value
+
+
+def test_report_refuses_a_missing_mnist_root_before_writing(tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["report", "--smoke", "--out", str(out), "--mnist-root", str(tmp_path / "no")]) == 2
+    assert "--mnist-root" in capsys.readouterr().err
+    assert not out.exists()

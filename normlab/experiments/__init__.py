@@ -20,6 +20,7 @@ from normlab.experiments import (  # noqa: F401
     ioffe,
     kohler,
     lr_speedup,
+    method_table,
     noisy_bn,
     noniid_workers,
     regularization,

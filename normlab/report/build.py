@@ -17,6 +17,7 @@ from typing import Any
 from normlab._io import atomic_write_text
 from normlab.experiments import RunContext, get_experiment, run_experiment
 from normlab.report.claims import CLAIMS, VERDICTS, Claim, Measurement
+from normlab.report.table import TABLE_CLAIMS, render_table_html, render_table_markdown
 
 __all__ = ["ReportRow", "build_report", "render_html", "render_markdown"]
 
@@ -89,6 +90,7 @@ def build_report(
     ctx: RunContext | None = None,
     claims: Sequence[Claim] = CLAIMS,
     on_done: Callable[[str], None] | None = None,
+    table_claims: Sequence[Claim] = TABLE_CLAIMS,
 ) -> list[ReportRow]:
     """Run (or resume) every experiment the claims need into ``out_dir/runs/<run>``, measure
     each claim, and write ``out_dir/REPRODUCTION.md`` and ``out_dir/report.html``.
@@ -101,14 +103,17 @@ def build_report(
         ctx: how to run (progress bars, device, precision).
         claims: the claims to report (default: :data:`~normlab.report.claims.CLAIMS`).
         on_done: called with each run's name when it finishes (progress).
+        table_claims: the method-table row group, reported in a section of its own after the
+            claims (default: :data:`~normlab.report.table.TABLE_CLAIMS`, MNIST rows not tested;
+            :func:`~normlab.report.table.table_claims` with ``mnist_root`` tests them).
 
     Returns:
-        One :class:`ReportRow` per claim, in order.
+        One :class:`ReportRow` per claim, in order (the row group's rows are in the files).
     """
     out = Path(out_dir)
     ctx = ctx or RunContext()
     runs: dict[str, tuple[str, Any]] = {}
-    for claim in claims:
+    for claim in [*claims, *table_claims]:
         if claim.experiment is None:
             continue
         run_id = _run_id(claim, smoke)
@@ -135,6 +140,26 @@ def build_report(
                 results[futures[future]] = future.result()
                 if on_done is not None:
                     on_done(futures[future])
+    rows = _rows(claims, results, smoke)
+    table_rows = _rows(table_claims, results, smoke)
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    command = "normlab report" + (" --smoke" if smoke else "")
+    atomic_write_text(
+        out / "REPRODUCTION.md", render_markdown(rows, command, when, smoke, out, table_rows)
+    )
+    atomic_write_text(out / "report.html", render_html(rows, command, when, smoke, table_rows))
+    atomic_write_text(
+        out / "verdicts.json",
+        json.dumps({r.claim.key: r.measurement.verdict for r in [*rows, *table_rows]}, indent=2)
+        + "\n",
+    )
+    return rows
+
+
+def _rows(
+    claims: Sequence[Claim], results: dict[str, dict[str, Any]], smoke: bool
+) -> list[ReportRow]:
+    """One :class:`ReportRow` per claim from the results of the runs."""
     rows = []
     for claim in claims:
         if claim.experiment is None:
@@ -150,14 +175,6 @@ def build_report(
         rows.append(
             ReportRow(claim, measurement, _command(claim, smoke), figures[0] if figures else None)
         )
-    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    command = "normlab report" + (" --smoke" if smoke else "")
-    atomic_write_text(out / "REPRODUCTION.md", render_markdown(rows, command, when, smoke, out))
-    atomic_write_text(out / "report.html", render_html(rows, command, when, smoke))
-    atomic_write_text(
-        out / "verdicts.json",
-        json.dumps({r.claim.key: r.measurement.verdict for r in rows}, indent=2) + "\n",
-    )
     return rows
 
 
@@ -171,9 +188,14 @@ def _md(text: str) -> str:
 
 
 def render_markdown(
-    rows: Sequence[ReportRow], command: str, when: str, smoke: bool, out: Path | None = None
+    rows: Sequence[ReportRow],
+    command: str,
+    when: str,
+    smoke: bool,
+    out: Path | None = None,
+    table_rows: Sequence[ReportRow] = (),
 ) -> str:
-    """The report as a Markdown table, one row per claim."""
+    """The report as a Markdown table, one row per claim, then the method-table row group."""
     lines = [
         "# Reproduction report",
         "",
@@ -208,6 +230,7 @@ def render_markdown(
     if notes:
         lines += ["", "## Notes", ""]
         lines += [f"{i}. {note}" for i, note in notes]
+    lines += render_table_markdown(table_rows, out)
     return "\n".join(lines) + "\n"
 
 
@@ -226,9 +249,15 @@ _STYLE = (
 )
 
 
-def render_html(rows: Sequence[ReportRow], command: str, when: str, smoke: bool) -> str:
+def render_html(
+    rows: Sequence[ReportRow],
+    command: str,
+    when: str,
+    smoke: bool,
+    table_rows: Sequence[ReportRow] = (),
+) -> str:
     """The report as one self-contained HTML page (figures embedded as data URIs; no external
-    scripts or styles)."""
+    scripts or styles), the method-table row group in a section after the claims."""
     e = html.escape
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>normlab reproduction report"
@@ -258,5 +287,7 @@ def render_html(rows: Sequence[ReportRow], command: str, when: str, smoke: bool)
             f"<td><b>{e(m.verdict)}</b></td><td><code>{e(row.command)}</code></td><td>{img}</td>"
             "</tr>"
         )
-    parts.append("</table></body></html>")
+    parts.append("</table>")
+    parts.append(render_table_html(table_rows, _data_uri))
+    parts.append("</body></html>")
     return "\n".join(parts) + "\n"
