@@ -4,7 +4,8 @@ Command (from the repository root; about 10 minutes on the shared 2-core machine
 
     .venv/bin/python benchmarks/bench_bnp.py --data-root /work/shared/data/mnist
 
-``--part accuracy`` or ``--part overhead`` runs one half. Both print Markdown tables.
+``--part accuracy`` or ``--part overhead`` runs one half; ``--part weight-norm`` runs the
+measurement of BNP's ``weight_norm`` option (not part of ``all``). All print Markdown tables.
 
 **Accuracy.** MNIST-10k (the t10k files split 8000 train / 2000 test by ``normlab.data``), MLP
 784-100-100-100-10 with ReLU, plain SGD, ``--epochs`` epochs (3), all through
@@ -21,7 +22,18 @@ batch size 4 beats no normalization at batch size 4.
 ``normlab.models.SmallCNN`` on 1x28x28 images, batch 64, random inputs: the same model with and
 without BNP (no normalization layer in either), in one process, interleaved (blocks of steps
 alternate between the two, the order swapped every block), median over blocks of the mean step
-time; wall clock and process CPU time. Target: ratio <= 1.3.
+time; wall clock and process CPU time. Targets: ratio <= 1.15 at batch size 64 and <= 1.5 at
+batch size 1.
+
+**Weight normalization.** ``bnp`` with ``weight_norm`` off, ``"project"`` and ``"scaled"`` on the
+hidden layers (the default ``weight_norm_modules``), and the two projections on every layer, the
+output layer included (``--wn-variants``), on ``--wn-dataset`` (``digits`` or ``mnist`` with
+``--data-root``), MLP with three hidden layers of 100 ReLU units, plain SGD, ``--wn-epochs``
+epochs, at each of ``--wn-batch-sizes``. Fair protocol (``normlab.experiments.protocol``): every
+variant's learning rate is picked from the ``bnp`` grid around ``0.1 * (b / 64) ** 0.5`` on a
+validation split of the training data, then ``--wn-seeds`` seeds train on all of it; the table
+reports test accuracy, mean +- std over seeds (each seed: the mean of its last 3 evaluations, at
+epoch ends). Results in docs/algorithms/bnp.md.
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,9 +51,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from normlab.data import load_dataset
+from normlab.experiments import core
+from normlab.experiments.common import scaled_lr
+from normlab.experiments.protocol import Protocol
 from normlab.models import MLP, SmallCNN
 from normlab.optim.preconditioner import BNPreconditioner
-from normlab.train import TrainConfig, evaluate, train
+from normlab.train import TrainConfig, build_model_for, evaluate, train
 
 # (label, method, batch size, learning-rate grid, method options)
 GRID_BN64 = (0.05, 0.1, 0.2, 0.5)
@@ -215,10 +231,75 @@ def overhead(blocks: int, seed: int, device: str = "cpu", precision: str = "fp32
     print()
 
 
+WN_VARIANTS = {  # label -> (weight_norm, every layer including the output layer)
+    "off": (False, False),
+    "project": (True, False),
+    "scaled": ("scaled", False),
+    "project-all": (True, True),
+    "scaled-all": ("scaled", True),
+}
+
+
+def weight_norm(
+    dataset: str,
+    data_root: str | None,
+    batch_sizes: tuple[int, ...],
+    variants: tuple[str, ...],
+    epochs: int,
+    seeds: int,
+    out: str,
+) -> None:
+    data = load_dataset(dataset, root=data_root, seed=0)
+    model = build_model_for("mlp", data.input_shape, data.num_classes, "bnp", widths=(100,) * 3)
+    every_layer = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    cells = {}
+    for b in batch_sizes:
+        for label in variants:
+            mode, everywhere = WN_VARIANTS[label]
+            options: dict[str, Any] = {"weight_norm": mode}
+            if everywhere:
+                options["weight_norm_modules"] = every_layer
+            cells[f"bnp-{label}/b={b}"] = TrainConfig(
+                dataset=dataset,
+                data_root=data_root,
+                method="bnp",
+                batch_size=b,
+                epochs=epochs,
+                lr=scaled_lr(0.1, b, 0.5),
+                log_every=0,
+                eval_train=False,
+                method_options=options,
+            )
+    results = core.run_cells(cells, Path(out), core.RunContext(protocol=Protocol(seeds=seeds)))
+    print(
+        f"## weight_norm: {dataset}, MLP (100, 100, 100), SGD, {epochs} epochs, "
+        f"{seeds} seeds, test accuracy mean +- std (chosen lr)\n"
+    )
+    print("| variant | " + " | ".join(f"b={b}" for b in batch_sizes) + " |")
+    print("|---|" + "---|" * len(batch_sizes))
+    for label in variants:
+        row = []
+        for b in batch_sizes:
+            r = results[f"bnp-{label}/b={b}"]
+            if not r.get("ok"):
+                row.append("failed")
+                continue
+            edge = ", grid edge" if r["protocol"]["edge"] else ""
+            row.append(
+                f"{r['final']['test_acc']:.4f} +- {r['final_std']['test_acc']:.4f} "
+                f"(lr {r['protocol']['lr']:g}{edge})"
+            )
+        print(f"| {label} | " + " | ".join(row) + " |")
+        sys.stdout.flush()
+    print()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-root", help="directory with the MNIST IDX files (accuracy)")
-    parser.add_argument("--part", choices=("all", "accuracy", "overhead"), default="all")
+    parser.add_argument(
+        "--part", choices=("all", "accuracy", "overhead", "weight-norm"), default="all"
+    )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--bnp-floor", type=float, default=0.1)
     parser.add_argument("--blocks", type=int, default=40, help="interleaved timing blocks")
@@ -226,8 +307,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (overhead part)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--wn-dataset", default="digits", help="digits or mnist (weight-norm)")
+    parser.add_argument("--wn-batch-sizes", default="64,1")
+    parser.add_argument("--wn-variants", default="off,project,scaled,project-all,scaled-all")
+    parser.add_argument("--wn-epochs", type=int, default=10)
+    parser.add_argument("--wn-seeds", type=int, default=3)
+    parser.add_argument("--wn-out", default="runs/bench-bnp-weight-norm", help="run directory")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.part == "weight-norm":
+        variants = tuple(v for v in args.wn_variants.split(",") if v)
+        unknown = [v for v in variants if v not in WN_VARIANTS]
+        if unknown:
+            parser.error(f"--wn-variants: unknown {unknown}; valid: {list(WN_VARIANTS)}")
+        weight_norm(
+            args.wn_dataset,
+            args.data_root,
+            tuple(int(b) for b in args.wn_batch_sizes.split(",")),
+            variants,
+            args.wn_epochs,
+            args.wn_seeds,
+            args.wn_out,
+        )
+        return 0
     if args.part in ("all", "overhead"):
         overhead(args.blocks, args.seed, args.device, args.precision)
     if args.part in ("all", "accuracy"):

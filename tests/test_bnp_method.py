@@ -52,7 +52,8 @@ def _gen(seed: int) -> torch.Generator:
 
 
 def _pre_hook_count(model: nn.Module) -> int:
-    return sum(len(m._forward_pre_hooks) for m in model.modules())
+    # forward pre-hooks and forward hooks (BNPreconditioner registers one forward hook per layer)
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
 
 
 def _set_stats(precond: BNPreconditioner, stats: dict[str, tuple[torch.Tensor, torch.Tensor]]):
@@ -224,7 +225,9 @@ def _records(path):
     ]
 
 
-@pytest.mark.parametrize("options", [{}, {"use_current_batch": False, "rho": 0.9}])
+@pytest.mark.parametrize(
+    "options", [{}, {"use_current_batch": False, "rho": 0.9}, {"weight_norm": "scaled"}]
+)
 def test_train_resume_with_bnp_is_exact(tmp_path, options):
     cfg = TrainConfig(
         method="bnp",

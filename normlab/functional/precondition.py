@@ -9,7 +9,10 @@ and preconditioner variance :math:`s^2 = \max(\sigma^2, \text{floor}) + \epsilon
     \tilde G_W = (G_W - g_b \mu^\top)\,\mathrm{diag}(s^2)^{-1}, \qquad
     \tilde g_b = g_b - \tilde G_W \mu .
 
-A convolution applies the same rule to every patch entry. The derivation, the conventions
+A convolution applies the same rule to every patch entry. With ``weight_norm`` the transforms
+also project each output unit's gradient, in the input-normalized coordinates
+:math:`v_i = D w_i` (:math:`D = \mathrm{diag}(s)`), orthogonally to :math:`v_i`, as batch
+normalization's scale invariance does. The derivation, the conventions
 (biased variances, ``eps`` added after the ``floor``, the pooled-variance EMA) and which parts are
 normlab's own choices are in docs/algorithms/bnp.md.
 
@@ -45,6 +48,7 @@ __all__ = [
     "precondition_linear_",
     "preconditioner_factor",
     "preconditioner_variance",
+    "weight_norm_mode",
 ]
 
 
@@ -90,7 +94,9 @@ def linear_input_moments(x: Tensor) -> Moments:
     """
     if x.dim() == 0:
         raise ValueError("linear_input_moments expected input of shape (*, n), got a 0-D tensor")
-    rows = _stat_dtype(x).reshape(-1, x.shape[-1])  # (*, n) -> (M, n)
+    rows = _stat_dtype(x)
+    if rows.dim() != 2:
+        rows = rows.reshape(-1, x.shape[-1])  # (*, n) -> (M, n)
     if rows.shape[0] > 0 and rows.device.type in ("cpu", "cuda") and not rows.requires_grad:
         # batch norm's per-column statistics kernel (no running buffers): the batch mean and
         # biased variance, far faster on CPU than torch.var_mean over dim 0.
@@ -275,35 +281,107 @@ def _check_bias_shape(fn: str, grad_bias: Tensor | None, out: int) -> None:
         raise ValueError(f"{fn} expected grad_bias of shape ({out},), got {tuple(grad_bias.shape)}")
 
 
+def _weight_rows(
+    fn: str, weight_norm: object, weight: Tensor | None, grad_weight: Tensor
+) -> tuple[Tensor | None, bool]:
+    # The weight as a (C_out, K) matrix in the gradient's dtype, or None when weight_norm is off;
+    # and whether the projected gradient is divided by |v|.
+    mode = weight_norm_mode(weight_norm)
+    if mode == "off":
+        return None, False
+    if not isinstance(weight, Tensor):
+        raise ValueError(
+            f"{fn} with weight_norm={weight_norm!r} needs the layer's weight (weight=), "
+            f"got {type(weight).__name__}"
+        )
+    if weight.shape != grad_weight.shape:
+        raise ValueError(
+            f"{fn} expected weight of the gradient's shape {tuple(grad_weight.shape)}, "
+            f"got {tuple(weight.shape)}"
+        )
+    return _like(weight.detach(), grad_weight).reshape(grad_weight.shape[0], -1), mode == "scaled"
+
+
 def _like(stat: Tensor, grad: Tensor) -> Tensor:
     if stat.dtype == grad.dtype and stat.device == grad.device:
         return stat
     return stat.to(device=grad.device, dtype=grad.dtype)
 
 
+_WEIGHT_NORM_MODES = ("off", "project", "scaled")
+
+
+def weight_norm_mode(value: object) -> str:
+    r"""The canonical name of a ``weight_norm`` option value.
+
+    ``False`` or ``"off"``: no weight normalization; ``True`` or ``"project"``: project each output
+    unit's reparametrized gradient orthogonally to :math:`v_i = D w_i`; ``"scaled"``: project and
+    divide by :math:`\lVert v_i \rVert` (see :func:`precondition_linear_`).
+
+    Raises:
+        ValueError: any other value (the message names the valid ones).
+    """
+    if value is False or value is True:
+        return "project" if value else "off"
+    if isinstance(value, str) and value in _WEIGHT_NORM_MODES:
+        return value
+    raise ValueError(
+        f"weight_norm must be False, True, 'off', 'project' or 'scaled', got {value!r}"
+    )
+
+
+def _project_rows_(grad_w: Tensor, weight: Tensor, s2: Tensor, scaled: bool) -> None:
+    # grad_w, weight: (..., rows, K) input-preconditioned gradient G~ and weight W; s2 broadcasts
+    # over the rows. In the reparametrized coordinates v = D w, g_v = D G~, so per row
+    #   alpha = v.g_v / |v|^2 = sum(s2 w G~) / sum(s2 w^2),   G~ <- G~ - alpha w   (/ |v|),
+    # rows with |v| = 0 unchanged.
+    u = weight * s2  # D^2 w
+    num = (u * grad_w).sum(-1, keepdim=True)
+    den = (u * weight).sum(-1, keepdim=True)  # |v|^2
+    nonzero = den > 0
+    alpha = torch.where(nonzero, num / torch.where(nonzero, den, 1.0), 0.0)
+    grad_w.sub_(alpha * weight)
+    if scaled:
+        grad_w.mul_(torch.where(nonzero, den, 1.0).rsqrt_())
+
+
 def _transform_rows_(
-    grad_w: Tensor, grad_b: Tensor | None, mean: Tensor, s2: Tensor, groups: int
+    grad_w: Tensor,
+    grad_b: Tensor | None,
+    mean: Tensor,
+    s2: Tensor,
+    groups: int,
+    weight: Tensor | None = None,
+    scaled: bool = False,
 ) -> None:
     # The transform on the (C_out, K) matrix view of a gradient, K = fan-in, whose row o uses the
     # statistics of its group, mean/s2 of shape (groups * K,):
     #   G_W <- (G_W - g_b mu^T) / s2,   g_b <- g_b - G_W mu   (with the new G_W),
-    # one BLAS rank-1 update, one division and one matrix-vector product.
+    # one BLAS rank-1 update, one division and one matrix-vector product. With `weight` (the
+    # (C_out, K) view of W) the weight-norm projection runs between the two lines, so the bias
+    # absorbs the centring of the projected weight gradient.
     if groups == 1:
         if grad_b is None:
             grad_w.div_(s2)
-            return
-        grad_w.addr_(grad_b, mean, alpha=-1).div_(s2)
-        grad_b.addmv_(grad_w, mean, alpha=-1)
+        else:
+            grad_w.addr_(grad_b, mean, alpha=-1).div_(s2)
+        if weight is not None:
+            _project_rows_(grad_w, weight, s2, scaled)
+        if grad_b is not None:
+            grad_b.addmv_(grad_w, mean, alpha=-1)
         return
     c_out, k = grad_w.shape
     g3 = grad_w.view(groups, c_out // groups, k)  # (groups, C_out/groups, K)
     s3 = s2.view(groups, 1, k)
     if grad_b is None:
         g3.div_(s3)
-        return
-    b3 = grad_b.view(groups, c_out // groups, 1)
-    g3.baddbmm_(b3, mean.view(groups, 1, k), alpha=-1).div_(s3)
-    b3.baddbmm_(g3, mean.view(groups, k, 1), alpha=-1)
+    else:
+        b3 = grad_b.view(groups, c_out // groups, 1)
+        g3.baddbmm_(b3, mean.view(groups, 1, k), alpha=-1).div_(s3)
+    if weight is not None:
+        _project_rows_(g3, weight.reshape(groups, c_out // groups, k), s3, scaled)
+    if grad_b is not None:
+        b3.baddbmm_(g3, mean.view(groups, k, 1), alpha=-1)
 
 
 def precondition_linear_(
@@ -314,6 +392,8 @@ def precondition_linear_(
     *,
     eps: float = 1e-5,
     floor: float = 0.0,
+    weight_norm: bool | str = False,
+    weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     r"""BNP transform of a dense layer's gradients, in place.
 
@@ -321,8 +401,21 @@ def precondition_linear_(
         \tilde G_W = (G_W - g_b \mu^\top)\,\mathrm{diag}(s^2)^{-1}, \qquad
         \tilde g_b = g_b - \tilde G_W \mu, \qquad s^2 = \max(\sigma^2, \text{floor}) + \epsilon .
 
-    The statistics are converted to the gradient's dtype and device. Every argument is checked
-    before anything is written.
+    **Weight normalization** (``weight_norm`` on): between the two lines, each row
+    :math:`\tilde g_i` of :math:`\tilde G_W` is projected in the input-normalized coordinates
+    :math:`v_i = D w_i`, :math:`D = \mathrm{diag}(s)`, orthogonally to :math:`v_i` and mapped back:
+
+    .. math::
+        \tilde g_i \leftarrow \tilde g_i - \alpha_i w_i, \qquad
+        \alpha_i = \frac{\sum_j s_j^2 w_{ij} \tilde g_{ij}}{\sum_j s_j^2 w_{ij}^2}
+        \quad(\text{so } D\tilde g_i \perp v_i),
+
+    and with ``"scaled"`` also divided by :math:`\lVert v_i \rVert`; rows with :math:`w_i = 0` are
+    left unprojected. The bias line then uses the projected :math:`\tilde G_W`. See
+    docs/algorithms/bnp.md.
+
+    The statistics (and ``weight``) are converted to the gradient's dtype and device. Every
+    argument is checked before anything is written.
 
     Args:
         grad_weight: :math:`G_W`, shape ``(m, n)``, overwritten.
@@ -332,10 +425,14 @@ def precondition_linear_(
         var: :math:`\sigma^2`, the biased input variance, shape ``(n,)``.
         eps: :math:`\epsilon \ge 0`, added to the floored variance.
         floor: variance floor :math:`\ge 0`.
+        weight_norm: ``False``/``"off"`` (default), ``True``/``"project"`` or ``"scaled"``.
+        weight: the layer's weight :math:`W`, shape ``(m, n)``; required (and only read) when
+            ``weight_norm`` is on.
     Returns:
         ``(grad_weight, grad_bias)``, the same tensors.
     Raises:
-        ValueError: wrong shapes, or a negative or non-finite ``eps``/``floor``.
+        ValueError: wrong shapes, a negative or non-finite ``eps``/``floor``, an unknown
+            ``weight_norm``, or ``weight_norm`` on without a ``weight``.
     """
     if grad_weight.dim() != 2:
         raise ValueError(
@@ -345,8 +442,9 @@ def precondition_linear_(
     m, n = grad_weight.shape
     _check_stat_shapes("precondition_linear", mean, var, (n,))
     _check_bias_shape("precondition_linear", grad_bias, m)
+    rows, scaled = _weight_rows("precondition_linear", weight_norm, weight, grad_weight)
     s2 = preconditioner_variance(_like(var, grad_weight), eps=eps, floor=floor)
-    _transform_rows_(grad_weight, grad_bias, _like(mean, grad_weight), s2, 1)
+    _transform_rows_(grad_weight, grad_bias, _like(mean, grad_weight), s2, 1, rows, scaled)
     return grad_weight, grad_bias
 
 
@@ -396,6 +494,8 @@ def precondition_conv2d_(
     eps: float = 1e-5,
     floor: float = 0.0,
     groups: int = 1,
+    weight_norm: bool | str = False,
+    weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     r"""BNP transform of a 2-D convolution's gradients, in place.
 
@@ -408,8 +508,11 @@ def precondition_conv2d_(
 
     with :math:`\mu_{c,u,v} = \mu_c` for per-channel statistics. With ``groups`` > 1 (depthwise
     included) output channel :math:`o` of group :math:`g` uses the statistics of that group's
-    input channels. The statistics are converted to the gradient's dtype and device. Every
-    argument is checked before anything is written.
+    input channels. ``weight_norm`` projects per output channel as in
+    :func:`precondition_linear_`, with :math:`v_o` the flattened filter
+    :math:`W[o]` times the per-entry :math:`s_{c,u,v}`. The statistics (and ``weight``) are
+    converted to the gradient's dtype and device. Every argument is checked before anything is
+    written.
 
     Args:
         grad_weight: :math:`G_W`, shape ``(C_out, C_in/groups, kh, kw)``, overwritten.
@@ -417,11 +520,13 @@ def precondition_conv2d_(
         mean, var: input statistics, ``(C_in,)`` or ``(C_in, kh, kw)``; ``var`` is biased.
         eps, floor: as in :func:`precondition_linear_`.
         groups: the convolution's ``groups``.
+        weight_norm, weight: as in :func:`precondition_linear_` (``weight`` of shape
+            ``(C_out, C_in/groups, kh, kw)``).
     Returns:
         ``(grad_weight, grad_bias)``, the same tensors.
     Raises:
-        ValueError: wrong shapes, ``groups`` not a positive divisor of ``C_out``, or a bad
-            ``eps``/``floor``.
+        ValueError: wrong shapes, ``groups`` not a positive divisor of ``C_out``, a bad
+            ``eps``/``floor``/``weight_norm``, or ``weight_norm`` on without a ``weight``.
     """
     if grad_weight.dim() != 4:
         raise ValueError(
@@ -436,15 +541,55 @@ def precondition_conv2d_(
     shape = (cg * groups,) if mean.dim() == 1 else (cg * groups, kh, kw)
     _check_stat_shapes("precondition_conv2d", mean, var, shape)
     _check_bias_shape("precondition_conv2d", grad_bias, c_out)
-    s2 = _row_stat(preconditioner_variance(_like(var, grad_weight), eps=eps, floor=floor), (kh, kw))
-    mean_row = _row_stat(_like(mean, grad_weight), (kh, kw))
+    w_rows, scaled = _weight_rows("precondition_conv2d", weight_norm, weight, grad_weight)
+    s2 = preconditioner_variance(_like(var, grad_weight), eps=eps, floor=floor)
+    _conv_rows_(grad_weight, grad_bias, _like(mean, grad_weight), s2, groups, w_rows, scaled)
+    return grad_weight, grad_bias
+
+
+def _conv_rows_(
+    grad_weight: Tensor,
+    grad_bias: Tensor | None,
+    mean: Tensor,
+    s2: Tensor,
+    groups: int,
+    w_rows: Tensor | None,
+    scaled: bool,
+) -> None:
+    # The conv transform once everything is checked and in the gradient's dtype: statistics of
+    # shape (C_in,) or (C_in, kh, kw), s2 already floored; w_rows the (C_out, K) weight or None.
+    c_out, _, kh, kw = grad_weight.shape
+    s2 = _row_stat(s2, (kh, kw))
+    mean_row = _row_stat(mean, (kh, kw))
     if grad_weight.is_contiguous():
-        _transform_rows_(grad_weight.view(c_out, -1), grad_bias, mean_row, s2, groups)
+        _transform_rows_(
+            grad_weight.view(c_out, -1), grad_bias, mean_row, s2, groups, w_rows, scaled
+        )
     else:  # e.g. channels_last: transform a contiguous copy and write it back
         rows = grad_weight.contiguous().view(c_out, -1)
-        _transform_rows_(rows, grad_bias, mean_row, s2, groups)
+        _transform_rows_(rows, grad_bias, mean_row, s2, groups, w_rows, scaled)
         grad_weight.copy_(rows.view(grad_weight.shape))
-    return grad_weight, grad_bias
+
+
+def _precondition_unchecked_(
+    grad_weight: Tensor,
+    grad_bias: Tensor | None,
+    mean: Tensor,
+    s2: Tensor,
+    groups: int,
+    weight: Tensor | None,
+    scaled: bool,
+) -> None:
+    # precondition_linear_ (2-D grad_weight) or precondition_conv2d_ (4-D) without the checks,
+    # for callers that guarantee the shapes, with the floored variance s2 = max(var, floor) + eps
+    # already computed and mean/s2 in the gradient's dtype and device (the same bits as the
+    # public functions). `weight`: the layer's weight for the weight-norm projection, or None.
+    if weight is not None:
+        weight = _like(weight.detach(), grad_weight).reshape(grad_weight.shape[0], -1)
+    if grad_weight.dim() == 2:
+        _transform_rows_(grad_weight, grad_bias, mean, s2, 1, weight, scaled)
+    else:
+        _conv_rows_(grad_weight, grad_bias, mean, s2, groups, weight, scaled)
 
 
 precondition_conv2d = _out_of_place(

@@ -4,8 +4,8 @@ A model built for ``bnp`` has no normalization layer (every slot is a
 :class:`~normlab.nn.convert.NoNorm`) and keeps the biases of the layers feeding the slots, which
 absorb BNP's centring. The training hook is a :class:`~normlab.optim.BNPreconditioner` with the
 method's options (``rho``, ``eps``, ``floor``, ``conv_stats``, ``use_current_batch``,
-``modules``, and ``sync``: share the statistics over the ranks of a distributed run, by
-default whenever the run is distributed); see
+``weight_norm``, ``weight_norm_modules``, ``modules``, and ``sync``: share the statistics over
+the ranks of a distributed run, by default whenever the run is distributed); see
 docs/algorithms/bnp.md and docs/distributed.md.
 """
 
@@ -21,7 +21,16 @@ from normlab.methods.sync import default_group, sync_group
 from normlab.nn.convert import NoNorm, NormKind
 from normlab.optim.preconditioner import BNPreconditioner
 
-BNP_OPTIONS = ("rho", "eps", "floor", "conv_stats", "use_current_batch", "modules")
+BNP_OPTIONS = (
+    "rho",
+    "eps",
+    "floor",
+    "conv_stats",
+    "use_current_batch",
+    "weight_norm",
+    "weight_norm_modules",
+    "modules",
+)
 
 
 def _no_norm(num_features: int, kind: NormKind) -> nn.Module:

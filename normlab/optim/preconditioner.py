@@ -50,6 +50,14 @@ class LoadResult(NamedTuple):
     unexpected_keys: list[str]
 
 
+class _Stash(NamedTuple):
+    # A dense layer's input kept until the next fold, and its version counter when recorded. It is
+    # saved for backward anyway (the stash is only used in grad mode for a weight that requires
+    # grad), and an in-place change since the forward is detected by the version.
+    x: Tensor
+    version: int
+
+
 @dataclass(eq=False)  # compared by identity
 class _Layer:
     # One hooked layer. `running` includes every recorded batch once `pending` is folded in
@@ -57,21 +65,19 @@ class _Layer:
     # recorded forward of the current step (use_current_batch=False).
     name: str
     module: nn.Linear | nn.Conv2d
-    handle: Any = None  # the forward pre-hook, which stages the input's moments
-    commit_handle: Any = None  # the forward hook, which records them once the layer has run
-    # The moments of the current forward's input, staged by the pre-hook: recorded by the forward
-    # hook, dropped when the layer raises (the next pre-hook overwrites them).
-    staged: Moments | None = None
-    staged_batch_size: int = 0
+    handle: Any = None  # the forward hook, which records the input once the layer has run
     running: RunningMoments | None = None
     before_step: RunningMoments | None = None
     new_step: bool = True  # no forward recorded since the last precondition_()
-    # Batch moments recorded but not yet folded into `running`, oldest first, each with whether
-    # it was the first recorded forward of its step.
-    pending: list[tuple[Moments, bool]] = field(default_factory=list)
+    # Batches recorded but not yet folded into `running`, oldest first, each with whether it was
+    # the first recorded forward of its step: their moments, or a dense layer's input (_Stash)
+    # whose moments _flush computes together with the other layers'.
+    pending: list[tuple[Moments | _Stash, bool]] = field(default_factory=list)
     # The weight gradient the last precondition_() wrote and its version counter after the
     # write: while both still match, the gradients are already preconditioned.
     written: tuple[weakref.ref[Tensor], int] | None = None
+    # Whether the weight_norm projection applies to this layer (when the option is on).
+    weight_norm: bool = False
 
     def already_preconditioned(self, grad_w: Tensor) -> bool:
         if self.written is None:
@@ -106,7 +112,12 @@ def _is_real(x: object) -> bool:
 
 
 def _check_options(
-    rho: float | None, eps: float, floor: float, conv_stats: str, use_current_batch: bool
+    rho: float | None,
+    eps: float,
+    floor: float,
+    conv_stats: str,
+    use_current_batch: bool,
+    weight_norm: bool | str = False,
 ) -> None:
     if rho is not None and not (_is_real(rho) and 0.0 < rho < 1.0):
         raise ValueError(f"rho must be None or a float in (0, 1), got {rho!r}")
@@ -118,6 +129,7 @@ def _check_options(
         raise ValueError(f"conv_stats must be 'channel' or 'patch', got {conv_stats!r}")
     if not isinstance(use_current_batch, bool):
         raise TypeError(f"use_current_batch must be a bool, got {type(use_current_batch).__name__}")
+    pc.weight_norm_mode(weight_norm)  # raises ValueError
 
 
 class _Flat(NamedTuple):
@@ -143,6 +155,67 @@ def _flat(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
     parts = [t if t.dim() == 1 else t.reshape(-1) for t in tensors]
     out = parts[0] if len(parts) == 1 else torch.cat(parts)
     return out if out.dtype == dtype else out.to(dtype)
+
+
+_STAT_KERNEL_DEVICES = ("cpu", "cuda")
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _stashable(x: Tensor, weight: Tensor | None) -> bool:
+    # Keep a dense layer's input for a batched fold only when autograd saves it for backward
+    # anyway (grad mode, a weight parameter that requires grad), on a device with batch norm's
+    # statistics kernel, and not inside a torch.func transform.
+    return (
+        torch.is_grad_enabled()
+        and weight is not None
+        and weight.requires_grad
+        and x.device.type in _STAT_KERNEL_DEVICES
+        and not _is_functorch_wrapped(x)
+    )
+
+
+def _stash_moments(
+    batches: list[tuple[Any, Any, bool]],
+) -> dict[tuple[Any, ...], tuple[Tensor, Tensor]]:
+    """Replace, in place, every ``_Stash`` in ``batches`` (``(layer, batch, first)``) by the
+    moments of its input; the inputs with the same number of rows, device and statistics dtype
+    are concatenated along the feature dimension and reduced by one kernel, which computes every
+    column on its own (the moments of each input are those of ``linear_input_moments``).
+
+    Returns ``{layers: (mean, var)}``, the concatenated moments of each such group, keyed by the
+    tuple of its layers in ``batches`` order.
+
+    Raises:
+        RuntimeError: an input was changed in place after its forward (before anything changes).
+    """
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, (layer, batch, _) in enumerate(batches):
+        if type(batch) is not _Stash:
+            continue
+        x = batch.x
+        if x._version != batch.version:
+            raise RuntimeError(
+                f"BNPreconditioner: the input of layer {layer.name!r} was modified in place "
+                "after its forward, before its statistics were folded in; do not change a "
+                "layer's input before the optimizer step"
+            )
+        dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        rows = x.numel() // x.shape[-1]
+        groups.setdefault((rows, x.device, dtype), []).append(i)
+    out: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
+    for (rows, _, dtype), members in groups.items():
+        xs = [batches[i][1].x for i in members]
+        xs = [x if x.dim() == 2 else x.reshape(rows, x.shape[-1]) for x in xs]
+        cat = xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)
+        moments = pc.linear_input_moments(cat if cat.dtype == dtype else cat.to(dtype))
+        sizes = [x.shape[-1] for x in xs]
+        means = moments.mean.split_with_sizes(sizes) if len(xs) > 1 else (moments.mean,)
+        variances = moments.var.split_with_sizes(sizes) if len(xs) > 1 else (moments.var,)
+        for i, m, v in zip(members, means, variances, strict=True):
+            layer, _, first = batches[i]
+            batches[i] = (layer, Moments(m, v, rows), first)
+        out[tuple(batches[i][0] for i in members)] = (moments.mean, moments.var)
+    return out
 
 
 def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
@@ -191,11 +264,12 @@ class BNPreconditioner:
     ``unfold`` per forward, exact for any padding and padding mode). Every training forward of a
     layer (``module.training`` and not :meth:`paused`) folds the batch's moments into a running
     estimate with :func:`~normlab.functional.precondition.ema_moments`; a layer called twice in a
-    forward folds in both inputs. Only forwards that succeed count: a forward pre-hook takes the
-    input's moments and a forward hook records them once the layer has run, so an input the
-    layer rejects (its own error) changes no statistic, count or ``rho``. Folding is deferred
-    until the statistics are next needed (:meth:`precondition_`, :meth:`statistics`,
-    :meth:`state_dict`), with the same result.
+    forward folds in both inputs. Only forwards that succeed count: a forward hook records the
+    input once the layer has run, so an input the layer rejects (its own error) changes no
+    statistic, count or ``rho``. Folding is deferred until the statistics are next needed
+    (:meth:`precondition_`, :meth:`statistics`, :meth:`state_dict`), with the same result; until
+    then a dense layer's input is kept (in grad mode, where autograd keeps it anyway), and a fold
+    that finds it changed in place since its forward raises ``RuntimeError``.
 
     **Statistics used for the step.** ``use_current_batch=True``: the running estimate after the
     current batch was folded in. ``False``: the estimate as it was before the first recorded
@@ -224,8 +298,7 @@ class BNPreconditioner:
     ``torch.func`` transforms) should do so inside :meth:`paused`, or they change the statistics.
 
     Args:
-        model: the network. Its modules are not modified apart from one forward pre-hook and one
-            forward hook each.
+        model: the network. Its modules are not modified apart from one forward hook each.
         modules: the layers to precondition, as submodules of ``model`` or their names (from
             ``model.named_modules()``); default every ``nn.Linear`` and ``nn.Conv2d``, subclasses
             included (a subclass whose weight is used without calling its ``forward`` never gets
@@ -239,6 +312,17 @@ class BNPreconditioner:
             docs/algorithms/bnp.md).
         conv_stats: ``"channel"`` (default) or ``"patch"``, as above.
         use_current_batch: as above. Default ``True``.
+        weight_norm: ``False`` (default, ``"off"``); ``True`` (``"project"``): after the input
+            transform, project each output unit's gradient (per output channel for
+            convolutions) in the input-normalized coordinates orthogonally to
+            :math:`v_i = D w_i`, the weight normalization part of batch normalization;
+            ``"scaled"``: also divide it by :math:`\lVert v_i \rVert`. See
+            :func:`~normlab.functional.precondition.precondition_linear_` and the measurements
+            in docs/algorithms/bnp.md.
+        weight_norm_modules: the hooked layers (modules or names) the ``weight_norm``
+            projection applies to. ``None`` (default): every hooked layer except the model's
+            last ``nn.Linear``/``nn.Conv2d`` in ``named_modules()`` order, taken to be the
+            output layer (batch normalization normalizes hidden layers, not the logits).
         process_group: a ``torch.distributed`` process group to all-reduce the statistics over,
             or ``None`` (default): local statistics, no collective.
 
@@ -246,7 +330,8 @@ class BNPreconditioner:
         TypeError: ``model`` is not an ``nn.Module``, a chosen module is not ``nn.Linear`` /
             ``nn.Conv2d``, or ``process_group`` is not a ``torch.distributed.ProcessGroup``.
         ValueError: no such layer, an unknown module name, shared parameters, an option out of
-            range. Nothing is hooked when the constructor raises.
+            range (``weight_norm`` not one of the values above), a ``weight_norm_modules`` entry
+            that is not a hooked layer. Nothing is hooked when the constructor raises.
     """
 
     def __init__(
@@ -259,11 +344,13 @@ class BNPreconditioner:
         floor: float = 0.1,
         conv_stats: Literal["channel", "patch"] = "channel",
         use_current_batch: bool = True,
+        weight_norm: bool | str = False,
+        weight_norm_modules: Iterable[nn.Module | str] | None = None,
         process_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"BNPreconditioner expected an nn.Module, got {type(model).__name__}")
-        _check_options(rho, eps, floor, conv_stats, use_current_batch)
+        _check_options(rho, eps, floor, conv_stats, use_current_batch, weight_norm)
         if process_group is not None and not (
             torch.distributed.is_available()
             and isinstance(process_group, torch.distributed.ProcessGroup)
@@ -273,12 +360,14 @@ class BNPreconditioner:
                 f"got {type(process_group).__name__}"
             )
         layers = self._select(model, modules)  # raises before anything is hooked
+        projected = self._select_weight_norm(model, layers, weight_norm_modules)
         self._rho_option = None if rho is None else float(rho)
         self._rho_resolved: float | None = self._rho_option
         self.eps = float(eps)
         self.floor = float(floor)
         self.conv_stats: Literal["channel", "patch"] = conv_stats
         self.use_current_batch = use_current_batch
+        self.weight_norm = weight_norm
         self._group = process_group
         # The local first batch size, kept until rho is resolved over the process group.
         self._first_batch_size: int | None = None
@@ -287,7 +376,9 @@ class BNPreconditioner:
         self._attached: weakref.WeakKeyDictionary[torch.optim.Optimizer, _AttachHandle] = (
             weakref.WeakKeyDictionary()
         )
-        self._layers = [_Layer(name, module) for name, module in layers]
+        self._layers = [
+            _Layer(name, module, weight_norm=name in projected) for name, module in layers
+        ]
         self._flat: dict[tuple[Any, ...], _Flat] = {}  # see _fold_group
         for layer in self._layers:
             if layer.module.bias is None:
@@ -297,10 +388,9 @@ class BNPreconditioner:
                     layer.name,
                 )
         for layer in self._layers:
-            layer.handle = layer.module.register_forward_pre_hook(
+            layer.handle = layer.module.register_forward_hook(
                 self._make_hook(layer), with_kwargs=True
             )
-            layer.commit_handle = layer.module.register_forward_hook(self._make_commit(layer))
 
     @staticmethod
     def _select(
@@ -357,12 +447,52 @@ class BNPreconditioner:
                 seen[id(p)] = name
         return chosen
 
+    @staticmethod
+    def _select_weight_norm(
+        model: nn.Module,
+        layers: list[tuple[str, nn.Linear | nn.Conv2d]],
+        chosen: Iterable[nn.Module | str] | None,
+    ) -> set[str]:
+        hooked = dict(layers)
+        if chosen is None:
+            dense_or_conv = [
+                n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+            ]
+            return {name for name in hooked if name != dense_or_conv[-1]}
+        if isinstance(chosen, (str, nn.Module)):
+            raise TypeError(
+                "weight_norm_modules must be an iterable of modules or names, not a single one"
+            )
+        by_id = {id(m): n for n, m in layers}
+        out = set()
+        for item in chosen:
+            if isinstance(item, str):
+                name = item if item in hooked else None
+            elif isinstance(item, nn.Module):
+                name = by_id.get(id(item))
+            else:
+                raise TypeError(
+                    f"weight_norm_modules must contain nn.Module or str, got {type(item).__name__}"
+                )
+            if name is None:
+                what = repr(item) if isinstance(item, str) else f"a {type(item).__name__}"
+                raise ValueError(
+                    f"weight_norm_modules: {what} is not one of the hooked layers {sorted(hooked)}"
+                )
+            out.add(name)
+        return out
+
     # ----------------------------------------------------------------------------- properties
 
     @property
     def layer_names(self) -> tuple[str, ...]:
         """Names (as in ``model.named_modules()``) of the hooked layers, in model order."""
         return tuple(layer.name for layer in self._layers)
+
+    @property
+    def weight_norm_layers(self) -> tuple[str, ...]:
+        """Names of the hooked layers the ``weight_norm`` projection applies to when it is on."""
+        return tuple(layer.name for layer in self._layers if layer.weight_norm)
 
     @property
     def rho(self) -> float | None:
@@ -394,43 +524,39 @@ class BNPreconditioner:
     # ------------------------------------------------------------------------------- recording
 
     def _make_hook(self, layer: _Layer):
-        # The pre-hook stages the moments of the layer's input; the forward hook (_make_commit)
-        # records them only once the layer has run, so an input the layer rejects (wrong dtype,
-        # a padding larger than the input) changes nothing.
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            layer.staged = None
-            if not module.training or not self.recording:
+        # A forward hook: it runs only once the layer has run, so an input the layer rejects
+        # (wrong dtype, a padding larger than the input) records nothing. A dense layer's input
+        # is kept (_Stash) and its moments computed at the next fold with the other layers' in
+        # one kernel; a convolution's moments are computed here.
+        dense = isinstance(layer.module, nn.Linear)
+
+        def hook(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+        ) -> None:
+            if not module.training or self._removed or self._pause_depth:
                 return None
             x = args[0] if args else kwargs.get("input")
             # Under a process group an empty shard is recorded too (it joins the all-reduce).
-            if (
+            if not (
                 isinstance(x, Tensor)
                 and x.is_floating_point()
                 and (x.numel() > 0 or self._group is not None)
             ):
-                self._stage(layer, x)
+                return None
+            if dense and x.numel() > 0 and _stashable(x, module._parameters.get("weight")):
+                batch: Moments | _Stash | None = _Stash(x.detach(), x._version)
+            else:
+                # No torch.no_grad() needed: everything here derives from the detached input.
+                batch = self._batch_moments(module, x.detach())
+                if batch is None:
+                    return None
+            n = x.shape[0] if x.dim() >= (2 if dense else 4) else 1
+            self._record(layer, batch, n)
             return None
 
         return hook
 
-    def _make_commit(self, layer: _Layer):
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            batch, layer.staged = layer.staged, None
-            if batch is not None:
-                self._record(layer, batch, layer.staged_batch_size)
-            return None
-
-        return hook
-
-    def _stage(self, layer: _Layer, x: Tensor) -> None:
-        # No torch.no_grad() needed: everything here derives from the detached input.
-        batch = self._batch_moments(layer.module, x.detach())
-        if batch is None:  # an input the layer itself will reject: let it raise its own error
-            return
-        n = x.shape[0] if x.dim() >= (2 if isinstance(layer.module, nn.Linear) else 4) else 1
-        layer.staged, layer.staged_batch_size = batch, n
-
-    def _record(self, layer: _Layer, batch: Moments, n: int) -> None:
+    def _record(self, layer: _Layer, batch: Moments | _Stash, n: int) -> None:
         # `batch`: the moments of an input the layer accepted; `n`: its batch size.
         if self._rho_resolved is None and self._first_batch_size is None:
             if self._group is None:
@@ -454,12 +580,19 @@ class BNPreconditioner:
             depth = max(len(layer.pending) for layer in self._layers)
             if depth == 0:
                 return
-            batches: list[tuple[_Layer, Moments, bool]] = []
+            batches: list[tuple[_Layer, Any, bool]] = []
             for layer in self._layers:
                 if layer.pending:
                     batch, first = layer.pending.pop(0)
                     batches.append((layer, batch, first))
+            try:
+                flat_batches = _stash_moments(batches)  # replaces the stashes by their moments
+            except RuntimeError:  # put the round back: the statistics stay as they were
+                for layer, batch, first in reversed(batches):
+                    layer.pending.insert(0, (batch, first))
+                raise
             if self._group is not None:
+                flat_batches = {}
                 try:
                     batches = self._reduce(batches, depth)
                 except RuntimeError:  # put the round back: the statistics stay as they were
@@ -484,7 +617,7 @@ class BNPreconditioner:
                 key = (running.mean.device, running.mean.dtype)
                 groups.setdefault(key, []).append((layer, batch))
             for key, members in groups.items():
-                self._fold_group(key, members, rho)  # type: ignore[arg-type]
+                self._fold_group(key, members, rho, flat_batches)  # type: ignore[arg-type]
 
     def _reduce(
         self, batches: list[tuple[_Layer, Moments, bool]], depth: int
@@ -559,7 +692,11 @@ class BNPreconditioner:
         return out
 
     def _fold_group(
-        self, key: tuple[Any, ...], members: list[tuple[_Layer, Moments]], rho: float
+        self,
+        key: tuple[Any, ...],
+        members: list[tuple[_Layer, Moments]],
+        rho: float,
+        flat_batches: dict[tuple[_Layer, ...], tuple[Tensor, Tensor]] | None = None,
     ) -> None:
         # ema_update on the concatenated statistics of several layers: on small layers the cost of
         # BNP is the number of kernels launched, not their size. The new running statistics are
@@ -573,11 +710,15 @@ class BNPreconditioner:
             sizes = [r.mean.numel() for r in running]  # type: ignore[union-attr]
             mean = _flat([r.mean for r in running], key[1])  # type: ignore[union-attr]
             var = _flat([r.var for r in running], key[1])  # type: ignore[union-attr]
-        m_b = _flat([b.mean for _, b in members], key[1])
-        v_b = _flat([b.var for _, b in members], key[1])
+        flat_b = flat_batches.get(layers) if flat_batches else None
+        if flat_b is not None and flat_b[0].dtype == key[1]:
+            m_b, v_b = flat_b  # the members' batch moments, already concatenated in this order
+        else:
+            m_b = _flat([b.mean for _, b in members], key[1])
+            v_b = _flat([b.var for _, b in members], key[1])
         new_mean, new_var = pc.ema_update(mean, var, m_b, v_b, rho)
-        means = new_mean.split(sizes) if len(sizes) > 1 else (new_mean,)
-        variances = new_var.split(sizes) if len(sizes) > 1 else (new_var,)
+        means = new_mean.split_with_sizes(sizes) if len(sizes) > 1 else (new_mean,)
+        variances = new_var.split_with_sizes(sizes) if len(sizes) > 1 else (new_var,)
         new_running = []
         for layer, old, m, v in zip(layers, running, means, variances, strict=True):
             assert old is not None
@@ -642,7 +783,13 @@ class BNPreconditioner:
         In place (the ``.grad`` tensors keep their identity), by
         :func:`~normlab.functional.precondition.precondition_linear_` /
         :func:`~normlab.functional.precondition.precondition_conv2d_` with this preconditioner's
-        ``eps`` and ``floor``. Marks the end of a step for ``use_current_batch=False``.
+        ``eps`` and ``floor``, and ``weight_norm`` for the layers in :attr:`weight_norm_layers`
+        (the same bits as those functions). Marks the end of a step for
+        ``use_current_batch=False``.
+
+        Raises:
+            RuntimeError: after :meth:`remove`, or a kept dense-layer input was changed in place
+                since its forward (nothing is folded; see the class docstring).
 
         Layers whose gradients this method already preconditioned, unchanged since, are skipped
         (see "Once per backward" in the class docstring); a call that finds nothing else to do is
@@ -675,11 +822,44 @@ class BNPreconditioner:
             )
             if not jobs:
                 return []
+        weight_norm = self.weight_norm
+        mode = pc.weight_norm_mode(weight_norm)
+        # Statistics that are views of a flat buffer (_fold_group) get their floored variance
+        # from one clamp and one add over the whole buffer, the same bits as per layer, and the
+        # unchecked transform (the shapes are the layers' own).
+        located = {id(r): (f, i) for f in self._flat.values() for i, r in enumerate(f.running)}
+        s2_parts: dict[int, tuple[Tensor, ...]] = {}
         for layer, grad_w, grad_b, stats in jobs:
             module = layer.module
-            if isinstance(module, nn.Linear):
+            on = mode != "off" and layer.weight_norm
+            weight = module.weight if on else None
+            where = located.get(id(stats))
+            if (
+                where is not None
+                and stats.var.dtype == grad_w.dtype
+                and stats.var.device == grad_w.device
+            ):
+                flat, i = where
+                parts = s2_parts.get(id(flat))
+                if parts is None:
+                    s2 = flat.var.clamp_min(self.floor).add_(self.eps)
+                    parts = s2.split_with_sizes(flat.sizes) if len(flat.sizes) > 1 else (s2,)
+                    s2_parts[id(flat)] = parts
+                s2 = parts[i] if stats.var.dim() == 1 else parts[i].view(stats.var.shape)
+                groups = 1 if isinstance(module, nn.Linear) else module.groups
+                pc._precondition_unchecked_(
+                    grad_w, grad_b, stats.mean, s2, groups, weight, mode == "scaled"
+                )
+            elif isinstance(module, nn.Linear):
                 pc.precondition_linear_(
-                    grad_w, grad_b, stats.mean, stats.var, eps=self.eps, floor=self.floor
+                    grad_w,
+                    grad_b,
+                    stats.mean,
+                    stats.var,
+                    eps=self.eps,
+                    floor=self.floor,
+                    weight_norm=weight_norm if on else False,
+                    weight=weight,
                 )
             else:
                 pc.precondition_conv2d_(
@@ -690,6 +870,8 @@ class BNPreconditioner:
                     eps=self.eps,
                     floor=self.floor,
                     groups=module.groups,
+                    weight_norm=weight_norm if on else False,
+                    weight=weight,
                 )
             layer.written = (weakref.ref(grad_w), grad_w._version)
         for layer in self._layers:
@@ -731,16 +913,15 @@ class BNPreconditioner:
         return handle
 
     def remove(self) -> None:
-        """Detach every hook: the forward (pre-)hooks and all :meth:`attach` step pre-hooks.
+        """Detach every hook: the forward hooks and all :meth:`attach` step pre-hooks.
 
         Idempotent. Afterwards nothing is recorded and ``precondition_``/``attach`` raise
         ``RuntimeError``; :meth:`statistics` and :meth:`state_dict` still work.
         """
         for layer in self._layers:
-            for handle in (layer.handle, layer.commit_handle):
-                if handle is not None:
-                    handle.remove()
-            layer.handle = layer.commit_handle = layer.staged = None
+            if layer.handle is not None:
+                layer.handle.remove()
+            layer.handle = None
         for handle in list(self._attached.values()):
             handle.remove()
         self._attached.clear()
@@ -755,6 +936,7 @@ class BNPreconditioner:
             "floor": self.floor,
             "conv_stats": self.conv_stats,
             "use_current_batch": self.use_current_batch,
+            "weight_norm": self.weight_norm,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -815,6 +997,8 @@ class BNPreconditioner:
             )
         options = state_dict["options"]
         expected = set(self._options())
+        if isinstance(options, dict) and "weight_norm" not in options:
+            options = {**options, "weight_norm": False}  # saved before the option existed
         if not isinstance(options, dict) or set(options) != expected:
             got = sorted(options) if isinstance(options, dict) else type(options).__name__
             raise ValueError(f"options must have the keys {sorted(expected)}, got {got}")
@@ -851,6 +1035,7 @@ class BNPreconditioner:
         self.floor = float(options["floor"])
         self.conv_stats = options["conv_stats"]
         self.use_current_batch = options["use_current_batch"]
+        self.weight_norm = options["weight_norm"]
         for name, (running, before_step, new_step) in staged.items():
             layer = ours[name]
             layer.running, layer.before_step, layer.new_step = running, before_step, new_step
@@ -916,5 +1101,5 @@ class BNPreconditioner:
         return (
             f"BNPreconditioner({len(self._layers)} layers, rho={self._rho_option}, "
             f"eps={self.eps}, floor={self.floor}, conv_stats={self.conv_stats!r}, "
-            f"use_current_batch={self.use_current_batch})"
+            f"use_current_batch={self.use_current_batch}, weight_norm={self.weight_norm!r})"
         )

@@ -1,0 +1,96 @@
+"""``BNPreconditioner``'s batched statistics path: in grad mode a dense layer's input is kept until
+the next fold, and the inputs of all dense layers are reduced by one kernel.
+
+Oracles: ``linear_input_moments`` and ``ema_moments`` of the functional module, layer by layer
+(the unbatched computation); the same model recorded with the moments computed eagerly at each
+forward (under ``torch.no_grad``, where inputs are not kept), which must give the same bits.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from normlab.functional.precondition import ema_moments, linear_input_moments
+from normlab.optim.preconditioner import BNPreconditioner
+
+
+class _Mixed(nn.Module):
+    # Dense layers that see different numbers of rows (a (B, T, n) input, then a flattened one),
+    # a convolution, and a dense layer applied twice in one forward.
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.tok = nn.Linear(5, 4)
+        self.mid = nn.Linear(4, 4)
+        self.head = nn.Linear(3 * 4 * 4 + 16, 3)
+
+    def forward(self, img: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.conv(img)).flatten(1)
+        t = torch.relu(self.mid(torch.relu(self.mid(torch.relu(self.tok(seq))))))
+        return self.head(torch.cat([a, t.flatten(1)], 1))
+
+
+def _inputs(seed: int, n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 2, 4, 4, generator=g) * 2 + 1, torch.randn(n, 4, 5, generator=g) + 3
+
+
+def test_batched_statistics_equal_the_per_layer_functional_ema():
+    torch.manual_seed(0)
+    model = _Mixed().double()
+    precond = BNPreconditioner(model, rho=0.9, modules=["tok", "mid", "head"])
+    captured: dict[str, list[torch.Tensor]] = {"tok": [], "mid": [], "head": []}
+    for name in captured:
+        getattr(model, name).register_forward_pre_hook(
+            lambda m, args, name=name: captured[name].append(args[0].detach().clone())
+        )
+    for step in range(3):
+        img, seq = _inputs(step)
+        model(img.double(), seq.double()).square().sum().backward()
+        precond.precondition_()
+    stats = precond.statistics()
+    for name, inputs in captured.items():
+        running = None
+        for x in inputs:
+            running = ema_moments(running, linear_input_moments(x), 0.9)
+        torch.testing.assert_close(stats[name].mean, running.mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(stats[name].var, running.var, rtol=1e-12, atol=1e-12)
+        assert stats[name].num_batches == len(inputs)
+    assert stats["mid"].num_batches == 6  # called twice per forward
+
+
+def test_kept_inputs_give_the_bits_of_eager_statistics():
+    torch.manual_seed(1)
+    base = _Mixed()
+    kept, eager = copy.deepcopy(base), copy.deepcopy(base)
+    p_kept, p_eager = BNPreconditioner(kept), BNPreconditioner(eager)
+    for step in range(4):
+        img, seq = _inputs(10 + step, n=5)
+        kept(img, seq)  # grad mode: the dense inputs are kept until the fold
+        with torch.no_grad():
+            eager(img, seq)  # no grad: the moments are computed at the forward
+        if step % 2:
+            a, b = p_kept.statistics(), p_eager.statistics()
+            for name in a:
+                assert torch.equal(a[name].mean, b[name].mean), name
+                assert torch.equal(a[name].var, b[name].var), name
+
+
+def test_input_changed_in_place_after_the_forward_raises_and_keeps_the_round():
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    precond = BNPreconditioner(model)
+    x = torch.randn(6, 4)
+    model(x).sum().backward()
+    precond.precondition_()
+    x2 = torch.randn(6, 4)
+    model(x2).sum().backward()
+    x2.add_(1.0)  # after the forward, before the statistics are folded in
+    with pytest.raises(RuntimeError, match="modified in place after its forward"):
+        precond.precondition_()
+    # the round is kept (nothing folded, nothing dropped): a later read raises again
+    with pytest.raises(RuntimeError, match="modified in place"):
+        precond.statistics()
