@@ -850,28 +850,19 @@ class BNPreconditioner:
                 pc._precondition_unchecked_(
                     grad_w, grad_b, stats.mean, s2, groups, weight, mode == "scaled"
                 )
-            elif isinstance(module, nn.Linear):
-                pc.precondition_linear_(
-                    grad_w,
-                    grad_b,
-                    stats.mean,
-                    stats.var,
-                    eps=self.eps,
-                    floor=self.floor,
-                    weight_norm=weight_norm if on else False,
-                    weight=weight,
-                )
             else:
-                pc.precondition_conv2d_(
+                dense = isinstance(module, nn.Linear)
+                transform = pc.precondition_linear_ if dense else pc.precondition_conv2d_
+                transform(
                     grad_w,
                     grad_b,
                     stats.mean,
                     stats.var,
                     eps=self.eps,
                     floor=self.floor,
-                    groups=module.groups,
                     weight_norm=weight_norm if on else False,
                     weight=weight,
+                    **({} if dense else {"groups": module.groups}),
                 )
             layer.written = (weakref.ref(grad_w), grad_w._version)
         for layer in self._layers:
