@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -544,19 +544,29 @@ def _na_note(results: Mapping[str, Any], ds: str) -> list[str]:
     return [f"n/a: {r}" for r in reasons]
 
 
-def report(results: dict[str, Any]) -> str:
-    """One table per dataset (mean ± std, ms/step), then the acceptance targets."""
-    headers = [results["headers"][s] for s in results["scenarios"]]
-    parts = []
+def _dataset_tables(
+    results: Mapping[str, Any],
+) -> Iterator[tuple[str, list[list[str]], list[str]]]:
+    """Per dataset: its title, its rows (method, one cell per scenario) and its footnotes."""
     for ds in results["datasets"]:
         notes: list[str] = []
         rows = _dataset_rows(results, ds, notes)
         footnotes = [f"[{i}] {n}" for i, n in enumerate(notes, 1)] + _na_note(results, ds)
-        parts += [common.table(_title(results, ds), rows, ["method", *headers], *footnotes), ""]
-    for ds, reason in results.get("skipped", {}).items():
-        parts.append(f"{ds}: skipped ({reason})")
-    if results.get("skipped"):
-        parts.append("")
+        yield _title(results, ds), rows, footnotes
+
+
+def _skipped(results: Mapping[str, Any]) -> list[str]:
+    return [f"{ds}: skipped ({reason})" for ds, reason in results.get("skipped", {}).items()]
+
+
+def report(results: dict[str, Any]) -> str:
+    """One table per dataset (mean ± std, ms/step), then the acceptance targets."""
+    headers = ["method", *(results["headers"][s] for s in results["scenarios"])]
+    parts = []
+    for title, rows, footnotes in _dataset_tables(results):
+        parts += [common.table(title, rows, headers, *footnotes), ""]
+    skipped = _skipped(results)
+    parts += [*skipped, ""] if skipped else []
     checks = check_targets(results)
     rows = [[c["target"], c["dataset"], c["scenario"], c["verdict"], c["measured"]] for c in checks]
     criteria = [f"  {t.key}: {t.criterion}" for t in TARGETS]
@@ -580,21 +590,16 @@ def markdown(results: Mapping[str, Any]) -> str:
     """The report as Markdown: one table per dataset, then the acceptance targets."""
     headers = [results["headers"][s] for s in results["scenarios"]]
     lines = []
-    for ds in results["datasets"]:
-        notes: list[str] = []
-        rows = _dataset_rows(results, ds, notes)
-        lines += [f"#### {_title(results, ds)}", ""]
+    for title, rows, footnotes in _dataset_tables(results):
+        lines += [f"#### {title}", ""]
         lines.append("| method | " + " | ".join(_md(h) for h in headers) + " |")
         lines.append("|---" * (len(headers) + 1) + "|")
         lines += ["| " + " | ".join(_md(c) for c in row) + " |" for row in rows]
-        footnotes = [f"[{i}] {n}" for i, n in enumerate(notes, 1)] + _na_note(results, ds)
         if footnotes:
             lines += [""] + [f"- {_md(n)}" for n in footnotes]
         lines.append("")
-    for ds, reason in results.get("skipped", {}).items():
-        lines += [f"- {ds}: skipped ({_md(reason)})"]
-    if results.get("skipped"):
-        lines.append("")
+    skipped = _skipped(results)
+    lines += [*(f"- {_md(line)}" for line in skipped), ""] if skipped else []
     lines += [
         "#### Acceptance targets",
         "",
