@@ -4,7 +4,9 @@ Every input is multiplied by a fixed random factor (scenario ``scaled``); each m
 each batch size of ``batch_sizes`` at its learning rate scaled to the batch size
 (:func:`scaled_lr`), and a method that cannot train at a batch size also trains at its smallest
 one (``Method.min_batch_size``). Reports the final test accuracy and loss per cell, the spread of
-the accuracy across batch sizes, and the curves over epochs. See docs/experiments.md.
+the accuracy across batch sizes, and the curves over epochs. The ``fn`` method's estimate step is
+per sample (``alpha_reference=64``); ``--method-options '{"fn": {"alpha_reference": null}}'``
+restores the per-batch step. See docs/experiments.md and docs/algorithms/fn.md.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ factor are those of the concatenation of every rank's batch (one packed all-redu
 
 from __future__ import annotations
 
+import math
 from typing import Literal, NamedTuple
 
 import torch
@@ -92,15 +93,28 @@ class OuterFactor(NamedTuple):
     mean_grad_xhat: Tensor
 
 
-def alpha_schedule(step: int, alpha: float, decay: float = 0.0, debias: bool = True) -> float:
+def alpha_schedule(
+    step: int, alpha: float, decay: float = 0.0, debias: bool = True, batch_ratio: float = 1.0
+) -> float:
     r"""Step size of the estimates at step ``step`` (:math:`k`, counted from 0).
 
-    :math:`\alpha_k = \alpha\,(k+1)^{-b}` with ``decay`` :math:`= b` (0: constant). With ``debias``
-    the step is :math:`\max(\alpha_k, 1/(k+1))`: step 0 uses 1 (the estimates become the first
-    batch's moments) and early estimates are plain averages of the batches seen. The result is
-    capped at 1. See docs/algorithms/fn.md for the choice.
+    :math:`\alpha_k = \alpha\,(k+1)^{-b}` with ``decay`` :math:`= b` (0: constant), capped at 1.
+    ``batch_ratio`` :math:`r = N / N_{ref}` (the batch's samples over a reference batch size)
+    converts it to the step that forgets the history as fast *per sample*:
+    :math:`1 - (1 - \alpha_k)^{r}` (``1``: unchanged). With ``debias`` the step is then
+    :math:`\max(\cdot, 1/(k+1))`: step 0 uses 1 (the estimates become the first batch's
+    moments) and early estimates are plain averages of the batches seen. The result is capped at
+    1. See docs/algorithms/fn.md for the choices.
+
+    Raises:
+        ValueError: ``batch_ratio`` is not a finite number > 0.
     """
-    a = float(alpha) * float(step + 1) ** (-float(decay))
+    r = float(batch_ratio)
+    if not 0.0 < r < float("inf"):
+        raise ValueError(f"batch_ratio must be a finite number > 0, got {batch_ratio!r}")
+    a = min(float(alpha) * float(step + 1) ** (-float(decay)), 1.0)
+    if r != 1.0:
+        a = -math.expm1(r * math.log1p(-a)) if a < 1.0 else 1.0
     if debias:
         a = max(a, 1.0 / (step + 1))
     return min(a, 1.0)

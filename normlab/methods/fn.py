@@ -5,7 +5,9 @@ FN re-centres with its estimate of the mean, so the Linear/Conv feeding a slot h
 training forward couples the samples of a batch through the estimate update
 (``batch_dependent=True``), but the objective it minimizes and its inference do not depend on how
 batches were built. See docs/algorithms/fn.md. Option ``sync=True`` shares the estimates over
-the ranks of a distributed run (:mod:`normlab.methods.sync`).
+the ranks of a distributed run (:mod:`normlab.methods.sync`). Unlike the bare layer, the method
+sets ``alpha_reference=64`` (:data:`FN_ALPHA_REFERENCE`): ``alpha`` is the step at batch size 64
+and smaller batches take smaller steps, so the estimates average over as many samples.
 """
 
 from __future__ import annotations
@@ -21,7 +23,22 @@ from normlab.methods.sync import sync_group
 from normlab.nn import fullnorm as nfn
 from normlab.nn.convert import NormKind
 
-FN_OPTIONS = ("eps", "affine", "alpha", "alpha_decay", "debias", "estimator", "outer_momentum")
+FN_OPTIONS = (
+    "eps",
+    "affine",
+    "alpha",
+    "alpha_decay",
+    "alpha_reference",
+    "debias",
+    "estimator",
+    "outer_momentum",
+)
+
+#: The method's default ``alpha_reference``: ``alpha`` is the step at batch size 64 (the
+#: experiments' reference batch), and other batch sizes average the estimates over as many samples
+#: (at b=1 the layer's per-batch ``alpha = 0.1`` averages over ~10 samples; see
+#: docs/algorithms/fn.md, "Batch size 1 under per-sample input scaling"). ``None``: per batch.
+FN_ALPHA_REFERENCE = 64
 
 _full_norm = by_kind("fn", {k: getattr(nfn, f"FullNorm{k}", None) for k in ("1d", "2d", "3d")})
 
@@ -37,7 +54,11 @@ FN = Method(
     "fn",
     "Full Normalization (MCSGD; the layer's default estimator)",
     _fn_layer,
-    layer_options={**keyword_defaults(nfn.FullNorm2d.__init__, FN_OPTIONS), "sync": False},
+    layer_options={
+        **keyword_defaults(nfn.FullNorm2d.__init__, FN_OPTIONS),
+        "alpha_reference": FN_ALPHA_REFERENCE,
+        "sync": False,
+    },
 )
 
 FN_ALIASES = tuple(

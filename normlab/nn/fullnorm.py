@@ -75,6 +75,12 @@ class _FullNorm(NormBase):
         alpha: step size :math:`a_0` of the estimates, in (0, 1]. Default ``0.1``.
         alpha_decay: :math:`b \ge 0` in :math:`\alpha_k = a_0 (k+1)^{-b}`; ``0`` is a constant
             step. Default ``0``.
+        alpha_reference: ``None``, or the batch size :math:`N_{ref}` (an int >= 1) at which
+            ``alpha`` applies: a batch of :math:`N` samples then uses
+            :math:`1 - (1-\alpha_k)^{N/N_{ref}}`, so the estimates average over the same number
+            of *samples* at every batch size (:func:`normlab.functional.full_norm.alpha_schedule`;
+            with ``process_group``, :math:`N` is the group's total). Default ``None``: ``alpha``
+            per batch, whatever its size.
         debias: use :math:`\max(\alpha_k, 1/(k+1))`, so step 0 equals BatchNorm. Default ``True``.
         estimator: ``"adaptive"``, ``"batch"``, ``"running"``, ``"autograd"`` or ``"none"``.
         outer_momentum: step of the running outer factor, in (0, 1]. Default ``0.01``.
@@ -93,6 +99,7 @@ class _FullNorm(NormBase):
 
     alpha: float
     alpha_decay: float
+    alpha_reference: int | None
     debias: bool
     estimator: fnf.Estimator
     outer_momentum: float
@@ -106,6 +113,7 @@ class _FullNorm(NormBase):
         *,
         alpha: float = 0.1,
         alpha_decay: float = 0.0,
+        alpha_reference: int | None = None,
         debias: bool = True,
         estimator: fnf.Estimator = "adaptive",
         outer_momentum: float = 0.01,
@@ -126,6 +134,14 @@ class _FullNorm(NormBase):
             or not alpha_decay >= 0
         ):
             raise ValueError(f"alpha_decay must be a float >= 0, got {alpha_decay!r}")
+        if alpha_reference is not None and (
+            isinstance(alpha_reference, bool)
+            or not isinstance(alpha_reference, int)
+            or alpha_reference < 1
+        ):
+            raise ValueError(
+                f"alpha_reference must be None or an int >= 1, got {alpha_reference!r}"
+            )
         if estimator not in fnf.ESTIMATORS:
             raise ValueError(f"estimator must be one of {fnf.ESTIMATORS}, got {estimator!r}")
         _check_fraction("outer_momentum", outer_momentum)
@@ -133,6 +149,7 @@ class _FullNorm(NormBase):
         super().__init__(num_features, eps, None, affine, True, device, dtype)
         self.alpha = float(alpha)
         self.alpha_decay = float(alpha_decay)
+        self.alpha_reference = alpha_reference
         self.debias = bool(debias)
         self.estimator = estimator
         self.outer_momentum = float(outer_momentum)
@@ -160,19 +177,36 @@ class _FullNorm(NormBase):
             self.outer_factor.zero_()  # type: ignore[union-attr]
             self.outer_steps.zero_()  # type: ignore[union-attr]
 
-    def current_alpha(self) -> float:
-        """The step size the next training forward will use."""
+    def current_alpha(self, batch_size: int | None = None) -> float:
+        """The step size the next training forward will use on a batch of ``batch_size``
+        samples (only matters with ``alpha_reference``; ``None``: ``alpha_reference`` samples)."""
+        ratio = 1.0
+        if self.alpha_reference is not None and batch_size is not None:
+            if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+                raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+            ratio = batch_size / self.alpha_reference
         return fnf.alpha_schedule(
             int(self.num_batches_tracked),  # type: ignore[arg-type]
             self.alpha,
             self.alpha_decay,
             self.debias,
+            ratio,
         )
+
+    def _batch_samples(self, input: Tensor) -> int:
+        # Samples in the batch; with a process group, in the concatenation of every rank's batch.
+        if self.process_group is None:
+            return input.shape[0]
+        n = torch.tensor([float(input.shape[0])], dtype=torch.float64, device=input.device)
+        torch.distributed.all_reduce(n, group=self.process_group)
+        return int(n.item())
 
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, eps={self.eps}, affine={self.affine}, alpha={self.alpha}, "
-            f"alpha_decay={self.alpha_decay}, debias={self.debias}, "
+            f"alpha_decay={self.alpha_decay}, "
+            + ("" if self.alpha_reference is None else f"alpha_reference={self.alpha_reference}, ")
+            + f"debias={self.debias}, "
             f"estimator={self.estimator!r}, outer_momentum={self.outer_momentum}"
             + ("" if self.process_group is None else ", process_group=...")
         )
@@ -193,7 +227,10 @@ class _FullNorm(NormBase):
                 f"{type(self).__name__} expected a non-empty training batch, got shape "
                 f"{tuple(input.shape)}"
             )
-        alpha = self.current_alpha()
+        if self.alpha_reference is None:
+            alpha = self.current_alpha()
+        else:
+            alpha = self.current_alpha(max(self._batch_samples(input), 1))
         # The fused CPU step (forward and estimate update in one call; nothing is written when
         # an estimate is not finite): docs/performance.md.
         fused = _fused.try_full_norm_module_train(
