@@ -91,6 +91,8 @@ class _BatchNorm(NormBase):
                 self.running_var,  # type: ignore[arg-type]
                 self.num_batches_tracked,  # type: ignore[arg-type]
                 self.momentum,
+                # counted on the device by the CUDA kernels (the counting policy)
+                None if self._raises_on_non_finite(input) else self.non_finite_batches,  # type: ignore[arg-type]
             )
             if fused is not None:
                 y, var, ok = fused

@@ -15,8 +15,8 @@ fused result, or ``None`` when the call must go to the reference:
 
 CPU tensors go to the C++ kernels, CUDA tensors to the Triton kernels of
 :mod:`normlab.functional._fused._triton` (same contract; their module step writes the running
-statistics on the device and returns ``ok`` false, so that the layer applies its non-finite
-policy without a host synchronisation).
+statistics on the device and counts a non-finite batch in the layer's counter when given one,
+without a host synchronisation).
 
 Results equal the reference's up to rounding (tests/test_fused.py and, for the Triton kernels,
 tests/test_fused_triton.py hold them to 1e-6 in float32 and 1e-12 in float64). The fused
@@ -305,22 +305,32 @@ def try_batch_norm_module_train(
     running_var: Tensor,
     num_batches_tracked: Tensor,
     momentum: float | None,
+    non_finite: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, bool] | None:
     """A BatchNorm layer's training step, fused: :func:`try_batch_norm_train` and torch's
     running-statistics update (``momentum`` ``None``: the cumulative average) written into the
     buffers, which are left untouched when a statistic is not finite. Returns ``(y, var, ok)``
     (``ok`` false: nothing was written, the layer applies its non-finite policy), or ``None``
-    (use the reference). On CUDA ``ok`` is always false: the buffers were written on the device
-    only if every statistic is finite, and the layer's policy counts (or raises) from ``var``
-    without a host synchronisation."""
+    (use the reference). On CUDA the buffers are written on the device, in the forward's
+    launch, only if every statistic is finite; there ``non_finite`` (the layer's long scalar
+    counter, or ``None``) is incremented on the device otherwise and ``ok`` is true, while
+    without it ``ok`` is false and the layer's policy counts (or raises) from ``var``. The CPU
+    kernels ignore ``non_finite``."""
     gate = _gate(x, (weight, bias), buffers=(running_mean, running_var))
     if gate is None:
         return None
-    if not _counter(num_batches_tracked, None if gate[0] is not _triton else x.device):
-        return None
     mom = -1.0 if momentum is None else float(momentum)
     buffers = (running_mean, running_var, num_batches_tracked)
-    return gate[0].bn_train_module(x, weight, bias, float(eps), *buffers, mom)
+    if gate[0] is not _triton:
+        if not _counter(num_batches_tracked):
+            return None
+        return gate[0].bn_train_module(x, weight, bias, float(eps), *buffers, mom)
+    device = x.device
+    if not _counter(num_batches_tracked, device):
+        return None
+    if non_finite is not None and not _counter(non_finite, device):
+        non_finite = None
+    return _triton.bn_train_module(x, weight, bias, float(eps), *buffers, mom, non_finite)
 
 
 def try_full_norm_module_train(

@@ -11,13 +11,14 @@ pure-PyTorch reference):
   kernel, or the reference formulas when a graph of the backward is recorded.
 * :func:`norm_eval` ``(x, mean, var, weight, bias, eps) -> y``: eval forward.
 * :func:`bn_train_module`: a BatchNorm layer's training step, the running statistics updated on
-  the device (torch's unbiased running variance, ``momentum`` ``< 0``: cumulative average),
-  nothing written when a statistic is not finite; returns ``(y, var, False)``: the layer then
-  applies its non-finite policy without a host synchronisation.
+  the device by the forward's launch (torch's unbiased running variance, ``momentum`` ``< 0``:
+  cumulative average), nothing written when a statistic is not finite, then the layer's
+  non-finite counter incremented when given; returns ``(y, var, ok)``, ``ok`` false when no
+  counter was given (the layer applies its policy itself).
 
 Not applicable (``None``): Triton missing or failing (logged once at WARNING), more than
 ``2**31 - 1`` elements, per-channel tensors of another dtype than the input's or float32.
-Kernels, grids and accuracy: docs/performance.md ("CUDA kernels").
+Kernels, grids, compiled variants and accuracy: docs/performance.md ("CUDA kernels").
 
 Testing: :func:`kernels` builds interpreter versions (``TRITON_INTERPRET=1``) for CPU tensors,
 so the same code runs without a GPU (tests/test_fused_triton.py).
@@ -153,14 +154,19 @@ def _k_stats(
 
 
 def _k_forward(
-    X, Y, PART, W, B, MEAN, VAR, C, S, sxn, sxc, sxs, syn, syc, sys, M, R_PER_PROG,
-    eps: tl.float64,
+    X, Y, PART, W, B, MEAN, VAR, RM, RV, TRACKED, NONFIN, TICKET,
+    C, S, sxn, sxc, sxs, syn, syc, sys, M, R_PER_PROG,
+    eps: tl.float64, momentum: tl.float64, unbias: tl.float64,
     ACC: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, SINGLE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    UPDATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    RUN_BLOCK: tl.constexpr = 256,
 ):  # fmt: skip
     # Merge the splits' partial moments (Chan), then y = (x - mean) * (invstd * w) + b over
     # this program's range; the first split's programs store mean and the biased var.
     # SINGLE (one split): the moments are computed here as in _k_stats, and PART is unused.
+    # UPDATE (a layer's step): the last first-split program to finish (a ticket in TICKET[0],
+    # the count of non-finite variances in TICKET[1]) updates the running statistics when
+    # every var is finite, else adds 1 to NONFIN; it then resets both to 0.
     pid_c = tl.program_id(0)
     pid_r = tl.program_id(1)
     nsplit = tl.num_programs(1)
@@ -214,6 +220,41 @@ def _k_forward(
     if pid_r == 0:
         tl.store(MEAN + cols, mean.to(MEAN.dtype.element_ty), mask=cmask)
         tl.store(VAR + cols, var.to(VAR.dtype.element_ty), mask=cmask)
+        if UPDATE:
+            finite = tl.abs(var.to(tl.float64)) <= 1.7976931348623157e308  # NaN, Inf: false
+            bad = tl.sum(tl.where(cmask, tl.where(finite, 0, 1), 0), axis=0)
+            tl.debug_barrier()  # every thread's stores precede the release below
+            tl.atomic_add(TICKET + 1, bad.to(tl.int64))
+            ticket = tl.atomic_add(TICKET, 1)
+            if ticket == tl.num_programs(0) - 1:
+                # No var counted non-finite: num_batches_tracked += 1 and the running statistics
+                # move towards the batch's (torch's lerp, from the far end for weights of 0.5
+                # and more; the unbiased var; momentum < 0: weight 1 / count). Else NONFIN += 1.
+                # Then the ticket resets for the next step.
+                tl.debug_barrier()
+                nbad = tl.atomic_add(TICKET + 1, 0)
+                if nbad == 0:
+                    count = tl.load(TRACKED) + 1
+                    tl.store(TRACKED, count)
+                    wt = tl.where(momentum < 0, 1.0 / count.to(tl.float64), momentum)
+                    small = wt < 0.5
+                    for c0 in range(0, C, RUN_BLOCK):
+                        rc = c0 + tl.arange(0, RUN_BLOCK)
+                        rcm = rc < C
+                        bm = tl.load(MEAN + rc, mask=rcm, other=0.0, cache_modifier=".cg")
+                        bv = tl.load(VAR + rc, mask=rcm, other=0.0, cache_modifier=".cg")
+                        bm = bm.to(tl.float64)
+                        bv = bv.to(tl.float64) * unbias
+                        rm = tl.load(RM + rc, mask=rcm, other=0.0).to(tl.float64)
+                        rv = tl.load(RV + rc, mask=rcm, other=0.0).to(tl.float64)
+                        rm = tl.where(small, rm + wt * (bm - rm), bm - (bm - rm) * (1.0 - wt))
+                        rv = tl.where(small, rv + wt * (bv - rv), bv - (bv - rv) * (1.0 - wt))
+                        tl.store(RM + rc, rm.to(RM.dtype.element_ty), mask=rcm)
+                        tl.store(RV + rc, rv.to(RV.dtype.element_ty), mask=rcm)
+                else:
+                    tl.atomic_add(NONFIN, 1)
+                tl.atomic_xchg(TICKET + 1, 0)
+                tl.atomic_xchg(TICKET, 0)
     r_start = pid_r * R_PER_PROG
     r_end = tl.minimum(r_start + R_PER_PROG, M)
     for r0 in range(r_start, r_end, BLOCK_R):
@@ -363,47 +404,16 @@ def _k_eval(
         tl.store(Y + yo, out.to(Y.dtype.element_ty), mask=mask)
 
 
-def _k_running(
-    MEAN, VAR, RM, RV, TRACKED, C,
-    momentum: tl.float64, unbias: tl.float64,
-    CUMULATIVE: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    # One program: when every var is finite, num_batches_tracked += 1 and the running
-    # statistics move towards the batch's (torch's lerp; momentum None: weight 1 / count).
-    bad = tl.zeros([BLOCK], dtype=tl.int32)
-    for c0 in range(0, C, BLOCK):
-        cols = c0 + tl.arange(0, BLOCK)
-        v = tl.load(VAR + cols, mask=cols < C, other=0.0).to(tl.float64)
-        bad = bad + tl.where(tl.abs(v) <= 1.7976931348623157e308, 0, 1)  # NaN, Inf: 1
-    if tl.sum(bad, axis=0) == 0:
-        count = tl.load(TRACKED) + 1
-        tl.store(TRACKED, count)
-        if CUMULATIVE:
-            w = 1.0 / count.to(tl.float64)
-        else:
-            w = momentum + tl.zeros([1], dtype=tl.float64)
-        for c0 in range(0, C, BLOCK):
-            cols = c0 + tl.arange(0, BLOCK)
-            cm = cols < C
-            m = tl.load(MEAN + cols, mask=cm, other=0.0).to(tl.float64)
-            v = tl.load(VAR + cols, mask=cm, other=0.0).to(tl.float64) * unbias
-            rm = tl.load(RM + cols, mask=cm, other=0.0).to(tl.float64)
-            rv = tl.load(RV + cols, mask=cm, other=0.0).to(tl.float64)
-            # torch's lerp, from the far end for weights of 0.5 and more
-            small = w < 0.5
-            rm = tl.where(small, rm + w * (m - rm), m - (m - rm) * (1.0 - w))
-            rv = tl.where(small, rv + w * (v - rv), v - (v - rv) * (1.0 - w))
-            tl.store(RM + cols, rm.to(RM.dtype.element_ty), mask=cm)
-            tl.store(RV + cols, rv.to(RV.dtype.element_ty), mask=cm)
+_SOURCES = ("_k_stats", "_k_forward", "_k_backward_sums", "_k_backward", "_k_eval")
 
 
-_SOURCES = ("_k_stats", "_k_forward", "_k_backward_sums", "_k_backward", "_k_eval", "_k_running")
-
-
-# Sizes that gain nothing from Triton's specialization on divisibility by 16, for fewer compiled
-# variants. Strides, S and C keep it: a unit channel stride with S = 1 and C a multiple of 16
-# (a channel mask constant over 16 lanes) is what gives 128-bit loads in the rows layout.
-_NO_SPECIALIZE = ("M", "R_PER_PROG", "NSPLIT")
+# Arguments left out of Triton's specialization (on the value 1 and on divisibility by 16), for
+# fewer compiled variants: each specialized argument multiplies them. S keeps it (S = 1 turns
+# the division r // S into nothing: the rows layout), and so do the channel and spatial strides
+# (a unit stride is the contiguous axis); the rest gain little: in the planes layout the
+# division by S already rules out vector loads, and in the rows layout coalesced scalar loads
+# are within a few percent of 128-bit ones for these memory-bound kernels.
+_NO_SPECIALIZE = ("C", "M", "R_PER_PROG", "NSPLIT", "sxn", "syn", "sgn", "sdn")
 
 
 def _jit(fn: Any) -> Any:
@@ -468,7 +478,10 @@ def _view3(t: Tensor) -> Tensor | None:
 
 class _Plan:
     """Views of same-shaped tensors as (N, C, S) (copying to contiguous where no view exists),
-    merged to (N * S, C, 1) when every tensor allows it, and the grid of the kernels."""
+    merged to (N * S, C, 1) when every tensor allows it, and the grid of the kernels.
+
+    On CUDA the tiles come from a fixed set (BLOCK_C 1, 16 or 64; BLOCK_R = 2048 / BLOCK_C),
+    whatever the sizes, so that few kernel variants are compiled."""
 
     def __init__(self, ts: list[Tensor], cuda: bool) -> None:
         views, self.copied = [], []
@@ -478,6 +491,7 @@ class _Plan:
             if v is None:
                 v = _view3(t.contiguous())
             views.append(v)
+        self.any_copied = any(self.copied)
         n, c, s = views[0].shape
         strides = [list(v.stride()) for v in views]
         if s > 1 and all(st[0] == s * st[2] for st in strides):
@@ -489,18 +503,17 @@ class _Plan:
         self.N, self.C, self.S, self.M = n, c, s, n * s
         rows = strides[0][1] == 1 and c > 1
         if cuda:
-            block_c = min(64, _pow2(c)) if rows else 1
-            block_r = max(16, 2048 // block_c)
+            block_c = (16 if c <= 16 else 64) if rows else 1
+            block_r = 2048 // block_c
             target = 4 * _sms(ts[0].device)
             single = _SINGLE_MAX
             self.num_warps = 4
         else:  # the interpreter: small tiles, so that small tests cover several tiles and splits
             block_c = min(4, _pow2(c)) if rows else 1
-            block_r = 16
+            block_r = min(16, max(1, _pow2(self.M)))
             target = 6
             single = 64
             self.num_warps = 1
-        block_r = min(block_r, max(1, _pow2(self.M)))
         n_cblocks = _cdiv(c, block_c)
         tiles = _cdiv(self.M, block_r)
         # Small reductions: one split, whose programs read their channels whole twice (stats,
@@ -511,9 +524,34 @@ class _Plan:
         self.nsplit = _cdiv(self.M, self.r_per_prog)
         self.block_r, self.block_c = block_r, block_c
         self.grid = (n_cblocks, self.nsplit)
+        self.common = {"BLOCK_R": block_r, "BLOCK_C": block_c, "num_warps": self.num_warps}
+        self.sizes = (c, s)  # C, S: the arguments before the strides
 
     def st(self, i: int) -> list[int]:
         return self.strides[i]
+
+
+# Plans of tensors that need no copy, by (device, (shape, stride) of each tensor): a step
+# reuses its launch parameters instead of recomputing them (the views are not needed: the
+# kernels take the tensors' data pointers and the cached strides).
+_PLANS: dict[tuple, _Plan] = {}
+_PLANS_MAX = 512
+
+
+def _plan(ts: list[Tensor], cuda: bool) -> tuple[_Plan, list[Tensor]]:
+    # (plan, tensors to pass to the kernels): the tensors themselves, or the plan's views when
+    # a tensor had to be copied (never cached).
+    key = (cuda, ts[0].device, *[(*t.shape, -1, *t.stride()) for t in ts])
+    plan = _PLANS.get(key)
+    if plan is not None:
+        return plan, ts
+    plan = _Plan(ts, cuda)
+    if plan.any_copied:
+        return plan, plan.views
+    if len(_PLANS) >= _PLANS_MAX:
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan, ts
 
 
 # Largest M * BLOCK_C read by one program in the single-launch path on CUDA.
@@ -532,37 +570,60 @@ def _per_channel_ok(x: Tensor, *ps: Tensor | None) -> bool:
     return all(p is None or p.dtype in allowed for p in ps)
 
 
-def _like(x: Tensor) -> Tensor:
-    # An output for x: x's layout where x is dense, else contiguous.
-    return torch.empty_like(x)
-
-
 # ----------------------------------------------------------------------------- launches
 
 
-def _forward(x: Tensor, w: Tensor | None, b: Tensor | None, eps: float):
+def _scratch(device: torch.device) -> Tensor:
+    # The module step's ticket and non-finite count (int64, zero between steps: the last
+    # program of each step resets them), one per device, and a sink for a step that counts
+    # nothing. Launches on one device run in stream order; steps on several streams of one
+    # device at once would share them (not supported).
+    t = _SCRATCH.get(device)
+    if t is None:
+        t = _SCRATCH[device] = torch.zeros(3, dtype=torch.long, device=device)
+    return t
+
+
+_SCRATCH: dict[torch.device, Tensor] = {}
+
+
+def _forward(
+    x: Tensor, w: Tensor | None, b: Tensor | None, eps: float, step: tuple | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    # step: (running_mean, running_var, tracked, non_finite or None, momentum, unbias) for a
+    # layer's step: the running statistics are updated by the forward's last program.
     cuda = x.is_cuda
     k = kernels(not cuda)
     acc_t, acc = _acc(x.dtype)
-    y = _like(x)
-    plan = _Plan([x, y], cuda)
-    xv, yv = plan.views
+    y = torch.empty_like(x)
+    plan, (xv, yv) = _plan([x, y], cuda)
     c = plan.C
     mean = torch.empty(c, dtype=acc_t, device=x.device)
     var = torch.empty(c, dtype=acc_t, device=x.device)
-    sx, sy = plan.st(0), plan.st(1)
-    common = {"BLOCK_R": plan.block_r, "BLOCK_C": plan.block_c, "num_warps": plan.num_warps}
+    sx, sy = plan.strides
     if plan.single:
         part = mean  # unused
     else:
         part = torch.empty((2, plan.nsplit, c), dtype=acc_t, device=x.device)
-        k.stats[plan.grid](xv, part, c, plan.S, *sx, plan.M, plan.r_per_prog, ACC=acc, **common)
+        k.stats[plan.grid](
+            xv, part, *plan.sizes, *sx, plan.M, plan.r_per_prog, ACC=acc, **plan.common
+        )
+    if step is None:
+        rm = rv = tracked = nonfin = ticket = mean
+        momentum = unbias = 0.0
+    else:
+        rm, rv, tracked, nonfin, momentum, unbias = step
+        ticket = _scratch(x.device)
+        if nonfin is None:
+            nonfin = ticket[2:]
     k.forward[plan.grid](
         xv, yv, part, w if w is not None else mean, b if b is not None else mean, mean, var,
-        c, plan.S, *sx, *sy, plan.M, plan.r_per_prog, float(eps),
-        ACC=acc, HAS_W=w is not None, HAS_B=b is not None, SINGLE=plan.single, **common,
+        rm, rv, tracked, nonfin, ticket, *plan.sizes, *sx, *sy, plan.M, plan.r_per_prog,
+        eps, momentum, unbias,
+        ACC=acc, HAS_W=w is not None, HAS_B=b is not None, SINGLE=plan.single,
+        UPDATE=step is not None, **plan.common,
     )  # fmt: skip
-    return (yv.view(x.shape) if plan.copied[1] else y), mean, var
+    return (yv.view(x.shape) if yv is not y else y), mean, var
 
 
 def _backward(
@@ -574,20 +635,19 @@ def _backward(
     acc_t, acc = _acc(x.dtype)
     if not _fits(g):
         g = g.contiguous()
-    dx = _like(x) if need_dx else None
-    plan = _Plan([x, g] + ([dx] if dx is not None else []), cuda)
-    xv, gv = plan.views[0], plan.views[1]
-    dxv = plan.views[2] if dx is not None else xv
-    sdx = plan.st(2) if dx is not None else plan.st(0)
+    dx = torch.empty_like(x) if need_dx else None
+    plan, ts = _plan([x, g] if dx is None else [x, g, dx], cuda)
+    xv, gv = ts[0], ts[1]
+    dxv = ts[2] if dx is not None else xv
+    sdx = plan.strides[2] if dx is not None else plan.strides[0]
     c = plan.C
-    common = {"BLOCK_R": plan.block_r, "BLOCK_C": plan.block_c, "num_warps": plan.num_warps}
     if plan.single:
         part = mean  # unused
     else:
         part = torch.empty((2, plan.nsplit, c), dtype=acc_t, device=x.device)
         k.backward_sums[plan.grid](
-            xv, gv, mean, part, c, plan.S, *plan.st(0), *plan.st(1), plan.M, plan.r_per_prog,
-            ACC=acc, **common,
+            xv, gv, mean, part, *plan.sizes, *plan.strides[0], *plan.strides[1], plan.M,
+            plan.r_per_prog, ACC=acc, **plan.common,
         )  # fmt: skip
     pdtype = w.dtype if w is not None else acc_t
     dw = torch.empty(c, dtype=pdtype, device=x.device) if need_dw else None
@@ -596,11 +656,11 @@ def _backward(
     k.backward[grid](
         xv, gv, dxv, w if w is not None else mean, mean, var, part,
         dw if dw is not None else mean, db if db is not None else mean, plan.nsplit,
-        c, plan.S, *plan.st(0), *plan.st(1), *sdx, plan.M, plan.r_per_prog, float(eps),
+        *plan.sizes, *plan.strides[0], *plan.strides[1], *sdx, plan.M, plan.r_per_prog, eps,
         ACC=acc, HAS_W=w is not None, WRITE_DX=need_dx, WRITE_DW=need_dw, WRITE_DB=need_db,
-        SINGLE=plan.single, **common,
+        SINGLE=plan.single, **plan.common,
     )  # fmt: skip
-    if dx is not None and plan.copied[2]:
+    if dx is not None and dxv is not dx:
         dx = dxv.view(x.shape)
     return dx, dw, db
 
@@ -609,16 +669,14 @@ def _eval(x: Tensor, rm: Tensor, rv: Tensor, w: Tensor | None, b: Tensor | None,
     cuda = x.is_cuda
     k = kernels(not cuda)
     _, acc = _acc(x.dtype)
-    y = _like(x)
-    plan = _Plan([x, y], cuda)
-    xv, yv = plan.views
+    y = torch.empty_like(x)
+    plan, (xv, yv) = _plan([x, y], cuda)
     k.eval[plan.grid](
         xv, yv, rm, rv, w if w is not None else rm, b if b is not None else rm,
-        plan.C, plan.S, *plan.st(0), *plan.st(1), plan.M, plan.r_per_prog, float(eps),
-        ACC=acc, HAS_W=w is not None, HAS_B=b is not None,
-        BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, num_warps=plan.num_warps,
+        *plan.sizes, *plan.strides[0], *plan.strides[1], plan.M, plan.r_per_prog, eps,
+        ACC=acc, HAS_W=w is not None, HAS_B=b is not None, **plan.common,
     )  # fmt: skip
-    return yv.view(x.shape) if plan.copied[1] else y
+    return yv.view(x.shape) if yv is not y else y
 
 
 # ------------------------------------------------------------------------ autograd nodes
@@ -640,8 +698,8 @@ class BNTrainTriton(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):  # type: ignore[override]
-        y, mean, var = _forward(x, weight, bias, eps)
+    def forward(ctx, x, weight, bias, eps, step=None):  # type: ignore[override]
+        y, mean, var = _forward(x, weight, bias, eps, step)
         ctx.save_for_backward(x, weight, mean, var)
         ctx.mark_non_differentiable(mean, var)
         ctx.set_materialize_grads(False)
@@ -652,7 +710,7 @@ class BNTrainTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_var):  # type: ignore[override]
         if grad_y is None:
-            return None, None, None, None
+            return None, None, None, None, None
         x, weight, mean, var = ctx.saved_tensors
         nx, nw, nb = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():
@@ -671,7 +729,7 @@ class BNTrainTriton(torch.autograd.Function):
                     nb,
                     ctx.b_dtype,
                 )
-        return gx if nx else None, gw if nw else None, gb if nb else None, None
+        return gx if nx else None, gw if nw else None, gb if nb else None, None, None
 
 
 class NormEvalTriton(torch.autograd.Function):
@@ -717,7 +775,7 @@ def _recording(*ts: Tensor | None) -> bool:
 
 
 def bn_train(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, _step: tuple | None = None
 ) -> tuple[Tensor, Tensor, Tensor] | None:
     """Training forward ``(y, mean, var)`` (see the module docstring), or ``None``."""
     if _error is not None or not _fits(x) or not _per_channel_ok(x, weight, bias):
@@ -725,8 +783,8 @@ def bn_train(
     try:
         with _on_device(x):
             if _recording(x, weight, bias):
-                return BNTrainTriton.apply(x, weight, bias, eps)
-            return _forward(x, weight, bias, eps)
+                return BNTrainTriton.apply(x, weight, bias, eps, _step)
+            return _forward(x, weight, bias, eps, _step)
     except Exception as exc:  # compile or launch failure: the reference, logged once
         _disable(exc)
         return None
@@ -762,33 +820,28 @@ def bn_train_module(
     running_var: Tensor,
     tracked: Tensor,
     momentum: float,
+    non_finite: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, bool] | None:
     """:func:`bn_train` and the running-statistics update on the device (``momentum < 0``:
-    cumulative average); ``(y, var, False)`` (the layer applies its non-finite policy), or
-    ``None``."""
-    out = bn_train(x, weight, bias, eps)
-    if out is None:
-        return None
-    y, mean, var = out
-    count = x.numel() // x.shape[1]
-    acc_t, acc = _acc(x.dtype)
+    cumulative average), in the forward's launch: nothing written when a statistic is not
+    finite, and then ``non_finite`` (a long scalar on the device) incremented when given.
+    Returns ``(y, var, ok)``: ``ok`` true when ``non_finite`` was given (the policy is applied),
+    false otherwise (the layer applies its non-finite policy); or ``None``."""
+    acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
     if running_mean.dtype != acc_t or running_var.dtype != acc_t:
         return None  # unreachable through the dispatch (it checks the buffers' dtype)
-    k = kernels(not x.is_cuda)
-    c = x.shape[1]
-    block = min(1024, _pow2(c))
-    with _on_device(x):
-        _running(k, mean, var, running_mean, running_var, tracked, c, count, momentum, block)
+    count = x.numel() // x.shape[1]
+    unbias = count / (count - 1) if count > 1 else math.inf
+    out = bn_train(
+        x, weight, bias, eps, (running_mean, running_var, tracked, non_finite, momentum, unbias)
+    )
+    if out is None:
+        return None
     _bump(running_mean, running_var, tracked)
-    return y, var, False
-
-
-def _running(k, mean, var, running_mean, running_var, tracked, c, count, momentum, block):
-    k.running[(1,)](
-        mean, var, running_mean, running_var, tracked, c,
-        float(momentum), count / (count - 1) if count > 1 else math.inf,
-        CUMULATIVE=momentum < 0, BLOCK=block, num_warps=4 if mean.is_cuda else 1,
-    )  # fmt: skip
+    if non_finite is None:
+        return out[0], out[2], False
+    _bump(non_finite)
+    return out[0], out[2], True
 
 
 def _bump(*ts: Tensor) -> None:
