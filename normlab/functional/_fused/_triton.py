@@ -111,46 +111,129 @@ def _disable(exc: BaseException) -> None:
 # over r = n * S + s < M = N * S. A program owns BLOCK_C channels and a range of R_PER_PROG
 # values of r (one split), read in tiles of BLOCK_R x BLOCK_C. Partial results per split go to
 # a (2, NSPLIT, C) workspace in the accumulation dtype ACC (float32, float64 for float64).
+#
+# The kernels (_k_*) share device functions (_d_*): the compiler inlines them, the interpreter
+# calls them (see _bind_device_functions).
+
+
+def _d_channels(pid_c, C, BLOCK_C: tl.constexpr):
+    # The channels of channel block pid_c, and their mask.
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    return cols, cols < C
+
+
+def _d_split(pid_r, R_PER_PROG, M):
+    # The rows [r_start, r_end) of split pid_r of the reduction.
+    r_start = pid_r * R_PER_PROG
+    return r_start, tl.minimum(r_start + R_PER_PROG, M)
+
+
+def _d_tile(r0, r_end, S, cmask, BLOCK_R: tl.constexpr):
+    # The tile of rows r0 .. r0 + BLOCK_R - 1: (n, s) of each row, and the mask of the
+    # tile's elements (rows below r_end, this program's channels).
+    rows = r0 + tl.arange(0, BLOCK_R)
+    rmask = rows < r_end
+    n = rows // S
+    s = rows - n * S
+    return n, s, rmask[:, None] & cmask[None, :]
+
+
+def _d_offsets(n, s, cols, sn, sc, ss):
+    # The tile's element offsets in a tensor of strides (sn, sc, ss).
+    return (n * sn + s * ss)[:, None] + (cols * sc)[None, :]
+
+
+def _d_load(P, n, s, cols, sn, sc, ss, mask, ACC: tl.constexpr):
+    # A tile of P in the accumulation dtype, 0 where masked.
+    return tl.load(P + _d_offsets(n, s, cols, sn, sc, ss), mask=mask, other=0.0).to(ACC)
+
+
+def _d_store(P, value, n, s, cols, sn, sc, ss, mask):
+    # A tile stored into P, in P's dtype.
+    tl.store(P + _d_offsets(n, s, cols, sn, sc, ss), value.to(P.dtype.element_ty), mask=mask)
+
+
+def _d_store_split(PART, first, second, pid_r, C, cols, cmask):
+    # Split pid_r's two partial results into the (2, NSPLIT, C) workspace.
+    nsplit = tl.num_programs(1)
+    tl.store(PART + pid_r * C + cols, first, mask=cmask)
+    tl.store(PART + (nsplit + pid_r) * C + cols, second, mask=cmask)
+
+
+def _d_chan(total, mean, m2, cnt, bsum, bmean, bm2, bc):
+    # Chan's pairwise update of (sum, mean, centred sum of squares, count) with a part of bc
+    # values of sum bsum, mean bmean and centred sum of squares bm2.
+    tot = cnt + bc
+    delta = bmean - mean
+    mean = mean + delta * (bc / tot)
+    m2 = m2 + bm2 + delta * delta * (cnt * (bc / tot))
+    return total + bsum, mean, m2, tot
+
+
+def _d_moments(
+    X, cols, cmask, S, sxn, sxc, sxs, r_start, r_end,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # The sum and the centred sum of squares of each channel over the rows [r_start, r_end),
+    # merged tile by tile with Chan's formula (each tile's own mean, then the pairwise update).
+    total = tl.zeros([BLOCK_C], dtype=ACC)
+    mean = tl.zeros([BLOCK_C], dtype=ACC)
+    m2 = tl.zeros([BLOCK_C], dtype=ACC)
+    cnt = tl.zeros([BLOCK_C], dtype=ACC)
+    for r0 in range(r_start, r_end, BLOCK_R):
+        n, s, mask = _d_tile(r0, r_end, S, cmask, BLOCK_R)
+        v = _d_load(X, n, s, cols, sxn, sxc, sxs, mask, ACC)
+        bc = tl.minimum(r_end - r0, BLOCK_R).to(ACC)
+        bsum = tl.sum(v, axis=0)
+        bmean = bsum / bc
+        d = tl.where(mask, v - bmean[None, :], 0.0)
+        bm2 = tl.sum(d * d, axis=0)
+        total, mean, m2, cnt = _d_chan(total, mean, m2, cnt, bsum, bmean, bm2, bc)
+    return total, m2
+
+
+def _d_grad_sums(
+    X, G, mean, cols, cmask, S, sxn, sxc, sxs, sgn, sgc, sgs, r_start, r_end,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # sum(g) and sum(g * (x - mean)) of each channel over the rows [r_start, r_end).
+    sum_g = tl.zeros([BLOCK_C], dtype=ACC)
+    sum_gx = tl.zeros([BLOCK_C], dtype=ACC)
+    for r0 in range(r_start, r_end, BLOCK_R):
+        n, s, mask = _d_tile(r0, r_end, S, cmask, BLOCK_R)
+        v = _d_load(X, n, s, cols, sxn, sxc, sxs, mask, ACC)
+        g = _d_load(G, n, s, cols, sgn, sgc, sgs, mask, ACC)
+        xc = tl.where(mask, v - mean[None, :], 0.0)
+        sum_g = sum_g + tl.sum(g, axis=0)
+        sum_gx = sum_gx + tl.sum(g * xc, axis=0)
+    return sum_g, sum_gx
+
+
+def _d_invstd(var, eps, ACC: tl.constexpr):
+    # 1 / sqrt(var + eps), computed in float64, in the accumulation dtype.
+    return (1.0 / tl.sqrt(var.to(tl.float64) + eps)).to(ACC)
+
+
+def _d_times_weight(a, W, cols, cmask, HAS_W: tl.constexpr, ACC: tl.constexpr):
+    # a * weight per channel (a itself without a weight).
+    if HAS_W:
+        a = a * tl.load(W + cols, mask=cmask, other=1.0).to(ACC)
+    return a
 
 
 def _k_stats(
     X, PART, C, S, sxn, sxc, sxs, M, R_PER_PROG,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    # Per split: the sum and the centred sum of squares of each channel, merged tile by tile
-    # with Chan's formula (each tile's own mean, then the pairwise update).
+    # Per split: the sum and the centred sum of squares of each channel (_d_moments).
     pid_c = tl.program_id(0)
     pid_r = tl.program_id(1)
-    nsplit = tl.num_programs(1)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    r_start = pid_r * R_PER_PROG
-    r_end = tl.minimum(r_start + R_PER_PROG, M)
-    total = tl.zeros([BLOCK_C], dtype=ACC)
-    mean = tl.zeros([BLOCK_C], dtype=ACC)
-    m2 = tl.zeros([BLOCK_C], dtype=ACC)
-    cnt = tl.zeros([BLOCK_C], dtype=ACC)
-    for r0 in range(r_start, r_end, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        rmask = rows < r_end
-        n = rows // S
-        s = rows - n * S
-        off = (n * sxn + s * sxs)[:, None] + (cols * sxc)[None, :]
-        mask = rmask[:, None] & cmask[None, :]
-        v = tl.load(X + off, mask=mask, other=0.0).to(ACC)
-        bc = tl.minimum(r_end - r0, BLOCK_R).to(ACC)
-        bsum = tl.sum(v, axis=0)
-        bmean = bsum / bc
-        d = tl.where(mask, v - bmean[None, :], 0.0)
-        bm2 = tl.sum(d * d, axis=0)
-        tot = cnt + bc
-        delta = bmean - mean
-        mean = mean + delta * (bc / tot)
-        m2 = m2 + bm2 + delta * delta * (cnt * (bc / tot))
-        cnt = tot
-        total = total + bsum
-    tl.store(PART + pid_r * C + cols, total, mask=cmask)
-    tl.store(PART + (nsplit + pid_r) * C + cols, m2, mask=cmask)
+    cols, cmask = _d_channels(pid_c, C, BLOCK_C)
+    r_start, r_end = _d_split(pid_r, R_PER_PROG, M)
+    total, m2 = _d_moments(
+        X, cols, cmask, S, sxn, sxc, sxs, r_start, r_end, ACC, BLOCK_R, BLOCK_C
+    )  # fmt: skip
+    _d_store_split(PART, total, m2, pid_r, C, cols, cmask)
 
 
 def _k_forward(
@@ -169,50 +252,23 @@ def _k_forward(
     # every var is finite, else adds 1 to NONFIN; it then resets both to 0.
     pid_c = tl.program_id(0)
     pid_r = tl.program_id(1)
+    cols, cmask = _d_channels(pid_c, C, BLOCK_C)
     nsplit = tl.num_programs(1)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    total = tl.zeros([BLOCK_C], dtype=ACC)
-    mean = tl.zeros([BLOCK_C], dtype=ACC)
-    m2 = tl.zeros([BLOCK_C], dtype=ACC)
-    cnt = tl.zeros([BLOCK_C], dtype=ACC)
     if SINGLE:
-        for r0 in range(0, M, BLOCK_R):
-            rows = r0 + tl.arange(0, BLOCK_R)
-            rmask = rows < M
-            n = rows // S
-            s = rows - n * S
-            off = (n * sxn + s * sxs)[:, None] + (cols * sxc)[None, :]
-            mask = rmask[:, None] & cmask[None, :]
-            v = tl.load(X + off, mask=mask, other=0.0).to(ACC)
-            bc = tl.minimum(M - r0, BLOCK_R).to(ACC)
-            bsum = tl.sum(v, axis=0)
-            bmean = bsum / bc
-            d = tl.where(mask, v - bmean[None, :], 0.0)
-            bm2 = tl.sum(d * d, axis=0)
-            tot = cnt + bc
-            delta = bmean - mean
-            mean = mean + delta * (bc / tot)
-            m2 = m2 + bm2 + delta * delta * (cnt * (bc / tot))
-            cnt = tot
-            total = total + bsum
+        total, m2 = _d_moments(X, cols, cmask, S, sxn, sxc, sxs, 0, M, ACC, BLOCK_R, BLOCK_C)
     else:
+        total = tl.zeros([BLOCK_C], dtype=ACC)
+        mean = tl.zeros([BLOCK_C], dtype=ACC)
+        m2 = tl.zeros([BLOCK_C], dtype=ACC)
+        cnt = tl.zeros([BLOCK_C], dtype=ACC)
         for k in range(0, nsplit):
             ck = tl.minimum(R_PER_PROG, M - k * R_PER_PROG).to(ACC)
             sk = tl.load(PART + k * C + cols, mask=cmask, other=0.0)
             qk = tl.load(PART + (nsplit + k) * C + cols, mask=cmask, other=0.0)
-            tot = cnt + ck
-            delta = sk / ck - mean
-            mean = mean + delta * (ck / tot)
-            m2 = m2 + qk + delta * delta * (cnt * (ck / tot))
-            cnt = tot
-            total = total + sk
+            total, mean, m2, cnt = _d_chan(total, mean, m2, cnt, sk, sk / ck, qk, ck)
     mean = total / M  # the plain mean: an infinite value gives an infinite mean
     var = m2 / M
-    invstd = (1.0 / tl.sqrt(var.to(tl.float64) + eps)).to(ACC)
-    scale = invstd
-    if HAS_W:
-        scale = scale * tl.load(W + cols, mask=cmask, other=1.0).to(ACC)
+    scale = _d_times_weight(_d_invstd(var, eps, ACC), W, cols, cmask, HAS_W, ACC)
     if HAS_B:
         bias = tl.load(B + cols, mask=cmask, other=0.0).to(ACC)
     else:
@@ -255,51 +311,29 @@ def _k_forward(
                     tl.atomic_add(NONFIN, 1)
                 tl.atomic_xchg(TICKET + 1, 0)
                 tl.atomic_xchg(TICKET, 0)
-    r_start = pid_r * R_PER_PROG
-    r_end = tl.minimum(r_start + R_PER_PROG, M)
+    r_start, r_end = _d_split(pid_r, R_PER_PROG, M)
     for r0 in range(r_start, r_end, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        rmask = rows < r_end
-        n = rows // S
-        s = rows - n * S
-        mask = rmask[:, None] & cmask[None, :]
-        xo = (n * sxn + s * sxs)[:, None] + (cols * sxc)[None, :]
-        v = tl.load(X + xo, mask=mask, other=0.0).to(ACC)
+        n, s, mask = _d_tile(r0, r_end, S, cmask, BLOCK_R)
+        v = _d_load(X, n, s, cols, sxn, sxc, sxs, mask, ACC)
         out = (v - mean[None, :]) * scale[None, :] + bias[None, :]
-        yo = (n * syn + s * sys)[:, None] + (cols * syc)[None, :]
-        tl.store(Y + yo, out.to(Y.dtype.element_ty), mask=mask)
+        _d_store(Y, out, n, s, cols, syn, syc, sys, mask)
 
 
 def _k_backward_sums(
     X, G, MEAN, PART, C, S, sxn, sxc, sxs, sgn, sgc, sgs, M, R_PER_PROG,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    # Per split: sum(g) and sum(g * (x - mean)) of each channel.
+    # Per split: sum(g) and sum(g * (x - mean)) of each channel (_d_grad_sums).
     pid_c = tl.program_id(0)
     pid_r = tl.program_id(1)
-    nsplit = tl.num_programs(1)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
+    cols, cmask = _d_channels(pid_c, C, BLOCK_C)
     mean = tl.load(MEAN + cols, mask=cmask, other=0.0).to(ACC)
-    sum_g = tl.zeros([BLOCK_C], dtype=ACC)
-    sum_gx = tl.zeros([BLOCK_C], dtype=ACC)
-    r_start = pid_r * R_PER_PROG
-    r_end = tl.minimum(r_start + R_PER_PROG, M)
-    for r0 in range(r_start, r_end, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        rmask = rows < r_end
-        n = rows // S
-        s = rows - n * S
-        mask = rmask[:, None] & cmask[None, :]
-        xo = (n * sxn + s * sxs)[:, None] + (cols * sxc)[None, :]
-        go = (n * sgn + s * sgs)[:, None] + (cols * sgc)[None, :]
-        v = tl.load(X + xo, mask=mask, other=0.0).to(ACC)
-        g = tl.load(G + go, mask=mask, other=0.0).to(ACC)
-        xc = tl.where(mask, v - mean[None, :], 0.0)
-        sum_g = sum_g + tl.sum(g, axis=0)
-        sum_gx = sum_gx + tl.sum(g * xc, axis=0)
-    tl.store(PART + pid_r * C + cols, sum_g, mask=cmask)
-    tl.store(PART + (nsplit + pid_r) * C + cols, sum_gx, mask=cmask)
+    r_start, r_end = _d_split(pid_r, R_PER_PROG, M)
+    sum_g, sum_gx = _d_grad_sums(
+        X, G, mean, cols, cmask, S, sxn, sxc, sxs, sgn, sgc, sgs, r_start, r_end,
+        ACC, BLOCK_R, BLOCK_C,
+    )  # fmt: skip
+    _d_store_split(PART, sum_g, sum_gx, pid_r, C, cols, cmask)
 
 
 def _k_backward(
@@ -315,31 +349,21 @@ def _k_backward(
     # SINGLE (one split): the sums are computed here as in _k_backward_sums; PART is unused.
     pid_c = tl.program_id(0)
     pid_r = tl.program_id(1)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    sum_g = tl.zeros([BLOCK_C], dtype=ACC)
-    sum_gx = tl.zeros([BLOCK_C], dtype=ACC)
+    cols, cmask = _d_channels(pid_c, C, BLOCK_C)
     mean = tl.load(MEAN + cols, mask=cmask, other=0.0).to(ACC)
     if SINGLE:
-        for r0 in range(0, M, BLOCK_R):
-            rows = r0 + tl.arange(0, BLOCK_R)
-            rmask = rows < M
-            n = rows // S
-            s = rows - n * S
-            mask = rmask[:, None] & cmask[None, :]
-            xo = (n * sxn + s * sxs)[:, None] + (cols * sxc)[None, :]
-            go = (n * sgn + s * sgs)[:, None] + (cols * sgc)[None, :]
-            v = tl.load(X + xo, mask=mask, other=0.0).to(ACC)
-            g = tl.load(G + go, mask=mask, other=0.0).to(ACC)
-            xc = tl.where(mask, v - mean[None, :], 0.0)
-            sum_g = sum_g + tl.sum(g, axis=0)
-            sum_gx = sum_gx + tl.sum(g * xc, axis=0)
+        sum_g, sum_gx = _d_grad_sums(
+            X, G, mean, cols, cmask, S, sxn, sxc, sxs, sgn, sgc, sgs, 0, M,
+            ACC, BLOCK_R, BLOCK_C,
+        )  # fmt: skip
     else:
+        sum_g = tl.zeros([BLOCK_C], dtype=ACC)
+        sum_gx = tl.zeros([BLOCK_C], dtype=ACC)
         for k in range(0, NSPLIT):
             sum_g = sum_g + tl.load(PART + k * C + cols, mask=cmask, other=0.0)
             sum_gx = sum_gx + tl.load(PART + (NSPLIT + k) * C + cols, mask=cmask, other=0.0)
     var = tl.load(VAR + cols, mask=cmask, other=1.0).to(ACC)
-    invstd = (1.0 / tl.sqrt(var.to(tl.float64) + eps)).to(ACC)
+    invstd = _d_invstd(var, eps, ACC)
     sum_gxhat = sum_gx * invstd
     if pid_r == 0:
         if WRITE_DW:
@@ -347,27 +371,17 @@ def _k_backward(
         if WRITE_DB:
             tl.store(DB + cols, sum_g.to(DB.dtype.element_ty), mask=cmask)
     if WRITE_DX:
-        a = invstd
-        if HAS_W:
-            a = a * tl.load(W + cols, mask=cmask, other=1.0).to(ACC)
+        a = _d_times_weight(invstd, W, cols, cmask, HAS_W, ACC)
         kk = -a / M
         bcoef = kk * invstd * sum_gxhat
         ccoef = kk * sum_g
-        r_start = pid_r * R_PER_PROG
-        r_end = tl.minimum(r_start + R_PER_PROG, M)
+        r_start, r_end = _d_split(pid_r, R_PER_PROG, M)
         for r0 in range(r_start, r_end, BLOCK_R):
-            rows = r0 + tl.arange(0, BLOCK_R)
-            rmask = rows < r_end
-            n = rows // S
-            s = rows - n * S
-            mask = rmask[:, None] & cmask[None, :]
-            xo = (n * sxn + s * sxs)[:, None] + (cols * sxc)[None, :]
-            go = (n * sgn + s * sgs)[:, None] + (cols * sgc)[None, :]
-            v = tl.load(X + xo, mask=mask, other=0.0).to(ACC)
-            g = tl.load(G + go, mask=mask, other=0.0).to(ACC)
+            n, s, mask = _d_tile(r0, r_end, S, cmask, BLOCK_R)
+            v = _d_load(X, n, s, cols, sxn, sxc, sxs, mask, ACC)
+            g = _d_load(G, n, s, cols, sgn, sgc, sgs, mask, ACC)
             dx = a[None, :] * g + bcoef[None, :] * (v - mean[None, :]) + ccoef[None, :]
-            do = (n * sdn + s * sds)[:, None] + (cols * sdc)[None, :]
-            tl.store(DX + do, dx.to(DX.dtype.element_ty), mask=mask)
+            _d_store(DX, dx, n, s, cols, sdn, sdc, sds, mask)
 
 
 def _k_eval(
@@ -379,32 +393,44 @@ def _k_eval(
     # y = x * scale + shift, scale = w / sqrt(var + eps), shift = b - mean * scale.
     pid_c = tl.program_id(0)
     pid_r = tl.program_id(1)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
+    cols, cmask = _d_channels(pid_c, C, BLOCK_C)
     mean = tl.load(RM + cols, mask=cmask, other=0.0).to(ACC)
     var = tl.load(RV + cols, mask=cmask, other=1.0).to(ACC)
-    scale = (1.0 / tl.sqrt(var.to(tl.float64) + eps)).to(ACC)
-    if HAS_W:
-        scale = scale * tl.load(W + cols, mask=cmask, other=1.0).to(ACC)
+    scale = _d_times_weight(_d_invstd(var, eps, ACC), W, cols, cmask, HAS_W, ACC)
     shift = -mean * scale
     if HAS_B:
         shift = tl.load(B + cols, mask=cmask, other=0.0).to(ACC) - mean * scale
-    r_start = pid_r * R_PER_PROG
-    r_end = tl.minimum(r_start + R_PER_PROG, M)
+    r_start, r_end = _d_split(pid_r, R_PER_PROG, M)
     for r0 in range(r_start, r_end, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        rmask = rows < r_end
-        n = rows // S
-        s = rows - n * S
-        mask = rmask[:, None] & cmask[None, :]
-        xo = (n * sxn + s * sxs)[:, None] + (cols * sxc)[None, :]
-        v = tl.load(X + xo, mask=mask, other=0.0).to(ACC)
-        out = v * scale[None, :] + shift[None, :]
-        yo = (n * syn + s * sys)[:, None] + (cols * syc)[None, :]
-        tl.store(Y + yo, out.to(Y.dtype.element_ty), mask=mask)
+        n, s, mask = _d_tile(r0, r_end, S, cmask, BLOCK_R)
+        v = _d_load(X, n, s, cols, sxn, sxc, sxs, mask, ACC)
+        _d_store(Y, v * scale[None, :] + shift[None, :], n, s, cols, syn, syc, sys, mask)
 
 
 _SOURCES = ("_k_stats", "_k_forward", "_k_backward_sums", "_k_backward", "_k_eval")
+_DEVICE_FUNCTIONS = (
+    "_d_channels", "_d_split", "_d_tile", "_d_offsets", "_d_load", "_d_store", "_d_store_split",
+    "_d_chan", "_d_moments", "_d_grad_sums", "_d_invstd", "_d_times_weight",
+)  # fmt: skip
+
+
+def _bind_device_functions() -> None:
+    # The kernels call the device functions by their names in this module, where they are plain
+    # functions until Triton is imported: bind each name to a jit function, which the compiler
+    # inlines and which a kernel run by the interpreter calls (jit functions refuse plain calls).
+    from triton.runtime.interpreter import InterpretedFunction
+
+    class DeviceFunction(triton.JITFunction):
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            return self.interpreted(*args, **kwargs)
+
+    scope = globals()
+    for name in _DEVICE_FUNCTIONS:
+        fn = scope[name]
+        if not isinstance(fn, triton.JITFunction):
+            device_fn = DeviceFunction(fn)
+            device_fn.interpreted = InterpretedFunction(fn)
+            scope[name] = device_fn
 
 
 # Arguments left out of Triton's specialization (on the value 1 and on divisibility by 16), for
@@ -428,6 +454,7 @@ def kernels(interpret: bool) -> SimpleNamespace:
     (CPU tensors, for tests); built once each."""
     ns = _kernels.get(interpret)
     if ns is None:
+        _bind_device_functions()
         if interpret:
             from triton.runtime.interpreter import InterpretedFunction
 
