@@ -112,8 +112,7 @@ def table_claims(mnist_root: str | None = None) -> tuple[Claim, ...]:
                     run="method-table" if dataset == "digits" else f"method-table-{dataset}",
                     note=""
                     if available
-                    else "needs the MNIST IDX files: build_report(..., "
-                    "table_claims=table_claims(mnist_root=DIR))",
+                    else "needs the MNIST IDX files: normlab report --mnist-root DIR",
                 )
             )
     return tuple(rows)
