@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
+from _fused_helpers import close_or_closer, twin
 
 from normlab.functional import _fused
 from normlab.functional import full_norm as fnf
@@ -88,39 +89,10 @@ def _params(c, dtype, seed=1):
 
 
 def _close(got, want, dtype, truth=None):
-    """``got`` (fused) equals ``want`` (reference) within TOL (NaN equal to NaN); where it does
-    not, ``got`` must be at least as close as ``want`` to ``truth``, the reference run in float64
-    on the same values. That happens for float32 per-channel sums: the reference's own rounding
-    (a sum of M terms, or the difference of two sums in eval's weight gradient) exceeds 1e-6
-    where the fused kernels accumulate in float64."""
-    assert len(got) == len(want)
-    for i, (a, b) in enumerate(zip(got, want, strict=True)):
-        if a is None or b is None:
-            assert a is None and b is None
-            continue
-        assert a.dtype == b.dtype and a.shape == b.shape
-        try:
-            torch.testing.assert_close(a, b, equal_nan=True, **TOL[dtype])
-        except AssertionError:
-            if truth is None:
-                raise
-            t = truth[i].double()
-            err_got, err_want = (a.double() - t).abs(), (b.double() - t).abs()
-            bound = err_want + TOL[dtype]["atol"] + TOL[dtype]["rtol"] * t.abs()
-            bad = ~((err_got <= bound) | (a.isnan() & b.isnan()))
-            assert not bad.any(), (
-                f"result {i}: fused error {err_got[bad].max().item():.3g} exceeds the "
-                f"reference's {err_want[bad].max().item():.3g} (+ tolerance)"
-            )
+    close_or_closer(got, want, TOL[dtype], truth, "fused")
 
 
-def _twin(a):
-    # The float64 copy of an argument: the same values, for the float64 truth.
-    if isinstance(a, torch.nn.Module):
-        return copy.deepcopy(a).double()
-    if isinstance(a, torch.Tensor) and a.is_floating_point():
-        return a.detach().double().requires_grad_(a.requires_grad)
-    return a
+_twin = twin
 
 
 def _check(run, *args, dtype):

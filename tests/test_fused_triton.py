@@ -20,6 +20,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from _fused_helpers import close_or_closer, twin
 
 from normlab.functional import _fused
 from normlab.functional._fused import _loader, _triton
@@ -87,32 +88,10 @@ def _params(c, dtype, device="cpu"):
 
 
 def _close(got, want, dtype, truth=None):
-    # As in tests/test_fused.py: within TOL, or at least as close as the reference to the
-    # float64 truth (float32 sums of many terms round differently in another order).
-    assert len(got) == len(want)
-    for i, (a, b) in enumerate(zip(got, want, strict=True)):
-        if a is None or b is None:
-            assert a is None and b is None
-            continue
-        assert a.dtype == b.dtype and a.shape == b.shape, i
-        try:
-            torch.testing.assert_close(a, b, equal_nan=True, **TOL[dtype])
-        except AssertionError:
-            if truth is None:
-                raise
-            t = truth[i].double()
-            err_got, err_want = (a.double() - t).abs(), (b.double() - t).abs()
-            bound = err_want + TOL[dtype]["atol"] + TOL[dtype]["rtol"] * t.abs()
-            bad = ~((err_got <= bound) | (a.isnan() & b.isnan()))
-            assert not bad.any(), f"result {i}: kernel error {err_got[bad].max().item():.3g}"
+    close_or_closer(got, want, TOL[dtype], truth, "kernel")
 
 
-def _twin(a):
-    if isinstance(a, torch.nn.Module):
-        return copy.deepcopy(a).double()
-    if isinstance(a, torch.Tensor) and a.is_floating_point():
-        return a.detach().double().requires_grad_(a.requires_grad)
-    return a
+_twin = twin
 
 
 def _check(run, *args, dtype):
