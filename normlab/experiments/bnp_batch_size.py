@@ -134,7 +134,6 @@ def plot(results: dict[str, Any]) -> Any:
     for ax in axes[1 + len(sizes) :]:
         ax.axis("off")
     fig.suptitle(f"BNP vs batch size ({results['lr_rule']})", fontsize=9)
-    fig.tight_layout()
     return fig
 
 

@@ -223,7 +223,6 @@ def plot(results: dict[str, Any]) -> Any:
     fig.suptitle(
         "Hessian condition number without (solid) and with BNP's P (dashed, dotted)", fontsize=9
     )
-    fig.tight_layout()
     return fig
 
 

@@ -291,7 +291,6 @@ def plot(results: dict[str, Any]) -> Any:
         f"Cai et al.: BN-GD vs GD on least squares (d={p['dim']}, kappa={p['kappa']:.0f})",
         fontsize=10,
     )
-    fig.tight_layout()
     return fig
 
 

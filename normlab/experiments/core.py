@@ -441,11 +441,13 @@ def _style(fig: Any) -> None:
 
 
 def savefig(fig: Any, path: Path) -> Path:
-    """Style (one colour per method, integer ticks), save atomically (temp name, then rename) in
-    every format of :data:`FIGURE_FORMATS`, close the figure; return the first format's path."""
+    """Style (one colour per method, integer ticks), lay out (``tight_layout``), save atomically
+    (temp name, then rename) in every format of :data:`FIGURE_FORMATS`, close the figure; return
+    the first format's path."""
     import matplotlib.pyplot as plt
 
     _style(fig)
+    fig.tight_layout()
     paths = [path.with_suffix(f".{fmt}") for fmt in FIGURE_FORMATS]
     for target in paths:
         tmp = target.with_name(f".{target.stem}.tmp{target.suffix}")

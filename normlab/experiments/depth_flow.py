@@ -235,7 +235,6 @@ def plot(results: dict[str, Any]) -> Any:
             log=True,
             legend=6,
         )
-    fig.tight_layout()
     return fig
 
 

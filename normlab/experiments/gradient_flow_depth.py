@@ -206,7 +206,6 @@ def plot(results: dict[str, Any]) -> Any:
         + (f" (not registered: {', '.join(missing)})" if missing else ""),
         fontsize=10,
     )
-    fig.tight_layout()
     return fig
 
 

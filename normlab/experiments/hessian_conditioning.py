@@ -331,7 +331,6 @@ def plot(results: dict[str, Any]) -> Any:
     for ax, title in zip(axes, titles, strict=True):
         common.axes_style(ax, xlabel="training step", title=title, log=True, legend=6)
     fig.suptitle("Hessian spectrum over training (train mode, fixed batch)", fontsize=10)
-    fig.tight_layout()
     return fig
 
 

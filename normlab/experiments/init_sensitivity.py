@@ -137,7 +137,6 @@ def plot(results: dict[str, Any]) -> Any:
         common.axes_style(
             ax, xlabel="learning rate", ylabel="final test accuracy (0: cannot train)", title=m
         )
-    fig.tight_layout()
     return fig
 
 

@@ -366,7 +366,6 @@ def plot(results: dict[str, Any]) -> Any:
         f"{p['flipped_labels']} labels flipped); faint: other step settings",
         fontsize=9,
     )
-    fig.tight_layout()
     return fig
 
 

@@ -378,6 +378,19 @@ def _acc(results: Mapping[str, Any], ds: str, method: str, label: str) -> tuple[
     return "ok", float(value)
 
 
+def _subject_acc(
+    results: Mapping[str, Any], ds: str, method: str, label: str, tag: str = ""
+) -> tuple[float, None] | tuple[None, tuple[str, str]]:
+    """The subject's accuracy, or the ``(verdict, measured)`` its target ends with: not tested
+    when the cell did not run, fails when the subject cannot train."""
+    state, value = _acc(results, ds, method, label)
+    if state == "missing":
+        return None, ("not tested", value)
+    if state == "failed":
+        return None, ("fails", f"{method}{tag} cannot train: {value}")
+    return value, None
+
+
 def _check(
     target: Target, results: Mapping[str, Any], ds: str, label: str | None
 ) -> dict[str, Any]:
@@ -393,11 +406,9 @@ def _check(
         return {**record, "verdict": verdict, "measured": measured, "margin": margin}
 
     if target.kind == "beat":
-        state, subject = _acc(results, ds, target.subject, label)
-        if state == "missing":
-            return done("not tested", subject)
-        if state == "failed":
-            return done("fails", f"{target.subject} cannot train: {subject}")
+        subject, end = _subject_acc(results, ds, target.subject, label)
+        if end is not None:
+            return done(*end)
         parts, bar_from = [f"{target.subject} {subject:.4f}"], []
         best = -math.inf
         for m in target.baselines:
@@ -428,11 +439,9 @@ def _check(
         return done(verdict, "; ".join(parts), margin if math.isfinite(margin) else None)
 
     first, second = target.scenarios[0], target.scenarios[-1]
-    state, subject = _acc(results, ds, target.subject, first)
-    if state == "missing":
-        return done("not tested", subject)
-    if state == "failed":
-        return done("fails", f"{target.subject} ({first}) cannot train: {subject}")
+    subject, end = _subject_acc(results, ds, target.subject, first, f" ({first})")
+    if end is not None:
+        return done(*end)
     if target.kind == "match":
         state, ref = _acc(results, ds, target.reference, first)
         if state != "ok":
@@ -440,11 +449,9 @@ def _check(
         margin = subject - (ref - target.points)
         measured = f"{target.subject} {subject:.4f}, {target.reference} {ref:.4f}"
     elif target.kind == "invariant":
-        state, other = _acc(results, ds, target.subject, second)
-        if state == "missing":
-            return done("not tested", other)
-        if state == "failed":
-            return done("fails", f"{target.subject} ({second}) cannot train: {other}")
+        other, end = _subject_acc(results, ds, target.subject, second, f" ({second})")
+        if end is not None:
+            return done(*end)
         margin = target.points - abs(subject - other)
         measured = f"{first} {subject:.4f}, {second} {other:.4f}, gap {abs(subject - other):.4f}"
     elif target.kind == "ratio":
@@ -667,7 +674,6 @@ def plot(results: dict[str, Any]) -> Any:
         axes[0].axis("off")
     for ax in axes[len(datasets) :] if datasets else axes[1:]:
         ax.axis("off")
-    fig.tight_layout()
     return fig
 
 

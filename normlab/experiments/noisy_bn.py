@@ -218,7 +218,6 @@ def plot(results: dict[str, Any]) -> Any:
     common.axes_style(
         axes[2], xlabel="step", ylabel="training loss", title="at the best lr", log=True
     )
-    fig.tight_layout()
     return fig
 
 

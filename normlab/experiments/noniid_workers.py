@@ -253,7 +253,6 @@ def plot(results: dict[str, Any]) -> Any:
     ax.set_xticks(range(len(variants)), variants, rotation=45)
     common.axes_style(ax, ylabel="running-statistics spread", title="noniid: spread across ranks")
     fig.suptitle(f"verdict: {results['verdict']['overall']}", fontsize=10)
-    fig.tight_layout()
     return fig
 
 

@@ -146,7 +146,6 @@ def plot(results: dict[str, Any]) -> Any:
         )
     axes[2].set_xticks(range(len(names)), labels, fontsize=7)
     common.axes_style(axes[2], ylabel="train acc - held-out acc", title="generalization gap")
-    fig.tight_layout()
     return fig
 
 

@@ -281,7 +281,6 @@ def plot(results: dict[str, Any]) -> Any:
     ):
         common.axes_style(ax, xlabel="step", ylabel=ylabel, title=title, log=log, legend=6)
     fig.suptitle("Santurkar et al.: loss landscape and ICS with and without BN", fontsize=10)
-    fig.tight_layout()
     return fig
 
 

@@ -136,9 +136,9 @@ def full_norm_update(
     ``(C,)``, in the statistics dtype (float32 for half inputs). Differentiable in ``x`` (the
     history is treated as constant).
     """
-    batch_mean, batch_var, count = _batch_moments(x)
-    mean, var = _update_from_moments(batch_mean, batch_var, count, running_mean, running_var, alpha)
-    return mean, var, batch_mean, batch_var
+    batch = _batch_moments(x)
+    mean, var = _update_from_moments(batch, running_mean, running_var, alpha)
+    return mean, var, batch[0], batch[1]
 
 
 def _batch_moments(x: Tensor) -> tuple[Tensor, Tensor, int]:
@@ -147,13 +147,10 @@ def _batch_moments(x: Tensor) -> tuple[Tensor, Tensor, int]:
 
 
 def _update_from_moments(
-    batch_mean: Tensor,
-    batch_var: Tensor,
-    count: int,
-    running_mean: Tensor,
-    running_var: Tensor,
-    alpha: float,
+    batch: tuple[Tensor, Tensor, int], running_mean: Tensor, running_var: Tensor, alpha: float
 ) -> tuple[Tensor, Tensor]:
+    # The moving-average update of full_norm_update from the batch's (mean, var, count).
+    batch_mean, batch_var, count = batch
     hist_mean = running_mean.to(batch_mean.dtype)
     hist_var = running_var.to(batch_mean.dtype)
     d = batch_mean - hist_mean
@@ -437,15 +434,6 @@ def _backward_from_factor(
     )
 
 
-def _normalize(
-    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> Tensor:
-    # The affine map of the estimates; half inputs are normalized in float32, then cast back.
-    if x.dtype in _HALF:
-        return batch_norm_eval(x.float(), mean, var, weight, bias, eps).to(x.dtype)
-    return batch_norm_eval(x, mean, var, weight, bias, eps)
-
-
 def _exact_backward(
     grad_out: Tensor,
     x: Tensor,
@@ -601,10 +589,8 @@ class FullNormTrainFn(torch.autograd.Function):
     ):
         with_rho = estimator == "adaptive" and alpha < 1.0
         mom = _all_moments(x, running_mean, running_var, eps, with_rho, process_group)
-        mean, var = _update_from_moments(
-            mom.mean, mom.var, mom.count, running_mean, running_var, alpha
-        )
-        out = _normalize(x, mean, var, weight, bias, eps)
+        mean, var = _update_from_moments(mom[:3], running_mean, running_var, alpha)
+        out = batch_norm_eval(x, mean, var, weight, bias, eps)
         return out, mean, var, mom.rho
 
     @staticmethod
@@ -704,17 +690,8 @@ def full_norm_train(
     return out, FullNormStats(mean, var, float(alpha), rho)
 
 
-def full_norm_eval(
-    x: Tensor,
-    running_mean: Tensor,
-    running_var: Tensor,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    eps: float = 1e-5,
-) -> Tensor:
-    r"""FN at fixed estimates: :math:`\gamma (x-\hat\mu)/\sqrt{\hat\sigma^2+\epsilon} + \beta`.
-
-    The same map the training forward applies after its update, so a training step's output equals
-    this function evaluated right after that step. Half inputs are normalized in float32 and the
-    output cast back. Plain differentiable ops (any order)."""
-    return _normalize(x, running_mean, running_var, weight, bias, eps)
+#: FN at fixed estimates, :math:`\gamma (x-\hat\mu)/\sqrt{\hat\sigma^2+\epsilon} + \beta`: BN's
+#: inference map with FN's estimates, so :func:`batch_norm_eval` itself (same arguments). It is the
+#: map the training forward applies after its update: a training step's output equals this
+#: function evaluated right after that step.
+full_norm_eval = batch_norm_eval
