@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import logging
+import os
 import sys
 
 import pytest
@@ -30,6 +31,36 @@ from normlab.nn import BatchNorm1d, BatchNorm2d
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None, reason="triton is not installed"
 )
+
+
+def _import_triton() -> None:
+    # Triton decides when its language library is imported whether that library runs in the
+    # interpreter (TRITON_INTERPRET=1) or is compiled; the two do not mix in one process. Without
+    # a GPU only the interpreter runs here, so import it in that mode now, at collection, before
+    # another test imports it (torch.func does); with a GPU, compiled, for the CUDA tests.
+    if "triton" in sys.modules or importlib.util.find_spec("triton") is None:
+        return
+    previous = os.environ.get("TRITON_INTERPRET")
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        importlib.import_module("triton.language")
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+def _interpreter_mode() -> bool:
+    # Whether Triton's language library was imported for the interpreter (see _import_triton).
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.sum, InterpretedFunction)
+
+
+_import_triton()
 
 F32, F64, F16, BF16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
 TOL = {
@@ -57,6 +88,12 @@ NODE = "BNTrainTritonBackward"
 @pytest.fixture
 def interpret(monkeypatch):
     """CPU tensors go to the Triton kernels, run by Triton's interpreter."""
+    if not _interpreter_mode():
+        pytest.skip(
+            "Triton was imported compiled in this process (a GPU is present, or another module "
+            "imported it first): its interpreter cannot run here; run this file on its own "
+            "without a GPU"
+        )
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with _fused._route_cpu_to_triton():
         yield
