@@ -134,7 +134,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # also checkpoint every this many steps (0: at epoch ends only)
     eval_batch_size: int = 1000
     eval_train: bool = True  # also evaluate on the training set at each evaluation
-    precise_bn: bool = False  # recompute BN population statistics before each evaluation
+    precise_bn: bool = False  # exact population statistics (BN, FN, OnlineNorm) before each eval
     method_options: dict[str, Any] = field(default_factory=dict)  # the method's layers and hook
     holdout: float = 0.0  # > 0: train on the rest, evaluate on this fraction of train ("val_")
     device: str = "auto"  # auto (CUDA if available, else CPU) | cpu | cuda | cuda:N | mps

@@ -60,7 +60,8 @@ def test_registry_and_unknown_names():
     }
     assert expected <= set(list_datasets()) and set(DATASETS) == set(list_datasets())
     with pytest.raises(
-        ValueError, match=r"unknown dataset 'mnst' \(did you mean 'mnist'\?\); valid datasets: digits"
+        ValueError,
+        match=r"unknown dataset 'mnst' \(did you mean 'mnist'\?\); valid datasets: digits",
     ):
         load_dataset("mnst")
     with pytest.raises(TypeError):

@@ -10,10 +10,10 @@ from torch import nn
 
 from normlab.functional.full_norm import ESTIMATORS
 from normlab.methods import convert, get_method, list_methods
-from normlab.train import build_model_for as build_model
 from normlab.nn.convert import find_norm_slots, norm_slot_info
 from normlab.nn.fullnorm import FullNorm1d, FullNorm2d
 from normlab.train import TrainConfig, train
+from normlab.train import build_model_for as build_model
 
 
 def _fn_layers(model: nn.Module) -> list[nn.Module]:

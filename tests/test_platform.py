@@ -10,10 +10,10 @@ from torch import nn
 
 import normlab
 from normlab.methods import get_method, group_count, list_methods
-from normlab.train import build_model_for as build_model
 from normlab.nn import BatchNorm1d, BatchNorm2d, BatchRenorm1d, BatchRenorm2d, NoNorm
 from normlab.nn.renorm import renorm_limits
 from normlab.train import TrainConfig, train
+from normlab.train import build_model_for as build_model
 
 
 def test_unknown_method_lists_valid_names():

@@ -17,10 +17,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d
+from normlab.nn.fullnorm import FullNorm1d, FullNorm2d
+from normlab.nn.online_norm import OnlineNorm1d, OnlineNorm2d
 from normlab.nn.stats import fold_batchnorm, recompute_statistics
 
 SPLITS = [2, 2, 4, 8, 16, 32]  # 64 samples
-KINDS = {"normlab": (BatchNorm1d, BatchNorm2d), "torch": (nn.BatchNorm1d, nn.BatchNorm2d)}
+KINDS = {
+    "normlab": (BatchNorm1d, BatchNorm2d),
+    "torch": (nn.BatchNorm1d, nn.BatchNorm2d),
+    "fullnorm": (FullNorm1d, FullNorm2d),  # biased variance: the quantity FN estimates
+    "online": (OnlineNorm1d, OnlineNorm2d),  # biased too; eval adds layer scaling
+}
+BIASED = (FullNorm1d, FullNorm2d, OnlineNorm1d, OnlineNorm2d)
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, BatchNorm1d, BatchNorm2d, *BIASED)
 
 
 def _mlp(kind, dtype=torch.float64):
@@ -30,7 +39,7 @@ def _mlp(kind, dtype=torch.float64):
         bn1d(8),
         nn.ReLU(),
         nn.Linear(8, 6),
-        bn1d(6, momentum=None),
+        bn1d(6) if issubclass(bn1d, BIASED) else bn1d(6, momentum=None),
         nn.Tanh(),
         nn.Dropout(0.5),  # must be off (eval) while statistics are measured
         nn.Linear(6, 3),
@@ -59,7 +68,7 @@ def _randomize(model, gen):
                 module.weight.normal_(0, 0.6, generator=gen)
                 if module.bias is not None:
                     module.bias.normal_(0, 0.5, generator=gen)
-            if isinstance(module, (nn.modules.batchnorm._BatchNorm, BatchNorm1d, BatchNorm2d)):
+            if isinstance(module, NORM_TYPES):
                 if module.affine:
                     module.weight.uniform_(0.5, 1.5, generator=gen)
                     module.bias.normal_(generator=gen)
@@ -89,11 +98,7 @@ def _build(model_kind, kind, seed=0, dtype=torch.float64):
 
 
 def _bn_layers(model):
-    return [
-        m
-        for m in model.modules()
-        if isinstance(m, (nn.modules.batchnorm._BatchNorm, BatchNorm1d, BatchNorm2d))
-    ]
+    return [m for m in model.modules() if isinstance(m, NORM_TYPES)]
 
 
 def _stats(model):
@@ -101,7 +106,8 @@ def _stats(model):
 
 
 def _numpy_reference(model, x):
-    """Walk the Sequential in float64; at each BN, the NumPy mean/unbiased var of its input.
+    """Walk the Sequential in float64; at each BN, the NumPy mean/unbiased var of its input
+    (biased for FN and Online Normalization).
 
     Each BN is then applied in eval mode with those reference statistics, so the next BN's input
     is computed with its upstream layers already on their population statistics.
@@ -115,20 +121,25 @@ def _numpy_reference(model, x):
 
 
 def _reference_layer(layer, h, stats):
-    if not isinstance(layer, (nn.modules.batchnorm._BatchNorm, BatchNorm1d, BatchNorm2d)):
+    if not isinstance(layer, NORM_TYPES):
         return copy.deepcopy(layer).double().eval()(h)
     a = h.numpy()
     per_channel = np.moveaxis(a, 1, 0).reshape(a.shape[1], -1)  # (C, values per channel)
     mean = per_channel.mean(axis=1)
-    var = per_channel.var(axis=1, ddof=1)
+    var = per_channel.var(axis=1, ddof=0 if isinstance(layer, BIASED) else 1)
     stats.append((mean, var))
     w = None if layer.weight is None else layer.weight.double()
     b = None if layer.bias is None else layer.bias.double()
     mean_t, var_t = torch.from_numpy(mean), torch.from_numpy(var)
-    return F.batch_norm(h, mean_t, var_t, w, b, training=False, eps=layer.eps)
+    y = F.batch_norm(h, mean_t, var_t, w, b, training=False, eps=layer.eps)
+    if isinstance(layer, (OnlineNorm1d, OnlineNorm2d)) and layer.ecm == "ls":
+        # Online Normalization's eval output is then rescaled per sample (layer scaling).
+        dims = tuple(range(1, y.dim()))
+        y = y / torch.sqrt(y.pow(2).mean(dims, keepdim=True) + layer.ls_eps)
+    return y
 
 
-@pytest.mark.parametrize("kind", ["normlab", "torch"])
+@pytest.mark.parametrize("kind", ["normlab", "torch", "fullnorm", "online"])
 @pytest.mark.parametrize("model_kind", ["mlp", "cnn"])
 def test_batch_splits_give_population_statistics(model_kind, kind):
     model, x, y = _build(model_kind, kind)
@@ -167,7 +178,7 @@ def test_batch_splits_give_population_statistics(model_kind, kind):
         torch.testing.assert_close(v1, v2, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["normlab", "torch"])
+@pytest.mark.parametrize("kind", ["normlab", "torch", "fullnorm", "online"])
 def test_float32_model_split_invariance(kind):
     model, x, _y = _build("cnn", kind, seed=3, dtype=torch.float32)
     one, split = copy.deepcopy(model), copy.deepcopy(model)
@@ -281,7 +292,7 @@ def test_progress_callback_and_logging(caplog):
 # --- folding ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["normlab", "torch"])
+@pytest.mark.parametrize("kind", ["normlab", "torch", "fullnorm"])
 @pytest.mark.parametrize("model_kind", ["mlp", "cnn"])
 def test_fold_batchnorm_matches_original(model_kind, kind):
     model, x, _y = _build(model_kind, kind, seed=5, dtype=torch.float32)

@@ -8,9 +8,12 @@ https://arxiv.org/abs/2105.07576). :func:`fold_batchnorm` folds eval-mode BN lay
 ``Linear``/``Conv`` that precedes them.
 
 Conventions: a layer's input statistics are per channel (dimension 1) over every other dimension,
-exactly what the layer normalizes; ``running_var`` holds the *unbiased* variance
+exactly what the layer normalizes; a BN layer's ``running_var`` holds the *unbiased* variance
 :math:`\frac{1}{n-1}\sum (x-\mu)^2` over the :math:`n` values per channel, torch's convention
-(eval-mode BN divides by :math:`\sqrt{\mathrm{running\_var}+\epsilon}`).
+(eval-mode BN divides by :math:`\sqrt{\mathrm{running\_var}+\epsilon}`). The estimates of a Full
+Normalization or Online Normalization layer track the data's own (biased) variance
+:math:`\frac1n\sum (x-\mu)^2`, so :func:`recompute_statistics` gives them that: for FN, the
+exact whole-data statistics its running estimates approximate.
 """
 
 from __future__ import annotations
@@ -27,12 +30,16 @@ from torch.nn.parameter import UninitializedBuffer
 
 from normlab.nn.batchnorm import _BatchNorm as _NormlabBatchNorm
 from normlab.nn.convert import model_neighbours, optional_module, replace_module
+from normlab.nn.fullnorm import _FullNorm
+from normlab.nn.online_norm import _OnlineNorm
 
 __all__ = ["fold_batchnorm", "recompute_statistics"]
 
 logger = logging.getLogger(__name__)
 
-_BN_TYPES = (_NormlabBatchNorm, _TorchBatchNorm)
+# Layers whose estimates track the data's own (biased) variance rather than BN's unbiased one.
+_BIASED_TYPES = (_FullNorm, _OnlineNorm)
+_BN_TYPES = (_NormlabBatchNorm, _TorchBatchNorm, *_BIASED_TYPES)
 _FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -125,7 +132,12 @@ def recompute_statistics(
     torch's ``BatchNorm1d/2d/3d``/``SyncBatchNorm``) that tracks running statistics,
     ``running_mean`` becomes :math:`\mu = \frac1n \sum x` and ``running_var`` the *unbiased*
     :math:`\frac{1}{n-1}\sum (x-\mu)^2` of that layer's input over all of ``batches``, with
-    :math:`n` the number of values per channel (torch's convention for ``running_var``).
+    :math:`n` the number of values per channel (torch's convention for ``running_var``). Full
+    Normalization and Online Normalization layers (:class:`~normlab.nn.FullNorm1d`/``2d``/``3d``,
+    :class:`~normlab.nn.OnlineNorm1d`/``2d``) count as BN layers here, with the *biased*
+    :math:`\frac1n\sum (x-\mu)^2` (the variance their estimates track); their step counters,
+    control and outer-factor state and options are left as they were. Measured effect on models
+    trained with unshuffled batches: docs/algorithms/fn.md ("Exact statistics at inference").
 
     The statistics are exact and do not depend on how the data is cut into batches: layers are
     processed one at a time in the order the forward pass reaches them, with the whole model in
@@ -283,7 +295,8 @@ def _layer_input_moments(
             f"recompute_statistics expected at least 2 values per channel for {name}, "
             f"got {acc.count}"
         )
-    var = acc.m2 / (acc.count - 1)  # unbiased, torch's running_var convention
+    # Unbiased for BN (torch's running_var convention); biased for FN (see the module docstring).
+    var = acc.m2 / (acc.count if isinstance(layer, _BIASED_TYPES) else acc.count - 1)
     if not (torch.isfinite(acc.mean).all() and torch.isfinite(var).all()):
         raise ValueError(
             f"recompute_statistics expected finite inputs to {name}, got NaN or Inf statistics"
@@ -312,9 +325,9 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     ``nn.Sequential`` order: the layer directly before the BN. Folded BN classes (exact, so a
     subclass with a fused activation is never folded away): torch's ``BatchNorm1d/2d/3d`` and
     ``SyncBatchNorm`` (an initialized ``LazyBatchNorm*`` is one of these), normlab's
-    ``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` and ``BatchRenorm1d/2d/3d`` (the same eval
-    function). With :math:`s = \gamma/\sqrt{\sigma^2_{run}+\epsilon}` per output channel the
-    layer becomes
+    ``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, ``BatchRenorm1d/2d/3d`` and ``FullNorm1d/2d/3d``
+    (the same eval function). With :math:`s = \gamma/\sqrt{\sigma^2_{run}+\epsilon}` per output
+    channel the layer becomes
 
     .. math::
         W' = s\,W,\qquad b' = s\,(b - \mu_{run}) + \beta
@@ -381,6 +394,7 @@ def _foldable_bn_classes() -> tuple[type, ...]:
         ("normlab.nn.batchnorm", ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d")),
         ("normlab.nn.renorm", ("BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d")),
         ("normlab.nn.sync_batchnorm", ("SyncBatchNorm",)),
+        ("normlab.nn.fullnorm", ("FullNorm1d", "FullNorm2d", "FullNorm3d")),
     ):
         module = optional_module(module_name)
         found.extend(c for c in (getattr(module, n, None) for n in names) if isinstance(c, type))
