@@ -88,6 +88,8 @@ from normlab.nn import (
     recompute_statistics,
 )
 from normlab.nn._base import NormBase
+from normlab.nn.fullnorm import _FullNorm
+from normlab.nn.online_norm import _OnlineNorm
 from normlab.optim import BNPreconditioner
 
 
@@ -1048,12 +1050,12 @@ PRODUCERS = {
     "Conv3d": (lambda ci, c, bias: nn.Conv3d(ci, c, 1, bias=bias), 3, 3),
 }
 # BN classes by kind; the foldable ones (exact classes) and others that fold_batchnorm keeps.
-FOLDABLE = {
-    1: (nn.BatchNorm1d, BatchNorm1d, BatchRenorm1d, SyncBatchNorm),
-    2: (nn.BatchNorm2d, BatchNorm2d, BatchRenorm2d, SyncBatchNorm),
-    3: (nn.BatchNorm3d, BatchNorm3d, BatchRenorm3d, SyncBatchNorm),
+FOLDABLE = {  # FullNorm's eval map is BN's
+    1: (nn.BatchNorm1d, BatchNorm1d, BatchRenorm1d, SyncBatchNorm, FullNorm1d),
+    2: (nn.BatchNorm2d, BatchNorm2d, BatchRenorm2d, SyncBatchNorm, FullNorm2d),
+    3: (nn.BatchNorm3d, BatchNorm3d, BatchRenorm3d, SyncBatchNorm, FullNorm3d),
 }
-KEPT = {1: (FullNorm1d, MABN1d), 2: (FullNorm2d, MABN2d), 3: (FullNorm3d,)}
+KEPT = {1: (MABN1d, OnlineNorm1d), 2: (MABN2d, OnlineNorm2d), 3: ()}
 STAT_KINDS = ("normal", "zero_var", "big_mean", "zero_gamma")
 
 
@@ -1256,7 +1258,8 @@ def test_recompute_statistics(case):
         return
     with torch.no_grad():  # every value of each channel of the BN's input, in float64
         z = torch.cat([model[0](x).double().movedim(1, 0).reshape(c, -1) for x in xs], dim=1)
-    mean, var = z.mean(1), z.var(1, unbiased=True)
+    # Unbiased for BN; biased for FN and Online Normalization (the variance they estimate).
+    mean, var = z.mean(1), z.var(1, unbiased=not isinstance(bn, (_FullNorm, _OnlineNorm)))
     # float64 summation error (any order) of the mean, and its effect on the centred variance
     mean_err = 4 * torch.finfo(torch.float64).eps * z.shape[1] * z.abs().amax(1)
     var_err = 2 * var.sqrt() * mean_err + mean_err**2

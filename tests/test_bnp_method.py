@@ -275,8 +275,9 @@ def test_train_resume_with_bnp_is_exact(tmp_path, options):
 # ------------------------------------------------- batched statistics of the preconditioner
 
 
+@pytest.mark.parametrize("debias", [True, False])
 @pytest.mark.parametrize("use_current_batch", [True, False])
-def test_recorded_statistics_follow_the_functional_ema(use_current_batch):
+def test_recorded_statistics_follow_the_functional_ema(use_current_batch, debias):
     # The preconditioner folds all layers' batches together when it steps; the oracle folds
     # each recorded input with ema_moments as it arrives.
     torch.manual_seed(6)
@@ -289,7 +290,7 @@ def test_recorded_statistics_follow_the_functional_ema(use_current_batch):
         nn.Linear(5, 4, dtype=F64),
     )
     rho = 0.8
-    precond = BNPreconditioner(model, rho=rho, use_current_batch=use_current_batch)
+    precond = BNPreconditioner(model, rho=rho, use_current_batch=use_current_batch, debias=debias)
     inputs: dict[str, list[torch.Tensor]] = {"0": [], "3": [], "5": []}
     for name in inputs:
         model.get_submodule(name).register_forward_pre_hook(
@@ -309,7 +310,7 @@ def test_recorded_statistics_follow_the_functional_ema(use_current_batch):
         for name, xs in inputs.items():
             for h in xs:
                 moments = conv2d_channel_moments(h) if name == "0" else linear_input_moments(h)
-                expected[name] = ema_moments(expected[name], moments, rho)
+                expected[name] = ema_moments(expected[name], moments, rho, debias=debias)
             xs.clear()
         got = precond.statistics()
         for name, stats in expected.items():

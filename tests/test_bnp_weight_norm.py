@@ -295,6 +295,10 @@ def test_state_dict_carries_the_option_and_old_states_load():
     other.load_state_dict(old)  # saved before the option existed: off
     assert other.weight_norm is False
     assert "weight_norm='scaled'" in repr(precond)
+    assert precond.debias is True and state["options"]["debias"] is True
+    older = {k: v for k, v in old["options"].items() if k != "debias"}
+    other.load_state_dict({**state, "options": older})  # before debias existed: the plain EMA
+    assert other.debias is False and "debias=False" in repr(other)
 
 
 # ------------------------------------------------------------------------------ bad values

@@ -22,6 +22,7 @@ from normlab.functional.precondition import (
     conv2d_channel_moments,
     conv2d_patch_moments,
     ema_moments,
+    ema_rho,
     ema_update,
     linear_input_moments,
     precondition_conv2d,
@@ -86,6 +87,35 @@ def test_ema_moments_is_the_weighted_mixture(batch):
     assert running.num_batches == steps
     np.testing.assert_allclose(running.mean.numpy(), mean, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(running.var.numpy(), var, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_debiased_ema_moments_average_the_batches_then_decay(batch):
+    # debias: the (n+1)-th batch weighs max(1 - rho, 1/(n+1)); with rho = 0.8 the first 5
+    # batches are averaged with equal weights (for batches of 3: the moments of their
+    # concatenation), then each new batch weighs 0.2. Batch size 1 starts from variance 1.
+    rho, steps, n = 0.8, 7, 4
+    data = _randn(steps, batch, n, seed=1) * torch.tensor([0.5, 1.0, 3.0, 0.1], dtype=F64) - 1.0
+    x = data.numpy()
+    first_var = x[0].var(0) if batch > 1 else np.ones(n)
+    means = x.mean(1)
+    within = np.concatenate([first_var[None], x[1:].var(1)])
+    running = None
+    for t in range(1, steps + 1):
+        running = ema_moments(running, linear_input_moments(data[t - 1]), rho, debias=True)
+        equal = min(t, 5)
+        weights = np.full(equal, 1.0 / equal)
+        for _ in range(t - equal):
+            weights = np.append(weights * rho, 1 - rho)
+        mean = (weights[:, None] * means[:t]).sum(0)
+        var = (weights[:, None] * (within[:t] + (means[:t] - mean) ** 2)).sum(0)
+        assert running.num_batches == t
+        np.testing.assert_allclose(running.mean.numpy(), mean, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(running.var.numpy(), var, rtol=1e-12, atol=1e-12)
+        if batch > 1 and t <= 5:  # the plain moments of all samples so far
+            seen = x[:t].reshape(-1, n)
+            np.testing.assert_allclose(running.var.numpy(), seen.var(0), rtol=1e-12)
+    assert ema_rho(rho, 10, debias=False) == rho and ema_rho(rho, 2, debias=True) == 2 / 3
 
 
 def test_ema_moments_ignores_non_finite_features():
@@ -432,7 +462,7 @@ def test_batch_size_one_trains_and_statistics_converge():
         nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1)
     )
     precond = BNPreconditioner(model, rho=0.99)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.003, momentum=0.5)
     precond.attach(opt)
 
     def full_loss():
@@ -768,8 +798,8 @@ def _make_cnn(seed: int) -> nn.Module:
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"use_current_batch": False, "conv_stats": "patch", "rho": 0.7}],
-    ids=["default", "previous-batch-patch"],
+    [{}, {"use_current_batch": False, "conv_stats": "patch", "rho": 0.7, "debias": False}],
+    ids=["default", "previous-batch-patch-plain-ema"],
 )
 def test_state_dict_resume_runs_in_lockstep(options):
     g = _gen(130)
@@ -839,6 +869,7 @@ def _bad_states(good: dict) -> list[tuple[dict, type[Exception]]]:
     variant(lambda s: s.update(version=99), ValueError)
     variant(lambda s: s["options"].update(rho=1.5), ValueError)
     variant(lambda s: s["options"].update(conv_stats="pixel"), ValueError)
+    variant(lambda s: s["options"].update(debias="yes"), TypeError)
     variant(lambda s: s["layers"].pop("0"), ValueError)
     variant(lambda s: s["layers"].update(extra=s["layers"]["0"]), ValueError)
     variant(lambda s: s["layers"]["7"]["running"].update(mean=torch.zeros(3)), ValueError)

@@ -39,10 +39,11 @@ def _inputs(seed: int, n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 2, 4, 4, generator=g) * 2 + 1, torch.randn(n, 4, 5, generator=g) + 3
 
 
-def test_batched_statistics_equal_the_per_layer_functional_ema():
+@pytest.mark.parametrize("debias", [True, False])
+def test_batched_statistics_equal_the_per_layer_functional_ema(debias):
     torch.manual_seed(0)
     model = _Mixed().double()
-    precond = BNPreconditioner(model, rho=0.9, modules=["tok", "mid", "head"])
+    precond = BNPreconditioner(model, rho=0.9, modules=["tok", "mid", "head"], debias=debias)
     captured: dict[str, list[torch.Tensor]] = {"tok": [], "mid": [], "head": []}
     for name in captured:
         getattr(model, name).register_forward_pre_hook(
@@ -56,7 +57,7 @@ def test_batched_statistics_equal_the_per_layer_functional_ema():
     for name, inputs in captured.items():
         running = None
         for x in inputs:
-            running = ema_moments(running, linear_input_moments(x), 0.9)
+            running = ema_moments(running, linear_input_moments(x), 0.9, debias=debias)
         torch.testing.assert_close(stats[name].mean, running.mean, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(stats[name].var, running.var, rtol=1e-12, atol=1e-12)
         assert stats[name].num_batches == len(inputs)

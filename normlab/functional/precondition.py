@@ -40,6 +40,7 @@ __all__ = [
     "conv2d_channel_moments",
     "conv2d_patch_moments",
     "ema_moments",
+    "ema_rho",
     "ema_update",
     "linear_input_moments",
     "precondition_conv2d",
@@ -216,12 +217,26 @@ def ema_update(
     return new_mean, new_var
 
 
-def ema_moments(running: RunningMoments | None, batch: Moments, rho: float) -> RunningMoments:
+def ema_rho(rho: float, num_batches: int, debias: bool) -> float:
+    r"""The weight of the old value when the ``num_batches + 1``-th batch is folded in.
+
+    ``rho`` itself, or with ``debias`` :math:`\min(\rho, n/(n+1))` for :math:`n` batches folded
+    so far: the running moments are then those of the equal mixture of every batch seen until
+    :math:`n` reaches :math:`\rho/(1-\rho)`, and the EMA from there on (the moving average
+    does not start out dominated by its initial value). See docs/algorithms/bnp.md.
+    """
+    return min(rho, num_batches / (num_batches + 1.0)) if debias else rho
+
+
+def ema_moments(
+    running: RunningMoments | None, batch: Moments, rho: float, *, debias: bool = False
+) -> RunningMoments:
     r"""Fold one batch's moments into running input statistics (pooled-variance EMA).
 
     The update is :func:`ema_update`: the exact mean and variance of the mixture
     :math:`\rho P_{t-1} + (1-\rho) Q_B` of the previous running distribution and the batch's
-    empirical distribution, well defined at batch size 1 (see docs/algorithms/bnp.md).
+    empirical distribution, well defined at batch size 1 (see docs/algorithms/bnp.md). With
+    ``debias`` the weight is :func:`ema_rho` (``rho`` capped at :math:`n/(n+1)`).
 
     Initialization (``running=None``): the batch's mean and variance, or variance 1 when the batch
     has a single value per feature (``batch.count == 1``). Features whose batch moments are not
@@ -232,6 +247,7 @@ def ema_moments(running: RunningMoments | None, batch: Moments, rho: float) -> R
         running: the current estimate, or ``None`` before the first batch.
         batch: the batch's ``Moments`` (biased ``var``; ``count`` values per feature).
         rho: in :math:`(0, 1)`, the weight of the old value.
+        debias: cap ``rho`` at :math:`n/(n+1)` (:func:`ema_rho`). Default ``False``.
     Returns:
         New :class:`RunningMoments` (new tensors; the inputs are not modified).
     Raises:
@@ -248,7 +264,8 @@ def ema_moments(running: RunningMoments | None, batch: Moments, rho: float) -> R
             f"ema_moments: running statistics have shape {tuple(running.mean.shape)}, "
             f"batch moments have shape {tuple(batch.mean.shape)}"
         )
-    mean, var = ema_update(running.mean, running.var, batch.mean, batch.var, rho)
+    step_rho = ema_rho(rho, running.num_batches, debias)
+    mean, var = ema_update(running.mean, running.var, batch.mean, batch.var, step_rho)
     return RunningMoments(mean, var, running.num_batches + 1)
 
 

@@ -23,6 +23,7 @@ from normlab.optim.preconditioner import BNPreconditioner
 
 BNP_OPTIONS = (
     "rho",
+    "debias",
     "eps",
     "floor",
     "conv_stats",

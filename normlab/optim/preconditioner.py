@@ -118,6 +118,7 @@ def _check_options(
     conv_stats: str,
     use_current_batch: bool,
     weight_norm: bool | str = False,
+    debias: bool = False,
 ) -> None:
     if rho is not None and not (_is_real(rho) and 0.0 < rho < 1.0):
         raise ValueError(f"rho must be None or a float in (0, 1), got {rho!r}")
@@ -129,6 +130,8 @@ def _check_options(
         raise ValueError(f"conv_stats must be 'channel' or 'patch', got {conv_stats!r}")
     if not isinstance(use_current_batch, bool):
         raise TypeError(f"use_current_batch must be a bool, got {type(use_current_batch).__name__}")
+    if not isinstance(debias, bool):
+        raise TypeError(f"debias must be a bool, got {type(debias).__name__}")
     pc.weight_norm_mode(weight_norm)  # raises ValueError
 
 
@@ -306,6 +309,11 @@ class BNPreconditioner:
         rho: weight of the *old* value in the EMA (torch's ``momentum`` is ``1 - rho``), in
             :math:`(0, 1)`. ``None`` (default): 0.999 if the first recorded batch has at most 4
             samples, else 0.99; see :attr:`rho`.
+        debias: cap the EMA weight at :math:`n/(n+1)` for the :math:`(n+1)`-th batch
+            (:func:`~normlab.functional.precondition.ema_rho`), so the statistics are the plain
+            average of the batches seen until :math:`n` reaches :math:`\rho/(1-\rho)` instead of
+            an EMA that starts out dominated by its first batch. Default ``True`` (measured in
+            docs/algorithms/bnp.md).
         eps: :math:`\epsilon > 0` added to the floored variance. Default ``1e-5``.
         floor: variance floor :math:`\ge 0`; gradients are amplified at most
             :math:`1/(\text{floor}+\epsilon)` times. Default ``0.1`` (measured in
@@ -340,6 +348,7 @@ class BNPreconditioner:
         *,
         modules: Iterable[nn.Module | str] | None = None,
         rho: float | None = None,
+        debias: bool = True,
         eps: float = 1e-5,
         floor: float = 0.1,
         conv_stats: Literal["channel", "patch"] = "channel",
@@ -350,7 +359,7 @@ class BNPreconditioner:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"BNPreconditioner expected an nn.Module, got {type(model).__name__}")
-        _check_options(rho, eps, floor, conv_stats, use_current_batch, weight_norm)
+        _check_options(rho, eps, floor, conv_stats, use_current_batch, weight_norm, debias)
         if process_group is not None and not (
             torch.distributed.is_available()
             and isinstance(process_group, torch.distributed.ProcessGroup)
@@ -363,6 +372,7 @@ class BNPreconditioner:
         projected = self._select_weight_norm(model, layers, weight_norm_modules)
         self._rho_option = None if rho is None else float(rho)
         self._rho_resolved: float | None = self._rho_option
+        self.debias = debias
         self.eps = float(eps)
         self.floor = float(floor)
         self.conv_stats: Literal["channel", "patch"] = conv_stats
@@ -703,6 +713,15 @@ class BNPreconditioner:
         # views of the flat result, which the next fold reuses without concatenating again.
         layers = tuple(layer for layer, _ in members)
         running = [layer.running for layer in layers]
+        counts = {r.num_batches for r in running}  # type: ignore[union-attr]
+        if self.debias and len(counts) > 1:  # one weight per fold: group equal histories
+            parts: dict[int, list[tuple[_Layer, Moments]]] = {}
+            for member, r in zip(members, running, strict=True):
+                parts.setdefault(r.num_batches, []).append(member)  # type: ignore[union-attr]
+            for part in parts.values():
+                self._fold_group(key, part, rho)
+            return
+        step_rho = pc.ema_rho(rho, next(iter(counts)), self.debias)
         flat = self._flat.get(key)
         if flat is not None and flat.holds(layers, running):
             mean, var, sizes = flat.mean, flat.var, flat.sizes  # no concatenation
@@ -716,7 +735,7 @@ class BNPreconditioner:
         else:
             m_b = _flat([b.mean for _, b in members], key[1])
             v_b = _flat([b.var for _, b in members], key[1])
-        new_mean, new_var = pc.ema_update(mean, var, m_b, v_b, rho)
+        new_mean, new_var = pc.ema_update(mean, var, m_b, v_b, step_rho)
         means = new_mean.split_with_sizes(sizes) if len(sizes) > 1 else (new_mean,)
         variances = new_var.split_with_sizes(sizes) if len(sizes) > 1 else (new_var,)
         new_running = []
@@ -928,6 +947,7 @@ class BNPreconditioner:
             "conv_stats": self.conv_stats,
             "use_current_batch": self.use_current_batch,
             "weight_norm": self.weight_norm,
+            "debias": self.debias,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -988,8 +1008,8 @@ class BNPreconditioner:
             )
         options = state_dict["options"]
         expected = set(self._options())
-        if isinstance(options, dict) and "weight_norm" not in options:
-            options = {**options, "weight_norm": False}  # saved before the option existed
+        if isinstance(options, dict):  # saved before these options existed: their old behaviour
+            options = {"weight_norm": False, "debias": False, **options}
         if not isinstance(options, dict) or set(options) != expected:
             got = sorted(options) if isinstance(options, dict) else type(options).__name__
             raise ValueError(f"options must have the keys {sorted(expected)}, got {got}")
@@ -1027,6 +1047,7 @@ class BNPreconditioner:
         self.conv_stats = options["conv_stats"]
         self.use_current_batch = options["use_current_batch"]
         self.weight_norm = options["weight_norm"]
+        self.debias = options["debias"]
         for name, (running, before_step, new_step) in staged.items():
             layer = ours[name]
             layer.running, layer.before_step, layer.new_step = running, before_step, new_step
@@ -1091,6 +1112,7 @@ class BNPreconditioner:
     def __repr__(self) -> str:
         return (
             f"BNPreconditioner({len(self._layers)} layers, rho={self._rho_option}, "
-            f"eps={self.eps}, floor={self.floor}, conv_stats={self.conv_stats!r}, "
-            f"use_current_batch={self.use_current_batch}, weight_norm={self.weight_norm!r})"
+            f"debias={self.debias}, eps={self.eps}, floor={self.floor}, "
+            f"conv_stats={self.conv_stats!r}, use_current_batch={self.use_current_batch}, "
+            f"weight_norm={self.weight_norm!r})"
         )
