@@ -171,3 +171,27 @@ def test_report_refuses_a_missing_mnist_root_before_writing(tmp_path, capsys):
     assert main(["report", "--smoke", "--out", str(out), "--mnist-root", str(tmp_path / "no")]) == 2
     assert "--mnist-root" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_every_rows_command_gives_the_config_the_report_ran():
+    # Oracle: the CLI's own flag parsing of the command the report prints for each row (a
+    # method-table row with MNIST files passes a mapping as JSON) against the report's config.
+    import shlex
+
+    from normlab import cli
+    from normlab.experiments import get_experiment
+    from normlab.report.build import _command, _config
+    from normlab.report.table import table_claims
+
+    for claim in (*CLAIMS, *table_claims("some/mnist dir")):
+        if claim.experiment is None:
+            continue
+        words = shlex.split(_command(claim, False))
+        assert words[:3] == ["normlab", "run", claim.experiment], words
+        exp = get_experiment(claim.experiment)
+        parser = cli._Parser(prog="normlab run", add_help=False)
+        cli._add_config_flags(parser, exp.config_cls)
+        flags, unknown = parser.parse_known_args(words[3:])
+        assert unknown == [], (claim.key, unknown)
+        parsed = cli._apply(exp.config_cls, exp.config_cls(), vars(flags), "flags")
+        assert parsed == _config(claim, False), claim.key

@@ -61,18 +61,25 @@ def _config(claim: Claim, smoke: bool) -> Any:
 
 
 def _command(claim: Claim, smoke: bool) -> str:
+    # The CLI call that runs the claim's experiment: a dataclass field (``base``) takes nested
+    # flags (``--base.lr``), any other mapping one JSON value, a sequence a comma-separated one.
     flags = []
     changes = claim.smoke_overrides if smoke else claim.overrides
 
-    def add(prefix: str, mapping: dict[str, Any]) -> None:
+    def add(prefix: str, cfg: Any, mapping: dict[str, Any]) -> None:
         for key, value in mapping.items():
-            if isinstance(value, dict):
-                add(f"{prefix}{key}.", value)
+            current = getattr(cfg, key, None)
+            flag = f"--{prefix}{key.replace('_', '-')}"
+            if isinstance(value, dict) and dataclasses.is_dataclass(current):
+                add(f"{prefix}{key}.", current, value)
+            elif isinstance(value, dict):
+                flags.append(f"{flag} '{json.dumps(value)}'")
+            elif isinstance(value, (tuple, list)):
+                flags.append(f"{flag} {','.join(map(str, value))}")
             else:
-                text = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
-                flags.append(f"--{prefix}{key.replace('_', '-')} {text}")
+                flags.append(f"{flag} {value}")
 
-    add("", dict(changes))
+    add("", get_experiment(claim.experiment).config_cls(), dict(changes))
     smoke_flag = " --smoke" if smoke else ""
     return f"normlab run {claim.experiment}{smoke_flag} {' '.join(flags)}".strip()
 
