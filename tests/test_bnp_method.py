@@ -127,9 +127,17 @@ def test_training_hook_options_are_the_preconditioner_keywords():
     bnp = get_method("bnp")
     hook = bnp.training_hook(
         model,
-        {"rho": 0.9, "eps": 1e-6, "floor": 1e-2, "use_current_batch": False, "modules": ["2"]},
+        {
+            "rho": 0.9,
+            "eps": 1e-6,
+            "floor": 1e-2,
+            "use_current_batch": False,
+            "modules": ["2"],
+            "debias": False,
+        },
     )
     assert (hook.rho, hook.eps, hook.floor, hook.use_current_batch) == (0.9, 1e-6, 1e-2, False)
+    assert hook.debias is False and bnp.hook_options["debias"] is True
     assert hook.layer_names == ("2",)
     hook.remove()
     assert _pre_hook_count(model) == 0
