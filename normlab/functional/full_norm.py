@@ -35,7 +35,7 @@ factor are those of the concatenation of every rank's batch (one packed all-redu
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -51,6 +51,7 @@ __all__ = [
     "TWICE_DIFFERENTIABLE",
     "Estimator",
     "FullNormStats",
+    "FullNormStep",
     "FullNormTrainFn",
     "OuterFactor",
     "alpha_schedule",
@@ -454,15 +455,21 @@ def _exact_backward(
     return _backward_from_factor(grad_out, xc, invstd, weight, corr, batch, x.dtype)
 
 
-class _BackwardInfo(NamedTuple):
-    # The non-tensor state a training backward needs (outer_state/outer_count are live state).
+class FullNormStep(NamedTuple):
+    """Everything of one FN training step but the differentiable inputs ``x``, ``weight``,
+    ``bias``: the estimates before the batch, the outer-factor state (live: the backward updates
+    it in place; ``None`` for the stateless estimators), the step size and the settings. The
+    arguments of :class:`FullNormTrainFn` after ``bias``, in this order."""
+
+    running_mean: Tensor
+    running_var: Tensor
+    outer_state: Tensor | None
+    outer_count: Tensor | None
     alpha: float
     eps: float
     estimator: str
-    momentum: float
-    outer_state: Tensor | None
-    outer_count: Tensor | None
-    group: object
+    outer_momentum: float
+    process_group: object
 
 
 def _global_factor(
@@ -486,31 +493,31 @@ def _global_factor(
 
 def _first_order_backward(
     grad_out: Tensor,
-    x: Tensor,
-    weight: Tensor | None,
-    mean: Tensor,
-    var: Tensor,
-    rho: Tensor,
-    info: _BackwardInfo,
+    saved: tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor],
+    info: FullNormStep,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    # Every estimator's backward from the saved estimates; not differentiable (in-place work).
+    # Every estimator's backward from the saved (x, weight, mean, var, rho); not differentiable
+    # (in-place work).
     # Updates the running outer factor of "running"/"adaptive" and its count in place (the one
     # side effect); an update that is not finite in some channel (a NaN/Inf upstream gradient, a
     # non-finite batch let through by the module's policy) is skipped, count included.
+    x, weight, mean, var, rho = saved
     invstd = torch.rsqrt(var + info.eps)
     xc = _stat(x) - mean.reshape(channel_shape(x))
-    if info.group is None:
+    if info.process_group is None:
         local = batch = _centred_factor(grad_out, xc, invstd)
         samples = x.shape[0]
     else:
-        local, batch, samples = _global_factor(grad_out, xc, invstd, info.group)
+        local, batch, samples = _global_factor(grad_out, xc, invstd, info.process_group)
     running = None
     state, count = info.outer_state, info.outer_count
     if info.estimator in _STATEFUL and state is not None and count is not None:
         step = int(count)
         if step > 0:
             running = OuterFactor(state[0].clone(), state[1].clone())
-        new = running_outer_update(OuterFactor(state[0], state[1]), batch, info.momentum, step)
+        new = running_outer_update(
+            OuterFactor(state[0], state[1]), batch, info.outer_momentum, step
+        )
         new_state = torch.stack([new.mean_grad, new.mean_grad_xhat]).to(state.dtype)
         ok = torch.isfinite(new_state).all()  # on the device: no host synchronisation
         state.copy_(torch.where(ok, new_state, state))
@@ -531,8 +538,8 @@ class _FirstOrderBackwardFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, info, grad_out, x, weight, mean, var, rho):  # type: ignore[override]
-        ctx.estimator, ctx.distributed = info.estimator, info.group is not None
-        return _first_order_backward(grad_out, x, weight, mean, var, rho, info)
+        ctx.estimator, ctx.distributed = info.estimator, info.process_group is not None
+        return _first_order_backward(grad_out, (x, weight, mean, var, rho), info)
 
     @staticmethod
     def backward(ctx, *_grads):  # type: ignore[override]
@@ -552,8 +559,9 @@ class _FirstOrderBackwardFn(torch.autograd.Function):
 class FullNormTrainFn(torch.autograd.Function):
     r"""Training-mode FN: forward with updated estimates, backward with the chosen estimator.
 
-    Inputs ``(x, weight, bias, running_mean, running_var, outer_state, outer_count, alpha, eps,
-    estimator, outer_momentum, process_group)``; outputs ``(out, mean, var, rho)`` where
+    Inputs ``(x, weight, bias, *step)`` with ``step`` a :class:`FullNormStep` (``running_mean,
+    running_var, outer_state, outer_count, alpha, eps, estimator, outer_momentum,
+    process_group``); outputs ``(out, mean, var, rho)`` where
     ``mean``/``var`` are the updated estimates and ``rho`` the representativeness
     (non-differentiable; the caller stores the estimates).
 
@@ -573,41 +581,29 @@ class FullNormTrainFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        running_mean: Tensor,
-        running_var: Tensor,
-        outer_state: Tensor | None,
-        outer_count: Tensor | None,
-        alpha: float,
-        eps: float,
-        estimator: str,
-        outer_momentum: float,
-        process_group: object,
-    ):
-        with_rho = estimator == "adaptive" and alpha < 1.0
-        mom = _all_moments(x, running_mean, running_var, eps, with_rho, process_group)
-        mean, var = _update_from_moments(mom[:3], running_mean, running_var, alpha)
-        out = batch_norm_eval(x, mean, var, weight, bias, eps)
+    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, *step: Any):  # type: ignore[override]
+        st = FullNormStep(*step)
+        with_rho = st.estimator == "adaptive" and st.alpha < 1.0
+        mom = _all_moments(x, st.running_mean, st.running_var, st.eps, with_rho, st.process_group)
+        mean, var = _update_from_moments(mom[:3], st.running_mean, st.running_var, st.alpha)
+        out = batch_norm_eval(x, mean, var, weight, bias, st.eps)
         return out, mean, var, mom.rho
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
-        x, weight, _b, hist_mean, hist_var, outer_state, outer_count = inputs[:7]
-        alpha, eps, estimator, momentum, group = inputs[7:]
+        x, weight, _b, *step = inputs
+        st = FullNormStep(*step)
         _out, mean, var, rho = output
         ctx.save_for_backward(x, weight, mean, var, rho)
         ctx.mark_non_differentiable(mean, var, rho)
         ctx.set_materialize_grads(False)
         # Live running state (see the class docstring), deliberately not saved values.
-        ctx.info = _BackwardInfo(alpha, eps, estimator, momentum, outer_state, outer_count, group)
+        ctx.info = st
         # The history, for the differentiable backward of "autograd" (copies: the caller
         # overwrites its buffers with the updated estimates).
         ctx.history = (
-            (hist_mean.detach().clone(), hist_var.detach().clone())
-            if estimator in TWICE_DIFFERENTIABLE and group is None
+            (st.running_mean.detach().clone(), st.running_var.detach().clone())
+            if st.estimator in TWICE_DIFFERENTIABLE and st.process_group is None
             else None
         )
 
@@ -615,10 +611,11 @@ class FullNormTrainFn(torch.autograd.Function):
     def backward(ctx, grad_out, _gm, _gv, _gr):  # type: ignore[override]
         if grad_out is None:
             return (None,) * 12
-        x, weight, mean, var, rho = ctx.saved_tensors
-        info: _BackwardInfo = ctx.info
+        saved = ctx.saved_tensors
+        x, weight, mean, var, rho = saved
+        info: FullNormStep = ctx.info
         if not torch.is_grad_enabled():  # plain backward: the fast path
-            grads = _first_order_backward(grad_out, x, weight, mean, var, rho, info)
+            grads = _first_order_backward(grad_out, saved, info)
         elif ctx.history is not None:  # create_graph=True, twice differentiable
             grads = _exact_backward(grad_out, x, weight, *ctx.history, info.alpha, info.eps)
         else:  # create_graph=True: a graph node that raises if it is differentiated
@@ -670,14 +667,12 @@ def full_norm_train(
             f"integer tensor), got {type(outer_state).__name__} and {type(outer_count).__name__}"
         )
     check_process_group(process_group)
-    args = (
-        x,
-        weight,
-        bias,
+    stateful = estimator in _STATEFUL
+    step = FullNormStep(
         running_mean,
         running_var,
-        outer_state if estimator in _STATEFUL else None,
-        outer_count if estimator in _STATEFUL else None,
+        outer_state if stateful else None,
+        outer_count if stateful else None,
         float(alpha),
         float(eps),
         estimator,
@@ -685,8 +680,10 @@ def full_norm_train(
         process_group,
     )
     # The fused CPU kernels where they apply (same contract; docs/performance.md).
-    fused = _fused.try_full_norm_train(*args)
-    out, mean, var, rho = fused if fused is not None else FullNormTrainFn.apply(*args)
+    fused = _fused.try_full_norm_train(x, weight, bias, step)
+    out, mean, var, rho = (
+        fused if fused is not None else FullNormTrainFn.apply(x, weight, bias, *step)
+    )
     return out, FullNormStats(mean, var, float(alpha), rho)
 
 

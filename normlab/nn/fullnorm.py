@@ -233,20 +233,23 @@ class _FullNorm(NormBase):
             alpha = self.current_alpha(max(self._batch_samples(input), 1))
         # The fused CPU step (forward and estimate update in one call; nothing is written when
         # an estimate is not finite): docs/performance.md.
-        fused = _fused.try_full_norm_module_train(
-            input,
-            self.weight,
-            self.bias,
+        step = fnf.FullNormStep(
             self.running_mean,  # type: ignore[arg-type]
             self.running_var,  # type: ignore[arg-type]
             self.outer_factor,  # type: ignore[arg-type]
             self.outer_steps,  # type: ignore[arg-type]
-            self.num_batches_tracked,  # type: ignore[arg-type]
             alpha,
             self.eps,
             self.estimator,
             self.outer_momentum,
             self.process_group,
+        )
+        fused = _fused.try_full_norm_module_train(
+            input,
+            self.weight,
+            self.bias,
+            step,
+            self.num_batches_tracked,  # type: ignore[arg-type]
         )
         if fused is not None:
             out, mean, var, ok = fused

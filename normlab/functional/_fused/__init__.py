@@ -31,6 +31,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from types import ModuleType
+from typing import Any
 
 import torch
 import torch.autograd.forward_ad as _fwad
@@ -261,39 +262,25 @@ def _buffer(t: object, c: int, dtype: torch.dtype, device: torch.device | None =
 
 
 def try_full_norm_train(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor,
-    running_var: Tensor,
-    outer_state: Tensor | None,
-    outer_count: Tensor | None,
-    alpha: float,
-    eps: float,
-    estimator: str,
-    outer_momentum: float,
-    process_group: object,
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, step: Any
 ) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-    """Fused :class:`normlab.functional.full_norm.FullNormTrainFn` (without a process group),
-    or ``None`` (use the reference). Returns ``(out, mean, var, rho)``."""
-    if process_group is not None:
+    """Fused ``FullNormTrainFn.apply(x, weight, bias, *step)``
+    (:class:`normlab.functional.full_norm.FullNormTrainFn`, without a process group; ``step`` a
+    :class:`~normlab.functional.full_norm.FullNormStep`, not imported here: full_norm imports
+    this module), or ``None`` (use the reference). Returns ``(out, mean, var, rho)``."""
+    if step.process_group is not None:
         return None
-    gate = _gate(x, (weight, bias), (running_mean, running_var))
-    code = _fn_code(gate, outer_state, outer_count, estimator)
+    gate = _gate(x, (weight, bias), (step.running_mean, step.running_var))
+    code = _fn_code(gate, step.outer_state, step.outer_count, step.estimator)
     if code is None:
         return None
-    stats = (running_mean, running_var, outer_state, outer_count)
-    return gate[0].fn_train(
-        x, weight, bias, *stats, *_fn_scalars(alpha, eps, code, outer_momentum, estimator)
-    )
+    return gate[0].fn_train(x, weight, bias, *step[:4], *_fn_scalars(step, code))
 
 
-def _fn_scalars(
-    alpha: float, eps: float, code: int, outer_momentum: float, estimator: str
-) -> tuple[float, float, int, float, bool]:
+def _fn_scalars(step: Any, code: int) -> tuple[float, float, int, float, bool]:
     # The kernels' scalar arguments of a Full Normalization step (the last: compute rho).
-    with_rho = estimator == "adaptive" and alpha < 1.0
-    return float(alpha), float(eps), code, float(outer_momentum), with_rho
+    with_rho = step.estimator == "adaptive" and step.alpha < 1.0
+    return float(step.alpha), float(step.eps), code, float(step.outer_momentum), with_rho
 
 
 def try_batch_norm_module_train(
@@ -330,37 +317,28 @@ def try_batch_norm_module_train(
         return None
     if non_finite is not None and not _counter(non_finite, device):
         non_finite = None
-    return _triton.bn_train_module(x, weight, bias, float(eps), *buffers, mom, non_finite)
+    return _triton.bn_train_module(x, weight, bias, float(eps), buffers, mom, non_finite)
 
 
 def try_full_norm_module_train(
     x: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
-    running_mean: Tensor,
-    running_var: Tensor,
-    outer_state: Tensor | None,
-    outer_count: Tensor | None,
+    step: Any,
     num_batches_tracked: Tensor,
-    alpha: float,
-    eps: float,
-    estimator: str,
-    outer_momentum: float,
-    process_group: object,
 ) -> tuple[Tensor, Tensor, Tensor, bool] | None:
     """A FullNorm layer's training step, fused: :func:`try_full_norm_train`, then the updated
-    estimates written into ``running_mean``/``running_var`` and ``num_batches_tracked``
-    incremented, all skipped when an estimate is not finite. Returns ``(out, mean, var, ok)``,
-    or ``None`` (use the reference)."""
-    if process_group is not None or not _counter(num_batches_tracked):
+    estimates written into ``step.running_mean``/``running_var`` (the layer's buffers) and
+    ``num_batches_tracked`` incremented, all skipped when an estimate is not finite. The
+    outer-factor state of a stateless estimator is ignored. Returns ``(out, mean, var, ok)``, or
+    ``None`` (use the reference)."""
+    if step.process_group is not None or not _counter(num_batches_tracked):
         return None
-    stateful = estimator in ("adaptive", "running")
-    state = outer_state if stateful else None
-    count = outer_count if stateful else None
-    gate = _gate(x, (weight, bias), buffers=(running_mean, running_var))
-    code = _fn_code(gate, state, count, estimator)
+    if step.estimator not in ("adaptive", "running"):
+        step = step._replace(outer_state=None, outer_count=None)
+    gate = _gate(x, (weight, bias), buffers=(step.running_mean, step.running_var))
+    code = _fn_code(gate, step.outer_state, step.outer_count, step.estimator)
     if code is None:
         return None
-    scalars = _fn_scalars(alpha, eps, code, outer_momentum, estimator)
-    stats = (running_mean, running_var, state, count)
-    return gate[0].fn_train_module(x, weight, bias, *stats, *scalars, num_batches_tracked)
+    scalars = _fn_scalars(step, code)
+    return gate[0].fn_train_module(x, weight, bias, *step[:4], *scalars, num_batches_tracked)

@@ -66,5 +66,6 @@ def fn_train_backward(
     if hist_mean is not None and hist_var is not None:
         return fnf._exact_backward(grad_out, x, weight, hist_mean, hist_var, alpha, eps)
     name = fnf.ESTIMATORS[estimator]
-    info = fnf._BackwardInfo(alpha, eps, name, momentum, outer_state, outer_count, None)
+    # The first-order backward reads no estimates from the step: the updated ones stand in.
+    info = fnf.FullNormStep(mean, var, outer_state, outer_count, alpha, eps, name, momentum, None)
     return fnf._FirstOrderBackwardFn.apply(info, grad_out, x, weight, mean, var, rho)

@@ -843,17 +843,17 @@ def bn_train_module(
     weight: Tensor | None,
     bias: Tensor | None,
     eps: float,
-    running_mean: Tensor,
-    running_var: Tensor,
-    tracked: Tensor,
+    buffers: tuple[Tensor, Tensor, Tensor],
     momentum: float,
     non_finite: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, bool] | None:
-    """:func:`bn_train` and the running-statistics update on the device (``momentum < 0``:
-    cumulative average), in the forward's launch: nothing written when a statistic is not
-    finite, and then ``non_finite`` (a long scalar on the device) incremented when given.
-    Returns ``(y, var, ok)``: ``ok`` true when ``non_finite`` was given (the policy is applied),
-    false otherwise (the layer applies its non-finite policy); or ``None``."""
+    """:func:`bn_train` and the update of ``buffers`` = ``(running_mean, running_var,
+    num_batches_tracked)`` on the device (``momentum < 0``: cumulative average), in the
+    forward's launch: nothing written when a statistic is not finite, and then ``non_finite`` (a
+    long scalar on the device) incremented when given. Returns ``(y, var, ok)``: ``ok`` true
+    when ``non_finite`` was given (the policy is applied), false otherwise (the layer applies its
+    non-finite policy); or ``None``."""
+    running_mean, running_var, tracked = buffers
     acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
     if running_mean.dtype != acc_t or running_var.dtype != acc_t:
         return None  # unreachable through the dispatch (it checks the buffers' dtype)
