@@ -471,6 +471,34 @@ class FullNormStep(NamedTuple):
     outer_momentum: float
     process_group: object
 
+    @classmethod
+    def create(
+        cls,
+        running_mean: Tensor,
+        running_var: Tensor,
+        outer_state: Tensor | None,
+        outer_count: Tensor | None,
+        alpha: float,
+        eps: float,
+        estimator: str,
+        outer_momentum: float,
+        process_group: object,
+    ) -> FullNormStep:
+        """The step with float scalars and, for a stateless estimator, no outer-factor state
+        (it is neither read nor written then)."""
+        stateful = estimator in _STATEFUL
+        return cls(
+            running_mean,
+            running_var,
+            outer_state if stateful else None,
+            outer_count if stateful else None,
+            float(alpha),
+            float(eps),
+            estimator,
+            float(outer_momentum),
+            process_group,
+        )
+
 
 def _global_factor(
     grad_out: Tensor, xc: Tensor, invstd: Tensor, group: object
@@ -610,7 +638,7 @@ class FullNormTrainFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _gm, _gv, _gr):  # type: ignore[override]
         if grad_out is None:
-            return (None,) * 12
+            return (None,) * (3 + len(FullNormStep._fields))
         saved = ctx.saved_tensors
         x, weight, mean, var, rho = saved
         info: FullNormStep = ctx.info
@@ -626,7 +654,7 @@ class FullNormTrainFn(torch.autograd.Function):
             grad_x if needs[0] else None,
             grad_w if needs[1] else None,
             grad_b if needs[2] else None,
-            *([None] * 9),
+            *([None] * len(FullNormStep._fields)),  # the step's arguments
         )
 
 
@@ -667,16 +695,15 @@ def full_norm_train(
             f"integer tensor), got {type(outer_state).__name__} and {type(outer_count).__name__}"
         )
     check_process_group(process_group)
-    stateful = estimator in _STATEFUL
-    step = FullNormStep(
+    step = FullNormStep.create(
         running_mean,
         running_var,
-        outer_state if stateful else None,
-        outer_count if stateful else None,
-        float(alpha),
-        float(eps),
+        outer_state,
+        outer_count,
+        alpha,
+        eps,
         estimator,
-        float(outer_momentum),
+        outer_momentum,
         process_group,
     )
     # The fused CPU kernels where they apply (same contract; docs/performance.md).

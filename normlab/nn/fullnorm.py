@@ -233,7 +233,7 @@ class _FullNorm(NormBase):
             alpha = self.current_alpha(max(self._batch_samples(input), 1))
         # The fused CPU step (forward and estimate update in one call; nothing is written when
         # an estimate is not finite): docs/performance.md.
-        step = fnf.FullNormStep(
+        step = fnf.FullNormStep.create(
             self.running_mean,  # type: ignore[arg-type]
             self.running_var,  # type: ignore[arg-type]
             self.outer_factor,  # type: ignore[arg-type]

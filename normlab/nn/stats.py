@@ -295,7 +295,8 @@ def _layer_input_moments(
             f"recompute_statistics expected at least 2 values per channel for {name}, "
             f"got {acc.count}"
         )
-    # Unbiased for BN (torch's running_var convention); biased for FN (see the module docstring).
+    # Unbiased for BN (torch's running_var convention); biased for FN and Online Normalization
+    # (see the module docstring).
     var = acc.m2 / (acc.count if isinstance(layer, _BIASED_TYPES) else acc.count - 1)
     if not (torch.isfinite(acc.mean).all() and torch.isfinite(var).all()):
         raise ValueError(

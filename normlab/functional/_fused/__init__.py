@@ -329,13 +329,10 @@ def try_full_norm_module_train(
 ) -> tuple[Tensor, Tensor, Tensor, bool] | None:
     """A FullNorm layer's training step, fused: :func:`try_full_norm_train`, then the updated
     estimates written into ``step.running_mean``/``running_var`` (the layer's buffers) and
-    ``num_batches_tracked`` incremented, all skipped when an estimate is not finite. The
-    outer-factor state of a stateless estimator is ignored. Returns ``(out, mean, var, ok)``, or
-    ``None`` (use the reference)."""
+    ``num_batches_tracked`` incremented, all skipped when an estimate is not finite. Returns
+    ``(out, mean, var, ok)``, or ``None`` (use the reference)."""
     if step.process_group is not None or not _counter(num_batches_tracked):
         return None
-    if step.estimator not in ("adaptive", "running"):
-        step = step._replace(outer_state=None, outer_count=None)
     gate = _gate(x, (weight, bias), buffers=(step.running_mean, step.running_var))
     code = _fn_code(gate, step.outer_state, step.outer_count, step.estimator)
     if code is None:
