@@ -66,7 +66,7 @@ def measure(
                 dataset=dataset, data_root=root, method=method, lr=lr, epochs=epochs, seed=seed,
                 log_every=0, eval_train=False, device="cpu", **batch_scenario(scenario, k or 3),
             )  # fmt: skip
-            last = train(cfg, on_eval=on_eval).evaluations[-3:]
+            last = train(cfg, dataset=data, on_eval=on_eval).evaluations[-3:]
             own.append(statistics.mean(e["test_acc"] for e in last))
             exact.append(statistics.mean(e["exact_test_acc"] for e in last))
         rows.append(
