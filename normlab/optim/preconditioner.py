@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import operator
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from normlab.functional import _fused
 from normlab.functional import precondition as pc
 from normlab.functional.batch_norm import Moments
 from normlab.functional.distributed import all_reduce_packed, group_size
@@ -146,9 +148,9 @@ class _Flat(NamedTuple):
 
     def holds(self, layers: tuple[_Layer, ...], stats: list[RunningMoments | None]) -> bool:
         return (
-            len(layers) == len(self.layers)
-            and all(a is b for a, b in zip(layers, self.layers, strict=True))
-            and all(a is b for a, b in zip(stats, self.running, strict=True))
+            len(layers) == len(self.layers) == len(stats)
+            and all(map(operator.is_, layers, self.layers))
+            and all(map(operator.is_, stats, self.running))
         )
 
 
@@ -595,6 +597,8 @@ class BNPreconditioner:
                 if layer.pending:
                     batch, first = layer.pending.pop(0)
                     batches.append((layer, batch, first))
+            if self._group is None and self._fused_fold(batches):
+                continue
             try:
                 flat_batches = _stash_moments(batches)  # replaces the stashes by their moments
             except RuntimeError:  # put the round back: the statistics stay as they were
@@ -628,6 +632,69 @@ class BNPreconditioner:
                 groups.setdefault(key, []).append((layer, batch))
             for key, members in groups.items():
                 self._fold_group(key, members, rho, flat_batches)  # type: ignore[arg-type]
+
+    def _fused_fold(self, batches: list[tuple[_Layer, Any, bool]]) -> bool:
+        """Fold one round in one fused kernel call: when every layer of the round has running
+        statistics, all of one device and dtype, one history length (or no ``debias``), and
+        inputs or moments of the statistics' dtype on the CPU. Returns ``False``, having
+        changed nothing, otherwise. Whether it applies depends only on the statistics and the
+        round, never on the flat buffers' history, so a run resumed from a state dict takes the
+        same path as the run that saved it."""
+        layers = tuple(layer for layer, _, _ in batches)
+        running = [layer.running for layer in layers]
+        if running[0] is None:
+            return False
+        key = (running[0].mean.device, running[0].mean.dtype)
+        flat = self._flat.get(key)
+        if flat is None or not flat.holds(layers, running):
+            if any(r is None or (r.mean.device, r.mean.dtype) != key for r in running):
+                return False
+            sizes = [r.mean.numel() for r in running]  # type: ignore[union-attr]
+            flat = _Flat(
+                layers,
+                tuple(running),  # type: ignore[arg-type]
+                _flat([r.mean for r in running], key[1]),  # type: ignore[union-attr]
+                _flat([r.var for r in running], key[1]),  # type: ignore[union-attr]
+                sizes,
+            )
+        counts = {r.num_batches for r in running}  # type: ignore[union-attr]
+        if self.debias and len(counts) > 1:
+            return False
+        xs: list[Tensor | None] = []
+        means: list[Tensor | None] = []
+        variances: list[Tensor | None] = []
+        for (_, batch, _), size in zip(batches, flat.sizes, strict=True):
+            if type(batch) is _Stash:
+                x = batch.x
+                if x._version != batch.version or x.shape[-1] != size:
+                    return False  # the reference path raises
+                xs.append(x if x.dim() == 2 else x.reshape(-1, size))
+                means.append(None)
+                variances.append(None)
+            else:
+                if batch.mean.numel() != size:
+                    return False
+                xs.append(None)
+                means.append(batch.mean.reshape(-1))
+                variances.append(batch.var.reshape(-1))
+        rho = pc.ema_rho(self._rho_resolved, next(iter(counts)), self.debias)  # type: ignore[arg-type]
+        new = _fused.try_bnp_fold(xs, means, variances, flat.mean, flat.var, rho)
+        if new is None:
+            return False
+        new_mean, new_var, mean_parts, var_parts = new
+        new_running = []
+        for (layer, _, first), old, m, v in zip(
+            batches, running, mean_parts, var_parts, strict=True
+        ):
+            if first:
+                layer.before_step = old
+            if old.mean.dim() != 1:  # type: ignore[union-attr]
+                m, v = m.view(old.mean.shape), v.view(old.mean.shape)  # type: ignore[union-attr]
+            stats = RunningMoments(m, v, old.num_batches + 1)  # type: ignore[union-attr]
+            layer.running = stats
+            new_running.append(stats)
+        self._flat[key] = _Flat(layers, tuple(new_running), new_mean, new_var, flat.sizes)
+        return True
 
     def _reduce(
         self, batches: list[tuple[_Layer, Moments, bool]], depth: int
@@ -822,16 +889,18 @@ class BNPreconditioner:
         self._flush()
         jobs: list[tuple[_Layer, Tensor, Tensor | None, RunningMoments]] = []
         skipped = []
+        current = self.use_current_batch
         for layer in self._layers:
-            module = layer.module
-            grad_w = module.weight.grad
-            stats = self._step_stats(layer)
+            params = layer.module._parameters  # (not the slower Module.__getattr__)
+            grad_w = params["weight"].grad  # type: ignore[union-attr]
+            stats = layer.running if current or layer.new_step else layer.before_step
             if grad_w is None or stats is None:
                 continue
-            if layer.already_preconditioned(grad_w):
+            if layer.written is not None and layer.already_preconditioned(grad_w):
                 skipped.append(layer.name)
                 continue
-            grad_b = None if module.bias is None else module.bias.grad
+            bias = params.get("bias")
+            grad_b = None if bias is None else bias.grad
             jobs.append((layer, grad_w, grad_b, stats))
         if skipped:
             logger.debug(
@@ -843,12 +912,39 @@ class BNPreconditioner:
                 return []
         weight_norm = self.weight_norm
         mode = pc.weight_norm_mode(weight_norm)
+        # CPU layers without the weight-norm projection go to the fused kernel, in one call.
+        fused: tuple[list[Tensor], list[Tensor | None], list[Tensor], list[Tensor]] = (
+            [],
+            [],
+            [],
+            [],
+        )
+        rest = []
+        for job in jobs:
+            layer, grad_w, grad_b, stats = job
+            module = layer.module
+            if (
+                (mode == "off" or not layer.weight_norm)
+                and grad_w.is_cpu
+                and stats.var.dtype == grad_w.dtype
+                and (type(module) is nn.Linear or getattr(module, "groups", 1) == 1)
+            ):
+                fused[0].append(grad_w)
+                fused[1].append(grad_b)
+                fused[2].append(stats.mean)
+                fused[3].append(stats.var)
+            else:
+                rest.append(job)
         # Statistics that are views of a flat buffer (_fold_group) get their floored variance
         # from one clamp and one add over the whole buffer, the same bits as per layer, and the
         # unchecked transform (the shapes are the layers' own).
-        located = {id(r): (f, i) for f in self._flat.values() for i, r in enumerate(f.running)}
+        located = (
+            {id(r): (f, i) for f in self._flat.values() for i, r in enumerate(f.running)}
+            if rest
+            else {}
+        )
         s2_parts: dict[int, tuple[Tensor, ...]] = {}
-        for layer, grad_w, grad_b, stats in jobs:
+        for layer, grad_w, grad_b, stats in rest:
             module = layer.module
             on = mode != "off" and layer.weight_norm
             weight = module.weight if on else None
@@ -884,9 +980,39 @@ class BNPreconditioner:
                     **({} if dense else {"groups": module.groups}),
                 )
             layer.written = (weakref.ref(grad_w), grad_w._version)
+        if fused[0]:
+            self._precondition_fused(jobs, fused)
         for layer in self._layers:
             layer.new_step = True
         return [layer.name for layer, *_ in jobs]
+
+    def _precondition_fused(
+        self,
+        jobs: list[tuple[_Layer, Tensor, Tensor | None, RunningMoments]],
+        fused: tuple[list[Tensor], list[Tensor | None], list[Tensor], list[Tensor]],
+    ) -> None:
+        # The CPU layers without weight normalization, in one kernel call when the fused kernels
+        # take them, else one by one as precondition_linear_ / precondition_conv2d_ do.
+        grads_w, grads_b, means, variances = fused
+        if not _fused.try_bnp_precondition_(
+            grads_w, grads_b, means, variances, self.eps, self.floor
+        ):
+            for grad_w, grad_b, mean, var in zip(*fused, strict=True):
+                s2 = var.clamp_min(self.floor).add_(self.eps)
+                groups = 1  # only groups=1 layers are gathered
+                pc._precondition_unchecked_(
+                    grad_w,
+                    grad_b,
+                    pc._like(mean, grad_w),
+                    pc._like(s2, grad_w),
+                    groups,
+                    None,
+                    False,
+                )
+        written = {id(g) for g in grads_w}
+        for layer, grad_w, _, _ in jobs:
+            if id(grad_w) in written:
+                layer.written = (weakref.ref(grad_w), grad_w._version)
 
     def before_step(self) -> None:
         """:meth:`precondition_`, as the training hook of the ``bnp`` method

@@ -11,7 +11,10 @@ fused result, or ``None`` when the call must go to the reference:
 * an input is not a plain strided CPU or CUDA tensor of a floating dtype (meta, sparse, tensor
   subclasses, ``torch.func`` transforms, forward-mode AD, dispatch or function modes, tracing and
   ``torch.compile``), or a per-channel tensor has another shape than ``(C,)`` or another device;
-* Full Normalization with a process group, or on CUDA (batch norm only there).
+* Full Normalization with a process group, or on CUDA (batch norm only there);
+* BNP (:func:`try_bnp_fold`, :func:`try_bnp_precondition_`, called by
+  :class:`normlab.optim.BNPreconditioner`): anything but contiguous float32/float64 CPU tensors
+  of one dtype.
 
 CPU tensors go to the C++ kernels, CUDA tensors to the Triton kernels of
 :mod:`normlab.functional._fused._triton` (same contract; their module step writes the running
@@ -48,6 +51,8 @@ __all__ = [
     "try_batch_norm_eval",
     "try_batch_norm_module_train",
     "try_batch_norm_train",
+    "try_bnp_fold",
+    "try_bnp_precondition_",
     "try_full_norm_module_train",
     "try_full_norm_train",
     "use",
@@ -339,3 +344,66 @@ def try_full_norm_module_train(
         return None
     scalars = _fn_scalars(step, code)
     return gate[0].fn_train_module(x, weight, bias, *step[:4], *scalars, num_batches_tracked)
+
+
+_BNP_DTYPES = (torch.float32, torch.float64)
+
+
+def _bnp_ops(t: Tensor) -> ModuleType | None:
+    # The C++ module when BNP's CPU kernels may run for tensors like t (statistics of t's dtype).
+    if type(t) is not Tensor or not t.is_cpu or t.dtype not in _BNP_DTYPES:
+        return None
+    ops = _ops(t)
+    return None if ops is None or ops is _triton else ops
+
+
+def try_bnp_fold(
+    xs: list[Tensor | None],
+    batch_means: list[Tensor | None],
+    batch_vars: list[Tensor | None],
+    mean: Tensor,
+    var: Tensor,
+    rho: float,
+) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]] | None:
+    """Fused :func:`normlab.functional.precondition.ema_update` of flat running statistics with
+    one batch, or ``None`` (use the reference).
+
+    ``mean``/``var`` (1-D) are the running moments of several layers, concatenated; segment ``i``
+    is either the ``(rows, n_i)`` input ``xs[i]``, whose per-column moments
+    (:func:`~normlab.functional.precondition.linear_input_moments`) the kernel computes, or
+    (``xs[i]`` ``None``) the 1-D batch moments ``batch_means[i]``/``batch_vars[i]``. Returns new
+    ``(mean, var)`` tensors and their views per segment (1-D).
+    """
+    ops = _bnp_ops(mean)
+    if ops is None or not all(type(x) is Tensor for x in xs if x is not None):
+        return None
+    out = ops.bnp_fold(xs, batch_means, batch_vars, mean, var, float(rho))
+    if not out:
+        return None
+    k = len(xs)
+    return out[0], out[1], out[2 : 2 + k], out[2 + k :]
+
+
+def try_bnp_precondition_(
+    grads_w: list[Tensor],
+    grads_b: list[Tensor | None],
+    means: list[Tensor],
+    variances: list[Tensor],
+    eps: float,
+    floor: float,
+) -> bool:
+    """Fused BNP transform (:func:`~normlab.functional.precondition.precondition_linear_` /
+    :func:`~normlab.functional.precondition.precondition_conv2d_` with ``groups=1`` and no weight
+    normalization) of several layers' gradients in place; ``False`` (nothing written) when the
+    call must go to the reference.
+
+    ``grads_w[i]``: ``(C_out, K)`` or ``(C_out, C_in, kh, kw)``; ``means[i]``/``variances[i]``: the
+    layer's statistics, ``K`` (or ``C_in * kh * kw``) entries, or ``C_in`` per channel. Every
+    tensor must be a contiguous CPU tensor of the gradients' dtype (float32 or float64).
+    """
+    if not grads_w:
+        return True
+    ops = _bnp_ops(grads_w[0])
+    if ops is None or not all(type(g) is Tensor for g in grads_w):
+        return False
+    return bool(ops.bnp_precondition(grads_w, grads_b, means, variances, float(eps), float(floor)))

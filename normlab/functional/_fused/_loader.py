@@ -36,7 +36,7 @@ _log = logging.getLogger("normlab.functional._fused")
 ENV_VAR = "NORMLAB_FUSED"
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
-_SOURCES = ("ops.cpp", "module.cpp")
+_SOURCES = ("ops.cpp", "bnp.cpp", "module.cpp")
 _HEADERS = ("engine.h", "ops.h")
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
 _LDFLAGS = ["-fopenmp"]

@@ -53,6 +53,24 @@ std::vector<at::Tensor> fn_train_backward(const at::Tensor& gy, const at::Tensor
                                           const std::optional<at::Tensor>& outer_count,
                                           bool need_x, bool need_wb);
 
+// BNP (bnp.cpp). The EMA fold of one batch into running statistics stored flat (mean, var: 1-D,
+// float32/float64): segment i is the (rows, n_i) input xs[i], whose per-column moments are
+// computed here, or (xs[i] None) its precomputed batch moments. {new_mean, new_var, then the
+// segments' views of new_mean, then of new_var}; empty (nothing computed) when a tensor is not
+// a contiguous CPU tensor of the statistics' dtype (float32/float64).
+std::vector<at::Tensor> bnp_fold(const std::vector<std::optional<at::Tensor>>& xs,
+                                 const std::vector<std::optional<at::Tensor>>& batch_means,
+                                 const std::vector<std::optional<at::Tensor>>& batch_vars,
+                                 const at::Tensor& mean, const at::Tensor& var, double rho);
+
+// The BNP gradient transform (no weight normalization), in place, for several layers: weight
+// gradient (C_out, K...) with statistics of K entries or of K / (kh * kw) channels. False
+// (nothing written) when a tensor is not contiguous on the CPU in the gradient's dtype.
+bool bnp_precondition(const std::vector<at::Tensor>& grads_w,
+                      const std::vector<std::optional<at::Tensor>>& grads_b,
+                      const std::vector<at::Tensor>& means, const std::vector<at::Tensor>& vars,
+                      double eps, double floor);
+
 // Per-channel tensors <-> double vectors (any floating dtype; writes cast to t's dtype).
 std::vector<double> to_double(const at::Tensor& t);
 void write_double(at::Tensor& t, const std::vector<double>& v);

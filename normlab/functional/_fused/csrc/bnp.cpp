@@ -1,0 +1,220 @@
+// Fused CPU kernels of Batch Normalization Preconditioning (BNP): the fold of one recorded batch
+// into the running input statistics of many layers, and the gradient transform of many layers,
+// each in one call (the formulas of normlab/functional/precondition.py: ema_update with
+// linear_input_moments, and the transform of precondition_linear_ / precondition_conv2d_
+// without weight normalization). On the small layers BNP is used with, the cost of the
+// reference is the number of tensor operations per step, not their size.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#include "ops.h"
+
+namespace normlab {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kGrain = 1 << 15;  // elements of work below which a loop stays on one thread
+
+bool given(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
+
+// Whether the kernels take t: a contiguous CPU tensor of the given dtype.
+bool takes(const Tensor& t, at::ScalarType type) {
+  return t.device().is_cpu() && t.scalar_type() == type && t.is_contiguous();
+}
+
+bool takes(const std::optional<Tensor>& t, at::ScalarType type) {
+  return given(t) && takes(*t, type);
+}
+
+// Per-column mean and biased variance of a (rows, n) row-major matrix, two passes in double.
+template <typename scalar_t>
+void column_moments(const scalar_t* x, int64_t rows, int64_t n, double* mean, double* var) {
+  at::parallel_for(0, n, std::max<int64_t>(1, kGrain / std::max<int64_t>(rows, 1)),
+                   [&](int64_t c0, int64_t c1) {
+    const int64_t w = c1 - c0;
+    std::fill(mean + c0, mean + c1, 0.0);
+    std::fill(var + c0, var + c1, 0.0);
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* row = x + r * n + c0;
+      double* m = mean + c0;
+      for (int64_t j = 0; j < w; ++j) m[j] += static_cast<double>(row[j]);
+    }
+    const double inv = 1.0 / static_cast<double>(rows);
+    for (int64_t j = c0; j < c1; ++j) mean[j] *= inv;
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* row = x + r * n + c0;
+      const double* m = mean + c0;
+      double* v = var + c0;
+      for (int64_t j = 0; j < w; ++j) {
+        const double d = static_cast<double>(row[j]) - m[j];
+        v[j] += d * d;
+      }
+    }
+    for (int64_t j = c0; j < c1; ++j) var[j] *= inv;
+  });
+}
+
+// sum_j a[j] * b[j] in kLanes independent partial sums of the input's dtype (so that it
+// vectorizes; as BLAS's matrix-vector product accumulates), added up in double.
+template <typename scalar_t>
+double dot(const scalar_t* a, const scalar_t* b, int64_t n) {
+  constexpr int64_t kLanes = 16;
+  scalar_t part[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) part[l] += a[j + l] * b[j + l];
+  double acc = 0.0;
+  for (; j < n; ++j) acc += static_cast<double>(a[j]) * static_cast<double>(b[j]);
+  for (int64_t l = 0; l < kLanes; ++l) acc += static_cast<double>(part[l]);
+  return acc;
+}
+
+}  // namespace
+
+std::vector<Tensor> bnp_fold(const std::vector<std::optional<Tensor>>& xs,
+                             const std::vector<std::optional<Tensor>>& batch_means,
+                             const std::vector<std::optional<Tensor>>& batch_vars,
+                             const Tensor& mean, const Tensor& var, double rho) {
+  const at::ScalarType type = mean.scalar_type();
+  const size_t segments = xs.size();
+  TORCH_CHECK(batch_means.size() == segments && batch_vars.size() == segments,
+              "bnp_fold: one input or one pair of batch moments per segment");
+  TORCH_CHECK(rho > 0.0 && rho < 1.0, "bnp_fold: rho must be in (0, 1), got ", rho);
+  if (!(type == at::kFloat || type == at::kDouble) || !takes(mean, type) || !takes(var, type))
+    return {};
+  TORCH_CHECK(mean.dim() == 1 && var.sizes() == mean.sizes(),
+              "bnp_fold: mean and var must be 1-D of one size");
+  const int64_t total = mean.numel();
+  std::vector<int64_t> sizes(segments);
+  int64_t pos = 0;
+  for (size_t i = 0; i < segments; ++i) {
+    if (given(xs[i])) {
+      if (!takes(xs[i], type)) return {};
+      TORCH_CHECK(xs[i]->dim() == 2 && xs[i]->size(0) > 0,
+                  "bnp_fold: inputs must be (rows > 0, n)");
+      sizes[i] = xs[i]->size(1);
+    } else {
+      if (!takes(batch_means[i], type) || !takes(batch_vars[i], type)) return {};
+      sizes[i] = batch_means[i]->numel();
+      TORCH_CHECK(batch_vars[i]->numel() == sizes[i], "bnp_fold: batch moments' sizes differ");
+    }
+    pos += sizes[i];
+  }
+  TORCH_CHECK(pos == total, "bnp_fold: the segments cover ", pos, " of ", total, " statistics");
+  // The batch moments of every segment, concatenated, in double.
+  std::vector<double> bm(static_cast<size_t>(total)), bv(static_cast<size_t>(total));
+  pos = 0;
+  for (size_t i = 0; i < segments; ++i) {
+    const int64_t n = sizes[i];
+    AT_DISPATCH_FLOATING_TYPES(type, "bnp_fold", [&] {
+      if (given(xs[i])) {
+        column_moments(xs[i]->const_data_ptr<scalar_t>(), xs[i]->size(0), n, bm.data() + pos,
+                       bv.data() + pos);
+        return;
+      }
+      const scalar_t* pm = batch_means[i]->const_data_ptr<scalar_t>();
+      const scalar_t* pv = batch_vars[i]->const_data_ptr<scalar_t>();
+      for (int64_t j = 0; j < n; ++j) {
+        bm[pos + j] = static_cast<double>(pm[j]);
+        bv[pos + j] = static_cast<double>(pv[j]);
+      }
+    });
+    pos += n;
+  }
+  Tensor new_mean = at::empty_like(mean), new_var = at::empty_like(var);
+  const double w = 1.0 - rho;
+  AT_DISPATCH_FLOATING_TYPES(type, "bnp_fold", [&] {
+    const scalar_t* m = mean.const_data_ptr<scalar_t>();
+    const scalar_t* v = var.const_data_ptr<scalar_t>();
+    scalar_t* nm = new_mean.mutable_data_ptr<scalar_t>();
+    scalar_t* nv = new_var.mutable_data_ptr<scalar_t>();
+    for (int64_t j = 0; j < total; ++j) {
+      // A non-finite batch entry keeps the previous value (ema_update).
+      if (!std::isfinite(bm[j]) || !std::isfinite(bv[j])) {
+        nm[j] = m[j], nv[j] = v[j];
+        continue;
+      }
+      const double d = bm[j] - static_cast<double>(m[j]);
+      nm[j] = static_cast<scalar_t>(static_cast<double>(m[j]) + w * d);
+      nv[j] = static_cast<scalar_t>(rho * static_cast<double>(v[j]) + w * bv[j] + rho * w * d * d);
+    }
+  });
+  std::vector<Tensor> out{new_mean, new_var};
+  out.reserve(2 + 2 * segments);
+  for (const Tensor& flat : {new_mean, new_var})
+    for (int64_t i = 0, off = 0; i < static_cast<int64_t>(segments); off += sizes[i++])
+      out.push_back(flat.narrow(0, off, sizes[i]));
+  return out;
+}
+
+bool bnp_precondition(const std::vector<Tensor>& grads_w,
+                      const std::vector<std::optional<Tensor>>& grads_b,
+                      const std::vector<Tensor>& means, const std::vector<Tensor>& vars,
+                      double eps, double floor) {
+  const size_t layers = grads_w.size();
+  TORCH_CHECK(grads_b.size() == layers && means.size() == layers && vars.size() == layers,
+              "bnp_precondition: one bias gradient (or None), mean and var per weight gradient");
+  // Everything is checked before anything is written.
+  std::vector<int64_t> rows(layers), fan_in(layers), reps(layers);
+  for (size_t i = 0; i < layers; ++i) {
+    const Tensor& g = grads_w[i];
+    const at::ScalarType type = g.scalar_type();
+    if (!(type == at::kFloat || type == at::kDouble) || !takes(g, type) ||
+        !takes(means[i], type) || !takes(vars[i], type) ||
+        (given(grads_b[i]) && !takes(*grads_b[i], type)))
+      return false;
+    TORCH_CHECK(g.dim() >= 2 && g.size(0) > 0, "bnp_precondition: weight gradients are (C_out, ...)");
+    rows[i] = g.size(0);
+    fan_in[i] = g.numel() / rows[i];
+    const int64_t k = means[i].numel();
+    TORCH_CHECK(k > 0 && vars[i].numel() == k && fan_in[i] % k == 0,
+                "bnp_precondition: statistics of ", k, " entries for a fan-in of ", fan_in[i]);
+    reps[i] = fan_in[i] / k;  // kh * kw for per-channel statistics of a convolution, else 1
+    TORCH_CHECK(!given(grads_b[i]) || grads_b[i]->numel() == rows[i],
+                "bnp_precondition: bias gradient size");
+  }
+  for (size_t i = 0; i < layers; ++i) {
+    const int64_t K = fan_in[i], rep = reps[i];
+    AT_DISPATCH_FLOATING_TYPES(grads_w[i].scalar_type(), "bnp_precondition", [&] {
+      // The statistics expanded to the fan-in: mu and s2 = max(var, floor) + eps.
+      // The reciprocal 1 / s2: a multiplication vectorizes better than a division (the
+      // result differs from dividing by at most one rounding).
+      std::vector<scalar_t> mu(static_cast<size_t>(K)), inv(static_cast<size_t>(K));
+      const scalar_t* pm = means[i].const_data_ptr<scalar_t>();
+      const scalar_t* pv = vars[i].const_data_ptr<scalar_t>();
+      const scalar_t fl = static_cast<scalar_t>(floor), ep = static_cast<scalar_t>(eps);
+      for (int64_t c = 0, j = 0; c < K / rep; ++c) {
+        const scalar_t v = pv[c];
+        const scalar_t r = scalar_t(1) / ((std::isnan(v) ? v : std::max(v, fl)) + ep);
+        for (int64_t e = 0; e < rep; ++e, ++j) mu[j] = pm[c], inv[j] = r;
+      }
+      scalar_t* g = grads_w[i].mutable_data_ptr<scalar_t>();
+      scalar_t* b = given(grads_b[i]) ? grads_b[i]->mutable_data_ptr<scalar_t>() : nullptr;
+      at::parallel_for(0, rows[i], std::max<int64_t>(1, kGrain / K), [&](int64_t r0, int64_t r1) {
+        for (int64_t o = r0; o < r1; ++o) {
+          scalar_t* row = g + o * K;
+          if (b == nullptr) {
+            for (int64_t j = 0; j < K; ++j) row[j] *= inv[j];
+            continue;
+          }
+          const scalar_t bo = b[o];
+          for (int64_t j = 0; j < K; ++j) row[j] = (row[j] - bo * mu[j]) * inv[j];
+          b[o] = static_cast<scalar_t>(static_cast<double>(bo) - dot(row, mu.data(), K));
+        }
+      });
+    });
+    mark_written(grads_w[i]);
+    if (given(grads_b[i])) mark_written(*grads_b[i]);
+  }
+  return true;
+}
+
+}  // namespace normlab

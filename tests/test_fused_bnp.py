@@ -1,0 +1,274 @@
+"""The fused CPU kernels of BNP (normlab/functional/_fused/csrc/bnp.cpp) against the reference.
+
+Oracles: the functional BNP math (``linear_input_moments`` + ``ema_update``,
+``precondition_linear_`` / ``precondition_conv2d_``) and ``BNPreconditioner`` run with the fused
+kernels switched off; float32 within 1e-6 (or closer than the reference to the float64 truth),
+float64 within 1e-12.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from normlab.functional import _fused
+from normlab.functional.precondition import (
+    ema_moments,
+    ema_update,
+    linear_input_moments,
+    precondition_conv2d,
+    precondition_linear,
+)
+from normlab.models import MLP, SmallCNN
+from normlab.optim.preconditioner import BNPreconditioner
+from tests._fused_helpers import close_or_closer
+
+needs_fused = pytest.mark.skipif(
+    not _fused.available(), reason=f"fused kernels unavailable: {_fused.load_error()}"
+)
+pytestmark = needs_fused
+
+DTYPES = [torch.float32, torch.float64]
+TOL = {torch.float32: {"rtol": 1e-6, "atol": 1e-6}, torch.float64: {"rtol": 1e-12, "atol": 1e-12}}
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _reference_fold(xs, means, variances, mean, var, rho):
+    parts_m, parts_v = [], []
+    for x, m, v in zip(xs, means, variances, strict=True):
+        if x is not None:
+            moments = linear_input_moments(x)
+            m, v = moments.mean, moments.var
+        parts_m.append(m)
+        parts_v.append(v)
+    return ema_update(mean, var, torch.cat(parts_m), torch.cat(parts_v), rho)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 7, 300])
+@pytest.mark.parametrize("rho", [0.5, 0.99])
+def test_fold_equals_ema_update_of_the_segments_moments(dtype, rows, rho):
+    g = _gen(rows)
+    xs = [torch.randn(rows, 13, generator=g, dtype=dtype) * 3 + 2, None,
+          torch.randn(rows, 5, generator=g, dtype=dtype) * 1e-2]  # fmt: skip
+    means = [None, torch.randn(6, generator=g, dtype=dtype), None]
+    variances = [None, torch.rand(6, generator=g, dtype=dtype), None]
+    mean = torch.randn(24, generator=g, dtype=dtype)
+    var = torch.rand(24, generator=g, dtype=dtype) + 0.1
+    before = (mean.clone(), var.clone())
+    got = _fused.try_bnp_fold(xs, means, variances, mean, var, rho)
+    assert got is not None
+    new_mean, new_var, mean_parts, var_parts = got
+    want = _reference_fold(xs, means, variances, mean, var, rho)
+    truth = _reference_fold(
+        [None if x is None else x.double() for x in xs],
+        [None if m is None else m.double() for m in means],
+        [None if v is None else v.double() for v in variances],
+        mean.double(), var.double(), rho,
+    )  # fmt: skip
+    close_or_closer([new_mean, new_var], list(want), TOL[dtype], truth=truth)
+    assert torch.equal(mean, before[0]) and torch.equal(var, before[1])  # new tensors
+    # The per-segment views, in order.
+    assert [p.numel() for p in mean_parts] == [13, 6, 5] == [p.numel() for p in var_parts]
+    assert torch.equal(torch.cat(mean_parts), new_mean) and torch.equal(
+        torch.cat(var_parts), new_var
+    )
+    assert all(p.data_ptr() >= new_mean.data_ptr() for p in mean_parts)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fold_keeps_entries_whose_batch_moments_are_not_finite(dtype):
+    g = _gen(3)
+    x = torch.randn(4, 5, generator=g, dtype=dtype)
+    x[1, 2] = float("nan")
+    x[0, 4] = float("inf")
+    m_b = torch.randn(3, dtype=dtype, generator=g)
+    m_b[0] = float("nan")
+    v_b = torch.rand(3, dtype=dtype, generator=g)
+    mean, var = torch.randn(8, generator=g, dtype=dtype), torch.rand(8, generator=g, dtype=dtype)
+    new_mean, new_var, _, _ = _fused.try_bnp_fold(
+        [x, None], [None, m_b], [None, v_b], mean, var, 0.9
+    )
+    want = _reference_fold([x, None], [None, m_b], [None, v_b], mean, var, 0.9)
+    torch.testing.assert_close(new_mean, want[0], **TOL[dtype])
+    torch.testing.assert_close(new_var, want[1], **TOL[dtype])
+    for i in (2, 4, 5):  # kept
+        assert new_mean[i] == mean[i] and new_var[i] == var[i]
+
+
+def test_fold_declines_what_it_does_not_take():
+    mean, var = torch.zeros(4), torch.ones(4)
+    x = torch.randn(3, 4)
+    cases = [
+        ([x.half()], [None], [None], mean, var),  # another dtype than the statistics'
+        ([torch.randn(4, 3).T], [None], [None], mean, var),  # not contiguous
+        ([x], [None], [None], mean.half(), var.half()),  # half statistics
+        ([None], [torch.zeros(4, dtype=torch.float64)], [torch.ones(4)], mean, var),
+    ]
+    for xs, ms, vs, m, v in cases:
+        assert _fused.try_bnp_fold(xs, ms, vs, m, v, 0.9) is None
+    with _fused.use(False):
+        assert _fused.try_bnp_fold([x], [None], [None], mean, var, 0.9) is None
+
+
+def _layers(dtype: torch.dtype, g: torch.Generator):
+    # (grad_w, grad_b, mean, var, functional transform) for a dense layer with and without
+    # bias, a convolution with per-channel statistics, one with per-entry (patch) statistics
+    # and a 1x1 convolution.
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+
+    def stats(*shape):
+        var = torch.rand(*shape, generator=g, dtype=dtype) * 2
+        var.view(-1)[0] = 1e-4  # below the floor
+        return rnd(*shape), var
+
+    return [
+        (rnd(5, 7), rnd(5), *stats(7), "linear"),
+        (rnd(3, 9), None, *stats(9), "linear"),
+        (rnd(6, 4, 3, 3), rnd(6), *stats(4), "conv"),
+        (rnd(4, 2, 2, 3), rnd(4), *stats(2, 2, 3), "conv"),
+        (rnd(8, 3, 1, 1), None, *stats(3), "conv"),
+    ]
+
+
+def _reference_transform(layers, eps, floor):
+    out = []
+    for gw, gb, m, v, kind in layers:
+        fn = precondition_linear if kind == "linear" else precondition_conv2d
+        out.extend(fn(gw, gb, m, v, eps=eps, floor=floor))
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_precondition_equals_the_functional_transforms(dtype):
+    layers = _layers(dtype, _gen(5))
+    eps, floor = 1e-5, 0.1
+    want = _reference_transform(layers, eps, floor)
+    truth = _reference_transform(
+        [(gw.double(), None if gb is None else gb.double(), m.double(), v.double(), k)
+         for gw, gb, m, v, k in layers], eps, floor,
+    )  # fmt: skip
+    grads_w = [layer[0].clone() for layer in layers]
+    grads_b = [None if layer[1] is None else layer[1].clone() for layer in layers]
+    versions = [t._version for t in grads_w]
+    assert _fused.try_bnp_precondition_(
+        grads_w, grads_b, [layer[2] for layer in layers], [layer[3] for layer in layers], eps, floor
+    )
+    got = [t for pair in zip(grads_w, grads_b, strict=True) for t in pair]
+    close_or_closer(got, want, TOL[dtype], truth=truth)
+    # Written in place, as an in-place op: the version counters moved.
+    assert all(t._version > v for t, v in zip(grads_w, versions, strict=True))
+
+
+def test_precondition_declines_without_writing():
+    g = _gen(6)
+    layers = _layers(torch.float32, g)
+    means = [layer[2] for layer in layers]
+    variances = [layer[3] for layer in layers]
+    for bad in ("channels_last", "dtype"):
+        grads_w = [layer[0].clone() for layer in layers]
+        grads_b = [None if layer[1] is None else layer[1].clone() for layer in layers]
+        if bad == "channels_last":
+            grads_w[2] = grads_w[2].contiguous(memory_format=torch.channels_last)
+        else:
+            grads_b[0] = grads_b[0].double()
+        before = [t.clone() for t in grads_w]
+        assert not _fused.try_bnp_precondition_(grads_w, grads_b, means, variances, 1e-5, 0.1)
+        assert all(torch.equal(a, b) for a, b in zip(grads_w, before, strict=True)), bad
+
+
+def _train(model: nn.Module, xs, fused: bool, **options):
+    model = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with _fused.use(fused):
+        precond = BNPreconditioner(model, **options)
+        for x, y in xs:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            precond.precondition_()
+            opt.step()
+        stats = precond.statistics()
+    return list(model.parameters()), stats
+
+
+def _data(dtype, shape, steps=6):
+    g = _gen(7)
+    labels = (shape[0],)
+    return [
+        (torch.randn(*shape, generator=g, dtype=dtype), torch.randint(0, 10, labels, generator=g))
+        for _ in range(steps)
+    ]
+
+
+class _Spy:
+    # Counts the calls of a fused entry point that returned a result.
+    def __init__(self, fn):
+        self.fn, self.taken = fn, 0
+
+    def __call__(self, *args):
+        out = self.fn(*args)
+        self.taken += out is not None and out is not False
+        return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("arch", "options"),
+    [
+        ("mlp", {}),
+        ("mlp", {"debias": False, "use_current_batch": False}),
+        ("cnn", {}),
+        ("cnn", {"conv_stats": "patch", "rho": 0.9}),
+    ],
+    ids=["mlp", "mlp-plain-ema-earlier-batches", "cnn", "cnn-patch"],
+)
+def test_preconditioner_trains_as_with_the_reference(dtype, arch, options, monkeypatch):
+    torch.manual_seed(0)
+    if arch == "mlp":
+        model, shape = MLP(12, (16, 16), 10), (5, 12)
+    else:
+        model, shape = SmallCNN(2, 10, channels=(4, 6)), (3, 2, 8, 8)
+    model = model.to(dtype)
+    xs = _data(dtype, shape)
+    fold, transform = _Spy(_fused.try_bnp_fold), _Spy(_fused.try_bnp_precondition_)
+    monkeypatch.setattr(_fused, "try_bnp_fold", fold)
+    monkeypatch.setattr(_fused, "try_bnp_precondition_", transform)
+    got_params, got_stats = _train(model, xs, True, **options)
+    # Every fold after the first batch's and every step's transform took the kernels (the first
+    # step has no statistics to use without the current batch).
+    first = options.get("use_current_batch", True)
+    assert (fold.taken, transform.taken) == (len(xs) - 1, len(xs) - (not first))
+    want_params, want_stats = _train(model, xs, False, **options)
+    tol = {torch.float32: {"rtol": 1e-5, "atol": 1e-6}, torch.float64: TOL[torch.float64]}[dtype]
+    for a, b in zip(got_params, want_params, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+    assert got_stats.keys() == want_stats.keys()
+    for name in got_stats:
+        torch.testing.assert_close(got_stats[name].mean, want_stats[name].mean, **tol)
+        torch.testing.assert_close(got_stats[name].var, want_stats[name].var, **tol)
+        assert got_stats[name].num_batches == want_stats[name].num_batches == len(xs)
+
+
+def test_the_fused_fold_starts_from_the_first_ema_step():
+    # The first batch initializes the statistics (reference); every later fold is fused and
+    # equals ema_moments step by step.
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    precond = BNPreconditioner(model, rho=0.8, debias=False)
+    g = _gen(8)
+    running = None
+    for _ in range(4):
+        x = torch.randn(5, 6, generator=g, dtype=torch.float64)
+        model(x).sum().backward()
+        running = ema_moments(running, linear_input_moments(x), 0.8)
+        stats = precond.statistics()["0"]
+        torch.testing.assert_close(stats.mean, running.mean, **TOL[torch.float64])
+        torch.testing.assert_close(stats.var, running.var, **TOL[torch.float64])
