@@ -162,7 +162,6 @@ def _flat(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
     return out if out.dtype == dtype else out.to(dtype)
 
 
-_STAT_KERNEL_DEVICES = ("cpu", "cuda")
 _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
@@ -174,7 +173,7 @@ def _stashable(x: Tensor, weight: Tensor | None) -> bool:
         torch.is_grad_enabled()
         and weight is not None
         and weight.requires_grad
-        and x.device.type in _STAT_KERNEL_DEVICES
+        and (x.is_cpu or x.is_cuda)  # (x.device.type builds a device object: slower)
         and not _is_functorch_wrapped(x)
     )
 
@@ -870,8 +869,9 @@ class BNPreconditioner:
         :func:`~normlab.functional.precondition.precondition_linear_` /
         :func:`~normlab.functional.precondition.precondition_conv2d_` with this preconditioner's
         ``eps`` and ``floor``, and ``weight_norm`` for the layers in :attr:`weight_norm_layers`
-        (the same bits as those functions). Marks the end of a step for
-        ``use_current_batch=False``.
+        (on CPU, float32/float64, without the weight-norm projection and with ``groups=1``: one
+        fused kernel call for all layers, within rounding of those functions; docs/performance.md).
+        Marks the end of a step for ``use_current_batch=False``.
 
         Raises:
             RuntimeError: after :meth:`remove`, or a kept dense-layer input was changed in place
