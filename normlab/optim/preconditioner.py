@@ -588,14 +588,11 @@ class BNPreconditioner:
         and folds them in, layers of one device and dtype together (:meth:`_fold_group`).
         """
         while True:
-            depth = max(len(layer.pending) for layer in self._layers)
-            if depth == 0:
+            batches: list[tuple[_Layer, Any, bool]] = [
+                (layer, *layer.pending.pop(0)) for layer in self._layers if layer.pending
+            ]
+            if not batches:
                 return
-            batches: list[tuple[_Layer, Any, bool]] = []
-            for layer in self._layers:
-                if layer.pending:
-                    batch, first = layer.pending.pop(0)
-                    batches.append((layer, batch, first))
             if self._group is None and self._fused_fold(batches):
                 continue
             try:
@@ -607,6 +604,8 @@ class BNPreconditioner:
             if self._group is not None:
                 flat_batches = {}
                 try:
+                    # depth: the most batches any layer had pending before this round
+                    depth = 1 + max(len(layer.pending) for layer, _, _ in batches)
                     batches = self._reduce(batches, depth)
                 except RuntimeError:  # put the round back: the statistics stay as they were
                     for layer, batch, first in reversed(batches):
