@@ -68,7 +68,7 @@ def test_batched_statistics_equal_the_per_layer_functional_ema(debias):
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
 def test_kept_inputs_give_the_bits_of_eager_statistics(fused):
     # The reference computes a kept input's moments with the kernel the eager path uses: the
-    # same bits. The fused fold computes them itself (in float64): within 1e-6 in float32.
+    # same bits. The fused fold computes them itself, in another order: within 1e-6 in float32.
     with _fused.use(fused):
         _check_kept_equals_eager(fused)
 
