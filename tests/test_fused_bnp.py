@@ -104,13 +104,27 @@ def test_fold_keeps_entries_whose_batch_moments_are_not_finite(dtype):
         assert new_mean[i] == mean[i] and new_var[i] == var[i]
 
 
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_fold_reads_half_inputs_into_float32_statistics(half):
+    # As linear_input_moments: half-precision inputs, moments in float32.
+    g = _gen(4)
+    xs = [(torch.randn(37, 9, generator=g) * 2 + 1).to(half), None]
+    means, variances = [None, torch.randn(3, generator=g)], [None, torch.rand(3, generator=g)]
+    mean, var = torch.randn(12, generator=g), torch.rand(12, generator=g) + 0.5
+    got = _fused.try_bnp_fold(xs, means, variances, mean, var, 0.9)
+    assert got is not None and got[0].dtype == torch.float32
+    want = _reference_fold(xs, means, variances, mean, var, 0.9)
+    close_or_closer(list(got[:2]), list(want), TOL[torch.float32])
+
+
 def test_fold_declines_what_it_does_not_take():
     mean, var = torch.zeros(4), torch.ones(4)
     x = torch.randn(3, 4)
     cases = [
-        ([x.half()], [None], [None], mean, var),  # another dtype than the statistics'
+        ([x.double()], [None], [None], mean, var),  # another dtype than the statistics'
         ([torch.randn(4, 3).T], [None], [None], mean, var),  # not contiguous
         ([x], [None], [None], mean.half(), var.half()),  # half statistics
+        ([x.half()], [None], [None], mean.double(), var.double()),  # half x, float64 statistics
         ([None], [torch.zeros(4, dtype=torch.float64)], [torch.ones(4)], mean, var),
     ]
     for xs, ms, vs, m, v in cases:
@@ -256,6 +270,37 @@ def test_preconditioner_trains_as_with_the_reference(dtype, arch, options, monke
         torch.testing.assert_close(got_stats[name].mean, want_stats[name].mean, **tol)
         torch.testing.assert_close(got_stats[name].var, want_stats[name].var, **tol)
         assert got_stats[name].num_batches == want_stats[name].num_batches == len(xs)
+
+
+def test_preconditioner_under_bfloat16_autocast_trains_as_with_the_reference(monkeypatch):
+    # The hidden layers' inputs are bfloat16 under CPU autocast; their statistics float32.
+    torch.manual_seed(2)
+    model = MLP(12, (16, 16), 10)
+    xs = _data(torch.float32, (6, 12))
+    fold = _Spy(_fused.try_bnp_fold)
+    monkeypatch.setattr(_fused, "try_bnp_fold", fold)
+    results = []
+    for fused in (True, False):
+        net = copy.deepcopy(model)
+        opt = torch.optim.SGD(net.parameters(), lr=0.05)
+        with _fused.use(fused):
+            precond = BNPreconditioner(net)
+            for x, y in xs:
+                opt.zero_grad()
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    out = net(x)
+                F.cross_entropy(out.float(), y).backward()
+                precond.precondition_()
+                opt.step()
+            results.append((list(net.parameters()), precond.statistics()))
+    assert fold.taken == len(xs) - 1
+    (p_got, s_got), (p_want, s_want) = results
+    assert all(s.mean.dtype == torch.float32 for s in s_got.values())
+    for a, b in zip(p_got, p_want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for name in s_got:
+        torch.testing.assert_close(s_got[name].mean, s_want[name].mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(s_got[name].var, s_want[name].var, rtol=1e-5, atol=1e-6)
 
 
 def test_the_fused_fold_starts_from_the_first_ema_step():

@@ -14,7 +14,7 @@ fused result, or ``None`` when the call must go to the reference:
 * Full Normalization with a process group, or on CUDA (batch norm only there);
 * BNP (:func:`try_bnp_fold`, :func:`try_bnp_precondition_`, called by
   :class:`normlab.optim.BNPreconditioner`): anything but contiguous float32/float64 CPU tensors
-  of one dtype.
+  of one dtype (and float16/bfloat16 layer inputs with float32 statistics).
 
 CPU tensors go to the C++ kernels, CUDA tensors to the Triton kernels of
 :mod:`normlab.functional._fused._triton` (same contract; their module step writes the running
@@ -371,8 +371,9 @@ def try_bnp_fold(
     ``mean``/``var`` (1-D) are the running moments of several layers, concatenated; segment ``i``
     is either the ``(rows, n_i)`` input ``xs[i]``, whose per-column moments
     (:func:`~normlab.functional.precondition.linear_input_moments`) the kernel computes, or
-    (``xs[i]`` ``None``) the 1-D batch moments ``batch_means[i]``/``batch_vars[i]``. Returns new
-    ``(mean, var)`` tensors and their views per segment (1-D).
+    (``xs[i]`` ``None``) the 1-D batch moments ``batch_means[i]``/``batch_vars[i]``; inputs have
+    the statistics' dtype (float32/float64), or float16/bfloat16 with float32 statistics (summed
+    in float32). Returns new ``(mean, var)`` tensors and their views per segment (1-D).
     """
     ops = _bnp_ops(mean)
     if ops is None or not all(type(x) is Tensor for x in xs if x is not None):

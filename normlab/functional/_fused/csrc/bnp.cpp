@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "ops.h"
@@ -35,37 +36,39 @@ bool takes(const std::optional<Tensor>& t, at::ScalarType type) {
 }
 
 // Per-column mean and biased variance of a (rows, n) row-major matrix, two passes (the sum,
-// then the centred squares). Blocks of up to kBlock rows are summed in the input's dtype, the
-// blocks in double: for float32 as accurate as torch's float32 reductions, with a conversion per
-// block rather than per value (the rule of the batch norm kernels, engine.h).
+// then the centred squares). Blocks of up to kBlock rows are summed in float (double for double
+// inputs), the blocks in double: as accurate as torch's float32 reductions, with a conversion per
+// block rather than per value (the rule of the batch norm kernels, engine.h). float16 and
+// bfloat16 inputs are read as they are and summed in float.
 constexpr int64_t kBlock = 16;
 
 template <typename scalar_t>
 void column_moments(const scalar_t* x, int64_t rows, int64_t n, double* mean, double* var) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   at::parallel_for(0, n, std::max<int64_t>(1, kGrain / std::max<int64_t>(rows, 1)),
                    [&](int64_t c0, int64_t c1) {
     const int64_t w = c1 - c0;
-    std::vector<scalar_t> part(static_cast<size_t>(w)), centre(static_cast<size_t>(w));
+    std::vector<acc_t> part(static_cast<size_t>(w)), centre(static_cast<size_t>(w));
     double* m = mean + c0;
     double* v = var + c0;
     std::fill(m, m + w, 0.0);
     std::fill(v, v + w, 0.0);
     for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
-      std::fill(part.begin(), part.end(), scalar_t(0));
+      std::fill(part.begin(), part.end(), acc_t(0));
       for (int64_t r = r0; r < std::min(rows, r0 + kBlock); ++r) {
         const scalar_t* row = x + r * n + c0;
-        for (int64_t j = 0; j < w; ++j) part[j] += row[j];
+        for (int64_t j = 0; j < w; ++j) part[j] += static_cast<acc_t>(row[j]);
       }
       for (int64_t j = 0; j < w; ++j) m[j] += static_cast<double>(part[j]);
     }
     const double inv = 1.0 / static_cast<double>(rows);
-    for (int64_t j = 0; j < w; ++j) m[j] *= inv, centre[j] = static_cast<scalar_t>(m[j]);
+    for (int64_t j = 0; j < w; ++j) m[j] *= inv, centre[j] = static_cast<acc_t>(m[j]);
     for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
-      std::fill(part.begin(), part.end(), scalar_t(0));
+      std::fill(part.begin(), part.end(), acc_t(0));
       for (int64_t r = r0; r < std::min(rows, r0 + kBlock); ++r) {
         const scalar_t* row = x + r * n + c0;
         for (int64_t j = 0; j < w; ++j) {
-          const scalar_t d = row[j] - centre[j];
+          const acc_t d = static_cast<acc_t>(row[j]) - centre[j];
           part[j] += d * d;
         }
       }
@@ -114,7 +117,10 @@ std::vector<Tensor> bnp_fold(const std::vector<std::optional<Tensor>>& xs,
   int64_t pos = 0;
   for (size_t i = 0; i < segments; ++i) {
     if (given(xs[i])) {
-      if (!takes(xs[i], type)) return {};
+      // Inputs of the statistics' dtype, or float16/bfloat16 inputs of float32 statistics.
+      const at::ScalarType xt = given(xs[i]) ? xs[i]->scalar_type() : type;
+      const bool half = type == at::kFloat && (xt == at::kHalf || xt == at::kBFloat16);
+      if (!takes(xs[i], half ? xt : type)) return {};
       TORCH_CHECK(xs[i]->dim() == 2 && xs[i]->size(0) > 0,
                   "bnp_fold: inputs must be (rows > 0, n)");
       sizes[i] = xs[i]->size(1);
@@ -131,12 +137,16 @@ std::vector<Tensor> bnp_fold(const std::vector<std::optional<Tensor>>& xs,
   pos = 0;
   for (size_t i = 0; i < segments; ++i) {
     const int64_t n = sizes[i];
-    AT_DISPATCH_FLOATING_TYPES(type, "bnp_fold", [&] {
-      if (given(xs[i])) {
+    if (given(xs[i])) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs[i]->scalar_type(), "bnp_fold",
+                                      [&] {
         column_moments(xs[i]->const_data_ptr<scalar_t>(), xs[i]->size(0), n, bm.data() + pos,
                        bv.data() + pos);
-        return;
-      }
+      });
+      pos += n;
+      continue;
+    }
+    AT_DISPATCH_FLOATING_TYPES(type, "bnp_fold", [&] {
       const scalar_t* pm = batch_means[i]->const_data_ptr<scalar_t>();
       const scalar_t* pv = batch_vars[i]->const_data_ptr<scalar_t>();
       for (int64_t j = 0; j < n; ++j) {

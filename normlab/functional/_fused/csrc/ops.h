@@ -57,7 +57,8 @@ std::vector<at::Tensor> fn_train_backward(const at::Tensor& gy, const at::Tensor
 // float32/float64): segment i is the (rows, n_i) input xs[i], whose per-column moments are
 // computed here, or (xs[i] None) its precomputed batch moments. {new_mean, new_var, then the
 // segments' views of new_mean, then of new_var}; empty (nothing computed) when a tensor is not
-// a contiguous CPU tensor of the statistics' dtype (float32/float64).
+// a contiguous CPU tensor of the statistics' dtype (float32/float64; inputs may also be
+// float16/bfloat16 with float32 statistics).
 std::vector<at::Tensor> bnp_fold(const std::vector<std::optional<at::Tensor>>& xs,
                                  const std::vector<std::optional<at::Tensor>>& batch_means,
                                  const std::vector<std::optional<at::Tensor>>& batch_vars,
