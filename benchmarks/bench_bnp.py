@@ -5,7 +5,8 @@ Command (from the repository root; about 10 minutes on the shared 2-core machine
     .venv/bin/python benchmarks/bench_bnp.py --data-root /work/shared/data/mnist
 
 ``--part accuracy`` or ``--part overhead`` runs one half; ``--part weight-norm`` runs the
-measurement of BNP's ``weight_norm`` option (not part of ``all``). All print Markdown tables.
+measurement of BNP's ``weight_norm`` option and ``--part floor`` the kernel-only floor of the
+overhead (neither part of ``all``). All print Markdown tables.
 
 **Accuracy.** MNIST-10k (the t10k files split 8000 train / 2000 test by ``normlab.data``), MLP
 784-100-100-100-10 with ReLU, plain SGD, ``--epochs`` epochs (3), all through
@@ -24,6 +25,11 @@ without BNP (no normalization layer in either), in one process, interleaved (blo
 alternate between the two, the order swapped every block), median over blocks of the mean step
 time; wall clock and process CPU time. Targets: ratio <= 1.15 at batch size 64 and <= 1.5 at
 batch size 1.
+
+**Floor.** The MLP's step (b=64 and b=1, CPU, float32) three ways, interleaved: plain, with
+``BNPreconditioner``, and with the least a hook-based BNP can do: forward hooks that only keep
+each dense input, then one call of each fused kernel (fold, transform), no checks or bookkeeping.
+How far the target is from what the kernels alone cost.
 
 **Weight normalization.** ``bnp`` with ``weight_norm`` off, ``"project"`` and ``"scaled"`` on the
 hidden layers (the default ``weight_norm_modules``), and the two projections on every layer, the
@@ -155,11 +161,20 @@ def accuracy(data_root: str, epochs: int, floor: float, seed: int) -> None:
 
 
 def _step_fn(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, bnp: bool, dtype: torch.dtype | None
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    bnp: bool,
+    dtype: torch.dtype | None,
+    kernels_only: bool = False,
 ) -> Callable[[], None]:
+    # One training step; with bnp, BNPreconditioner's, or with kernels_only the floor of a
+    # hook-based BNP on CPU: forward hooks that only keep the dense inputs, then the two fused
+    # kernel calls (fold, then transform with the new statistics), no checks or bookkeeping.
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    precond = BNPreconditioner(model) if bnp else None
+    precond = BNPreconditioner(model) if bnp and not kernels_only else None
     device = x.device
+    floor = _kernel_floor(model) if kernels_only else None
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -168,11 +183,83 @@ def _step_fn(
         loss.backward()
         if precond is not None:
             precond.precondition_()
+        if floor is not None:
+            floor()
         optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
     return step
+
+
+def _kernel_floor(model: nn.Module) -> Callable[[], None]:
+    from normlab.functional._fused import _loader
+
+    ops = _loader.load()
+    if ops is None:
+        raise SystemExit(f"--part floor needs the fused kernels: {_loader.load_error()}")
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if len(layers) != sum(1 for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))):
+        raise SystemExit("--part floor: dense layers only")
+    stash: list[torch.Tensor] = []
+    for layer in layers:
+        layer.register_forward_hook(lambda _m, args, _out: stash.append(args[0].detach()))
+    size = sum(layer.in_features for layer in layers)
+    state = [torch.zeros(size), torch.ones(size)]
+    none = [None] * len(layers)
+
+    def floor() -> None:
+        out = ops.bnp_fold(stash, none, none, state[0], state[1], 0.99)
+        stash.clear()
+        state[:] = out[:2]
+        k = len(layers)
+        ops.bnp_precondition(
+            [layer.weight.grad for layer in layers],
+            [layer.bias.grad for layer in layers],
+            out[2 : 2 + k],
+            out[2 + k :],
+            1e-5,
+            0.1,
+        )
+
+    return floor
+
+
+def _interleaved(
+    fns: dict[str, Callable[[], None]], blocks: int, steps: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    # Wall-clock and process-CPU seconds per step of each function, per block: blocks of steps
+    # alternate between the functions, the order reversed every other block, after a warm-up.
+    for fn in fns.values():
+        for _ in range(max(3, steps // 4)):
+            fn()
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for block in range(blocks):
+        for name in names if block % 2 == 0 else reversed(names):
+            w0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(steps):
+                fns[name]()
+            wall[name].append((time.perf_counter() - w0) / steps)
+            cpu[name].append((time.process_time() - c0) / steps)
+    return wall, cpu
+
+
+def _paired_iqr(base: list[float], other: list[float]) -> str:
+    paired = sorted(b / a for a, b in zip(base, other, strict=True))
+    return f"{paired[len(paired) // 4]:.3f} - {paired[(3 * len(paired)) // 4]:.3f}"
+
+
+def _same_models(
+    make: Callable[[], nn.Module], count: int, seed: int, device: str
+) -> list[nn.Module]:
+    torch.manual_seed(seed)
+    first = make().to(device)
+    others = [make().to(device) for _ in range(count - 1)]
+    for other in others:
+        other.load_state_dict(first.state_dict())
+    return [first, *others]
 
 
 def overhead(blocks: int, seed: int, device: str = "cpu", precision: str = "fp32") -> None:
@@ -197,35 +284,47 @@ def overhead(blocks: int, seed: int, device: str = "cpu", precision: str = "fp32
     for label, make, shape, steps in cases:
         x = torch.rand(*shape, generator=g).to(device)
         y = torch.randint(0, 10, (shape[0],), generator=g).to(device)
-        torch.manual_seed(seed)
-        plain_model = make().to(device)
-        bnp_model = make().to(device)
-        bnp_model.load_state_dict(plain_model.state_dict())
+        plain_model, bnp_model = _same_models(make, 2, seed, device)
         fns = {
             "plain": _step_fn(plain_model, x, y, False, dtype),
             "bnp": _step_fn(bnp_model, x, y, True, dtype),
         }
-        for fn in fns.values():  # warm-up
-            for _ in range(max(3, steps // 4)):
-                fn()
-        wall: dict[str, list[float]] = {"plain": [], "bnp": []}
-        cpu: dict[str, list[float]] = {"plain": [], "bnp": []}
-        for block in range(blocks):
-            order = ("plain", "bnp") if block % 2 == 0 else ("bnp", "plain")
-            for name in order:
-                w0, c0 = time.perf_counter(), time.process_time()
-                for _ in range(steps):
-                    fns[name]()
-                wall[name].append((time.perf_counter() - w0) / steps)
-                cpu[name].append((time.process_time() - c0) / steps)
+        wall, cpu = _interleaved(fns, blocks, steps)
         med = {k: statistics.median(v) for k, v in wall.items()}
         med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
-        paired = sorted(b / a for a, b in zip(wall["plain"], wall["bnp"], strict=True))
-        q1, q3 = paired[len(paired) // 4], paired[(3 * len(paired)) // 4]
         print(
             f"| {label} | {med['plain'] * 1e3:.3f} | {med['bnp'] * 1e3:.3f} | "
             f"{med['bnp'] / med['plain']:.3f} | {med_cpu['bnp'] / med_cpu['plain']:.3f} | "
-            f"{q1:.3f} - {q3:.3f} |"
+            f"{_paired_iqr(wall['plain'], wall['bnp'])} |"
+        )
+        sys.stdout.flush()
+    print()
+
+
+def floor(blocks: int, seed: int) -> None:
+    """The MLP's step with BNPreconditioner against the kernel-only floor (CPU, fp32)."""
+    g = torch.Generator().manual_seed(seed)
+    print(
+        f"## floor: plain step / kernel-only BNP / BNPreconditioner (torch {torch.__version__}, "
+        f"cpu, {torch.get_num_threads()} thread(s), {blocks} interleaved blocks, medians)\n"
+    )
+    print("| model | plain ms | floor ms | bnp ms | floor / plain | bnp / plain |")
+    print("|---|---|---|---|---|---|")
+    for b in (64, 1):
+        x = torch.rand(b, 784, generator=g)
+        y = torch.randint(0, 10, (b,), generator=g)
+        models = _same_models(lambda: MLP(784, (100, 100, 100), 10), 3, seed, "cpu")
+        fns = {
+            "plain": _step_fn(models[0], x, y, False, None),
+            "floor": _step_fn(models[1], x, y, True, None, kernels_only=True),
+            "bnp": _step_fn(models[2], x, y, True, None),
+        }
+        wall, _ = _interleaved(fns, blocks, 40)
+        med = {k: statistics.median(v) for k, v in wall.items()}
+        print(
+            f"| MLP 784-100-100-100-10, b={b} | {med['plain'] * 1e3:.3f} | "
+            f"{med['floor'] * 1e3:.3f} | {med['bnp'] * 1e3:.3f} | "
+            f"{med['floor'] / med['plain']:.3f} | {med['bnp'] / med['plain']:.3f} |"
         )
         sys.stdout.flush()
     print()
@@ -298,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-root", help="directory with the MNIST IDX files (accuracy)")
     parser.add_argument(
-        "--part", choices=("all", "accuracy", "overhead", "weight-norm"), default="all"
+        "--part", choices=("all", "accuracy", "overhead", "floor", "weight-norm"), default="all"
     )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--bnp-floor", type=float, default=0.1)
@@ -329,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
             args.wn_seeds,
             args.wn_out,
         )
+        return 0
+    if args.part == "floor":
+        floor(args.blocks, args.seed)
         return 0
     if args.part in ("all", "overhead"):
         overhead(args.blocks, args.seed, args.device, args.precision)
