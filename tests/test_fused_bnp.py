@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from normlab.functional import _fused
 from normlab.functional.precondition import (
+    conv2d_channel_moments,
     ema_moments,
     ema_update,
     linear_input_moments,
@@ -131,6 +132,44 @@ def test_fold_declines_what_it_does_not_take():
         assert _fused.try_bnp_fold(xs, ms, vs, m, v, 0.9) is None
     with _fused.use(False):
         assert _fused.try_bnp_fold([x], [None], [None], mean, var, 0.9) is None
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "layout"),
+    [
+        ((6, 5, 7, 9), torch.float32, "planes"),
+        ((6, 5, 7, 9), torch.float64, "planes"),
+        ((3, 8, 4, 4), torch.float32, "channels_last"),
+        ((5, 7, 3), torch.float32, "unbatched"),
+        ((4, 3, 6, 6), torch.bfloat16, "planes"),
+        ((4, 3, 6, 6), torch.float16, "planes"),
+        ((64, 16, 28, 28), torch.float32, "planes"),  # channels split over the threads
+    ],
+)
+def test_conv_channel_moments_use_the_batch_norm_kernels(shape, dtype, layout):
+    g = _gen(9)
+    x = (torch.randn(*shape, generator=g) * 3 + 5).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    calls = _Spy(_fused.try_channel_moments)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_fused, "try_channel_moments", calls)
+        got = conv2d_channel_moments(x)
+    assert calls.taken == 1
+    with _fused.use(False):
+        want = conv2d_channel_moments(x)
+    truth = conv2d_channel_moments(x.double())
+    stat = torch.float64 if dtype == torch.float64 else torch.float32
+    assert got.mean.dtype == stat and got.count == want.count
+    close_or_closer([got.mean, got.var], [want.mean, want.var], TOL[stat], truth=truth[:2])
+
+
+def test_conv_channel_moments_of_an_input_that_needs_grad_stay_differentiable():
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    moments = conv2d_channel_moments(x)
+    assert moments.var.grad_fn is not None  # the reference's operations, not the kernel
+    with torch.no_grad():
+        assert conv2d_channel_moments(x).var.grad_fn is None
 
 
 def _layers(dtype: torch.dtype, g: torch.Generator):

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from normlab.functional import _fused
 from normlab.functional.batch_norm import Moments
 
 __all__ = [
@@ -125,11 +126,16 @@ def conv2d_channel_moments(x: Tensor) -> Moments:
     r"""Per-channel mean and biased variance of a convolution's input, over (N, H, W).
 
     Shape: ``(N, C, H, W)`` or unbatched ``(C, H, W)`` ``-> (C,), (C,)``. ``count`` is
-    :math:`N H W`. These are BN's per-channel statistics.
+    :math:`N H W`. These are BN's per-channel statistics (on CPU, for an input that needs no
+    gradient, computed by the fused batch norm kernels; half-precision inputs in float32).
 
     Raises:
         ValueError: an input that is not 3-D or 4-D.
     """
+    if x.dim() in (3, 4) and not (x.requires_grad and torch.is_grad_enabled()):
+        fused = _fused.try_channel_moments(x if x.dim() == 4 else x.unsqueeze(0))
+        if fused is not None:
+            return Moments(fused[0], fused[1], x.numel() // x.shape[-3])
     xs = _batched_image("conv2d_channel_moments", x)
     mean, var = _two_pass(xs, (0, 2, 3), (1, -1, 1, 1))
     return Moments(mean, var, xs.numel() // xs.shape[1])

@@ -52,6 +52,7 @@ __all__ = [
     "try_batch_norm_module_train",
     "try_batch_norm_train",
     "try_bnp_fold",
+    "try_channel_moments",
     "try_bnp_precondition_",
     "try_full_norm_module_train",
     "try_full_norm_train",
@@ -344,6 +345,17 @@ def try_full_norm_module_train(
         return None
     scalars = _fn_scalars(step, code)
     return gate[0].fn_train_module(x, weight, bias, *step[:4], *scalars, num_batches_tracked)
+
+
+def try_channel_moments(x: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Fused per-channel mean and biased variance of ``x`` ``(N, C, *)`` (batch norm's batch
+    statistics, in the statistics dtype), or ``None`` (use the reference). CPU only; not
+    differentiable: the caller passes an input that needs no gradient."""
+    gate = _gate(x, ())
+    if gate is None or gate[0] is _triton:
+        return None
+    mean, var = gate[0].channel_statistics(x)
+    return mean, var
 
 
 _BNP_DTYPES = (torch.float32, torch.float64)

@@ -303,6 +303,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bn_train_forward", &normlab::bn_train_forward, nogil);
   m.def("bn_train_backward", &normlab::bn_train_backward, nogil);
   m.def("fn_train_backward", &normlab::fn_train_backward, nogil);
+  m.def("channel_statistics", &normlab::channel_statistics, arg("x"), nogil);
   m.def("bnp_fold", &normlab::bnp_fold, arg("xs"), arg("batch_means"), arg("batch_vars"),
         arg("mean"), arg("var"), arg("rho"), nogil);
   m.def("bnp_precondition", &normlab::bnp_precondition, arg("grads_w"), arg("grads_b"),

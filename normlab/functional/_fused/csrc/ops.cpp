@@ -139,6 +139,18 @@ std::vector<Tensor> bn_train_forward(const Tensor& x, const std::optional<Tensor
   return {y, from_vec(mean.data(), {C}, st), from_vec(var.data(), {C}, st)};
 }
 
+std::vector<Tensor> channel_statistics(const Tensor& x) {
+  const Dense d = dense(x);
+  const int64_t C = d.g.C;
+  std::vector<double> mean(C), var(C);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_statistics", [&] {
+    stats_apply<scalar_t>(d.t.const_data_ptr<scalar_t>(), nullptr, d.g, mean.data(), var.data(),
+                          nullptr, [](int64_t, double, double) { return FwdCoef{}; });
+  });
+  const at::ScalarType st = stat_type(x.scalar_type());
+  return {from_vec(mean.data(), {C}, st), from_vec(var.data(), {C}, st)};
+}
+
 std::vector<Tensor> bn_train_backward(const Tensor& gy, const Tensor& x,
                                       const std::optional<Tensor>& w, const Tensor& mean,
                                       const Tensor& var, double eps, bool need_x, bool need_wb) {

@@ -17,6 +17,9 @@ enum Estimator : int64_t { kAdaptive = 0, kBatch = 1, kRunning = 2, kAutograd = 
 std::vector<at::Tensor> bn_train_forward(const at::Tensor& x, const std::optional<at::Tensor>& w,
                                          const std::optional<at::Tensor>& b, double eps);
 
+// Per-channel statistics of x (N, C, *) only: {mean, var} (biased var; statistics dtype).
+std::vector<at::Tensor> channel_statistics(const at::Tensor& x);
+
 // {grad_x (undefined unless need_x), grad_w, grad_b (undefined unless need_wb)}.
 std::vector<at::Tensor> bn_train_backward(const at::Tensor& gy, const at::Tensor& x,
                                           const std::optional<at::Tensor>& w,
