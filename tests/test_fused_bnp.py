@@ -265,10 +265,11 @@ def _data(dtype, shape, steps=6):
 class _Spy:
     # Counts the calls of a fused entry point that returned a result.
     def __init__(self, fn):
-        self.fn, self.taken = fn, 0
+        self.fn, self.taken, self.calls = fn, 0, 0
 
     def __call__(self, *args):
         out = self.fn(*args)
+        self.calls += 1
         self.taken += out is not None and out is not False
         return out
 
@@ -309,6 +310,23 @@ def test_preconditioner_trains_as_with_the_reference(dtype, arch, options, monke
         torch.testing.assert_close(got_stats[name].mean, want_stats[name].mean, **tol)
         torch.testing.assert_close(got_stats[name].var, want_stats[name].var, **tol)
         assert got_stats[name].num_batches == want_stats[name].num_batches == len(xs)
+
+
+def test_gradients_the_kernel_declines_get_the_reference_transform(monkeypatch):
+    # channels_last convolution weights have channels_last gradients: the transform kernel
+    # declines them and the class transforms layer by layer, as with the kernels off.
+    torch.manual_seed(3)
+    model = SmallCNN(2, 10, channels=(4, 6)).double().to(memory_format=torch.channels_last)
+    xs = _data(torch.float64, (3, 2, 8, 8), steps=3)
+    transform = _Spy(_fused.try_bnp_precondition_)
+    monkeypatch.setattr(_fused, "try_bnp_precondition_", transform)
+    got_params, got_stats = _train(model, xs, True)
+    assert transform.taken == 0 and transform.calls == len(xs)  # declined every step
+    want_params, want_stats = _train(model, xs, False)
+    for a, b in zip(got_params, want_params, strict=True):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+    for name in got_stats:
+        torch.testing.assert_close(got_stats[name].var, want_stats[name].var, **TOL[torch.float64])
 
 
 def test_preconditioner_under_bfloat16_autocast_trains_as_with_the_reference(monkeypatch):
