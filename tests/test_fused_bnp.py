@@ -375,3 +375,37 @@ def test_the_fused_fold_starts_from_the_first_ema_step():
         stats = precond.statistics()["0"]
         torch.testing.assert_close(stats.mean, running.mean, **TOL[torch.float64])
         torch.testing.assert_close(stats.var, running.var, **TOL[torch.float64])
+
+
+def test_a_failing_fold_kernel_keeps_the_round(monkeypatch):
+    # Nothing is lost or half-folded when the kernel call raises: the round goes back to the
+    # pending batches and the next fold takes it.
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3))
+    precond = BNPreconditioner(model, rho=0.8, debias=False)
+    g = _gen(10)
+    inputs = [torch.randn(5, 6, generator=g) for _ in range(3)]
+    for x in inputs[:2]:
+        model(x).sum().backward()
+        precond.precondition_()
+    before = {k: (v.mean.clone(), v.var.clone()) for k, v in precond.statistics().items()}
+    model(inputs[2]).sum().backward()
+
+    def broken(*args):
+        raise RuntimeError("kernel failure")
+
+    monkeypatch.setattr(_fused, "try_bnp_fold", broken)
+    with pytest.raises(RuntimeError, match="kernel failure"):
+        precond.precondition_()
+    monkeypatch.undo()
+    layers = {layer.name: layer for layer in precond._layers}  # (statistics() would fold)
+    for name, (mean, var) in before.items():
+        running = layers[name].running
+        assert running.num_batches == 2 and len(layers[name].pending) == 1
+        assert torch.equal(running.mean, mean) and torch.equal(running.var, var)
+    stats = precond.statistics()  # folds the kept round
+    running = None
+    for x in inputs:
+        running = ema_moments(running, linear_input_moments(x), 0.8)
+    torch.testing.assert_close(stats["0"].mean, running.mean, **TOL[torch.float32])
+    assert stats["0"].num_batches == 3

@@ -593,9 +593,9 @@ class BNPreconditioner:
             ]
             if not batches:
                 return
-            if self._group is None and self._fused_fold(batches):
-                continue
             try:
+                if self._group is None and self._fused_fold(batches):
+                    continue
                 flat_batches = _stash_moments(batches)  # replaces the stashes by their moments
             except RuntimeError:  # put the round back: the statistics stay as they were
                 for layer, batch, first in reversed(batches):
