@@ -60,6 +60,7 @@ PARALLEL_CASES = [
     ((2, 2048, 4, 2), "channels_last"),  # columns, per-sample means
     ((2, 64, 16, 16), "contiguous"),  # whole channels per thread
     ((4, 3, 64, 64), "contiguous"),  # planes per thread, merged
+    ((4, 8, 128, 130), "contiguous"),  # past 4 MiB: planes in memory order, even on one thread
     ((3, 5, 8, 16, 24), "contiguous"),
 ]
 

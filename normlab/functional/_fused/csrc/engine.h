@@ -140,9 +140,15 @@ inline int team_for(int64_t numel) {
   return std::max(1, omp_get_max_threads());
 }
 
-// Planes layout: whole channels per thread when they balance between the team's threads; else
-// planes per thread and a merge.
-inline bool by_channel(int64_t C, int team) { return team == 1 || C % team == 0 || C >= 8 * team; }
+// Planes layout: whole channels per thread when they balance between the team's threads and the
+// tensor is small enough to stay in cache; else planes in memory order, per thread, and a merge.
+// A channel's planes lie C*S values apart: past about 4 MiB (where the input, the output and the
+// gradients no longer share the cache) walking them costs more than reading the tensor twice in
+// memory order, even on one thread (measured: docs/performance.md, "What was tried").
+constexpr int64_t kByChannelBytes = int64_t{4} << 20;
+inline bool by_channel(int64_t C, int team, int64_t bytes) {
+  return bytes <= kByChannelBytes && (team == 1 || C % team == 0 || C >= 8 * team);
+}
 
 // In a parallel region: the calling thread (t of nt) and its share [b, e) of n items (split).
 struct Share {
@@ -506,7 +512,7 @@ void stats_apply(const T* x, T* y, const Geometry& g, double* mean, double* var,
   const double M = static_cast<double>(g.count());
   const int team = team_for(g.numel());
   if (!g.rows) {
-    if (by_channel(C, team)) {
+    if (by_channel(C, team, g.numel() * static_cast<int64_t>(sizeof(T)))) {
       parallel_ranges(C, team, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
           Moments acc;
@@ -725,7 +731,7 @@ void sums_apply(const T* g, const T* x, T* out, const Geometry& geo, const doubl
   const int64_t N = geo.N, C = geo.C, S = geo.S;
   const int team = team_for(geo.numel());
   if (!geo.rows) {
-    if (by_channel(C, team)) {
+    if (by_channel(C, team, geo.numel() * static_cast<int64_t>(sizeof(T)))) {
       parallel_ranges(C, team, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
           double sg = 0, sgx = 0, a1[kLanes] = {}, a2[kLanes] = {}, t1 = 0, t2 = 0;
