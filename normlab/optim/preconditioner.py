@@ -14,7 +14,7 @@ import logging
 import math
 import operator
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -640,21 +640,12 @@ class BNPreconditioner:
         same path as the run that saved it."""
         layers = tuple(layer for layer, _, _ in batches)
         running = [layer.running for layer in layers]
-        if running[0] is None:
+        if any(r is None for r in running):
             return False
         key = (running[0].mean.device, running[0].mean.dtype)
-        flat = self._flat.get(key)
-        if flat is None or not flat.holds(layers, running):
-            if any(r is None or (r.mean.device, r.mean.dtype) != key for r in running):
-                return False
-            sizes = [r.mean.numel() for r in running]  # type: ignore[union-attr]
-            flat = _Flat(
-                layers,
-                tuple(running),  # type: ignore[arg-type]
-                _flat([r.mean for r in running], key[1]),  # type: ignore[union-attr]
-                _flat([r.var for r in running], key[1]),  # type: ignore[union-attr]
-                sizes,
-            )
+        flat = self._current_flat(key, layers, running)  # type: ignore[arg-type]
+        if flat is None:
+            return False
         counts = {r.num_batches for r in running}  # type: ignore[union-attr]
         if self.debias and len(counts) > 1:
             return False
@@ -679,19 +670,10 @@ class BNPreconditioner:
         new = _fused.try_bnp_fold(xs, means, variances, flat.mean, flat.var, rho)
         if new is None:
             return False
-        new_mean, new_var, mean_parts, var_parts = new
-        new_running = []
-        for (layer, _, first), old, m, v in zip(
-            batches, running, mean_parts, var_parts, strict=True
-        ):
+        for layer, _, first in batches:
             if first:
-                layer.before_step = old
-            if old.mean.dim() != 1:  # type: ignore[union-attr]
-                m, v = m.view(old.mean.shape), v.view(old.mean.shape)  # type: ignore[union-attr]
-            stats = RunningMoments(m, v, old.num_batches + 1)  # type: ignore[union-attr]
-            layer.running = stats
-            new_running.append(stats)
-        self._flat[key] = _Flat(layers, tuple(new_running), new_mean, new_var, flat.sizes)
+                layer.before_step = layer.running
+        self._install(key, flat, *new)
         return True
 
     def _reduce(
@@ -787,31 +769,58 @@ class BNPreconditioner:
                 self._fold_group(key, part, rho)
             return
         step_rho = pc.ema_rho(rho, next(iter(counts)), self.debias)
-        flat = self._flat.get(key)
-        if flat is not None and flat.holds(layers, running):
-            mean, var, sizes = flat.mean, flat.var, flat.sizes  # no concatenation
-        else:
-            sizes = [r.mean.numel() for r in running]  # type: ignore[union-attr]
-            mean = _flat([r.mean for r in running], key[1])  # type: ignore[union-attr]
-            var = _flat([r.var for r in running], key[1])  # type: ignore[union-attr]
+        flat = self._current_flat(key, layers, running)  # type: ignore[arg-type]
+        assert flat is not None  # the members were grouped by their statistics' key
         flat_b = flat_batches.get(layers) if flat_batches else None
         if flat_b is not None and flat_b[0].dtype == key[1]:
             m_b, v_b = flat_b  # the members' batch moments, already concatenated in this order
         else:
             m_b = _flat([b.mean for _, b in members], key[1])
             v_b = _flat([b.var for _, b in members], key[1])
-        new_mean, new_var = pc.ema_update(mean, var, m_b, v_b, step_rho)
+        new_mean, new_var = pc.ema_update(flat.mean, flat.var, m_b, v_b, step_rho)
+        sizes = flat.sizes
         means = new_mean.split_with_sizes(sizes) if len(sizes) > 1 else (new_mean,)
         variances = new_var.split_with_sizes(sizes) if len(sizes) > 1 else (new_var,)
+        self._install(key, flat, new_mean, new_var, means, variances)
+
+    def _current_flat(
+        self, key: tuple[Any, ...], layers: tuple[_Layer, ...], running: list[RunningMoments]
+    ) -> _Flat | None:
+        # The layers' running statistics as one flat buffer (key: their device and dtype): the
+        # one the last fold left when it holds exactly them, else a concatenation; None when
+        # they are not all of that device and dtype.
+        flat = self._flat.get(key)
+        if flat is not None and flat.holds(layers, running):  # type: ignore[arg-type]
+            return flat
+        if any((r.mean.device, r.mean.dtype) != key for r in running):
+            return None
+        return _Flat(
+            layers,
+            tuple(running),
+            _flat([r.mean for r in running], key[1]),
+            _flat([r.var for r in running], key[1]),
+            [r.mean.numel() for r in running],
+        )
+
+    def _install(
+        self,
+        key: tuple[Any, ...],
+        old: _Flat,
+        new_mean: Tensor,
+        new_var: Tensor,
+        means: Sequence[Tensor],
+        variances: Sequence[Tensor],
+    ) -> None:
+        # The folded statistics of old's layers: each layer's running statistics become views
+        # (means[i], variances[i], in its own shape) of the new flat buffer, kept for the next
+        # fold.
         new_running = []
-        for layer, old, m, v in zip(layers, running, means, variances, strict=True):
-            assert old is not None
-            if old.mean.dim() != 1:
-                m, v = m.view(old.mean.shape), v.view(old.mean.shape)
-            stats = RunningMoments(m, v, old.num_batches + 1)
-            layer.running = stats
-            new_running.append(stats)
-        self._flat[key] = _Flat(layers, tuple(new_running), new_mean, new_var, sizes)
+        for layer, stats, m, v in zip(old.layers, old.running, means, variances, strict=True):
+            if stats.mean.dim() != 1:
+                m, v = m.view(stats.mean.shape), v.view(stats.mean.shape)
+            layer.running = RunningMoments(m, v, stats.num_batches + 1)
+            new_running.append(layer.running)
+        self._flat[key] = _Flat(old.layers, tuple(new_running), new_mean, new_var, old.sizes)
 
     def _batch_moments(self, module: nn.Module, x: Tensor) -> Moments | None:
         if isinstance(module, nn.Linear):
