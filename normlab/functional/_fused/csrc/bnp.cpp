@@ -174,11 +174,17 @@ std::vector<Tensor> bnp_fold(const std::vector<std::optional<Tensor>>& xs,
       nv[j] = static_cast<scalar_t>(rho * static_cast<double>(v[j]) + w * bv[j] + rho * w * d * d);
     }
   });
+  // Each flat buffer's per-segment views come from one split (one dispatcher call for all of
+  // them, rather than one narrow each: on small layers the calls are the cost).
   std::vector<Tensor> out{new_mean, new_var};
   out.reserve(2 + 2 * segments);
-  for (const Tensor& flat : {new_mean, new_var})
-    for (int64_t i = 0, off = 0; i < static_cast<int64_t>(segments); off += sizes[i++])
-      out.push_back(flat.narrow(0, off, sizes[i]));
+  for (const Tensor& flat : {new_mean, new_var}) {
+    if (segments == 1) {
+      out.push_back(flat.alias());
+      continue;
+    }
+    for (Tensor& view : flat.split_with_sizes(sizes)) out.push_back(std::move(view));
+  }
   return out;
 }
 
