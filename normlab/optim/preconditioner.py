@@ -869,7 +869,6 @@ class BNPreconditioner:
         if self._removed:
             raise RuntimeError(f"BNPreconditioner.{what}() called after remove()")
 
-    @torch.no_grad()
     def precondition_(self) -> list[str]:
         """Replace each hooked layer's ``weight.grad`` and ``bias.grad`` by the BNP transform.
 
@@ -895,11 +894,21 @@ class BNPreconditioner:
         """
         self._check_alive("precondition_")
         self._flush()
-        jobs: list[tuple[_Layer, Tensor, Tensor | None, RunningMoments]] = []
-        skipped = []
         current = self.use_current_batch
+        mode = pc.weight_norm_mode(self.weight_norm)
+        changed: list[_Layer] = []
+        skipped: list[str] = []
+        # CPU layers without the weight-norm projection go to the fused kernel, in one call:
+        # their layers, weight and bias gradients, and statistics' means and variances.
+        fused_layers: list[_Layer] = []
+        grads_w: list[Tensor] = []
+        grads_b: list[Tensor | None] = []
+        means: list[Tensor] = []
+        variances: list[Tensor] = []
+        rest: list[tuple[_Layer, Tensor, Tensor | None, RunningMoments]] = []
         for layer in self._layers:
-            params = layer.module._parameters  # (not the slower Module.__getattr__)
+            module = layer.module
+            params = module._parameters  # (not the slower Module.__getattr__)
             grad_w = params["weight"].grad  # type: ignore[union-attr]
             stats = layer.running if current or layer.new_step else layer.before_step
             if grad_w is None or stats is None:
@@ -909,50 +918,54 @@ class BNPreconditioner:
                 continue
             bias = params.get("bias")
             grad_b = None if bias is None else bias.grad
-            jobs.append((layer, grad_w, grad_b, stats))
-        if skipped:
-            logger.debug(
-                "BNPreconditioner.precondition_: gradients of %s are already preconditioned "
-                "(no backward since the last call); left as they are",
-                ", ".join(repr(name) for name in skipped),
-            )
-            if not jobs:
-                return []
-        weight_norm = self.weight_norm
-        mode = pc.weight_norm_mode(weight_norm)
-        # CPU layers without the weight-norm projection go to the fused kernel, in one call.
-        fused: tuple[list[Tensor], list[Tensor | None], list[Tensor], list[Tensor]] = (
-            [],
-            [],
-            [],
-            [],
-        )
-        rest = []
-        for job in jobs:
-            layer, grad_w, grad_b, stats = job
-            module = layer.module
+            changed.append(layer)
             if (
                 (mode == "off" or not layer.weight_norm)
                 and grad_w.is_cpu
                 and stats.var.dtype == grad_w.dtype
                 and (type(module) is nn.Linear or getattr(module, "groups", 1) == 1)
             ):
-                fused[0].append(grad_w)
-                fused[1].append(grad_b)
-                fused[2].append(stats.mean)
-                fused[3].append(stats.var)
+                fused_layers.append(layer)
+                grads_w.append(grad_w)
+                grads_b.append(grad_b)
+                means.append(stats.mean)
+                variances.append(stats.var)
             else:
-                rest.append(job)
-        # Statistics that are views of a flat buffer (_fold_group) get their floored variance
-        # from one clamp and one add over the whole buffer, the same bits as per layer, and the
-        # unchecked transform (the shapes are the layers' own).
-        located = (
-            {id(r): (f, i) for f in self._flat.values() for i, r in enumerate(f.running)}
-            if rest
-            else {}
-        )
+                rest.append((layer, grad_w, grad_b, stats))
+        if skipped:
+            logger.debug(
+                "BNPreconditioner.precondition_: gradients of %s are already preconditioned "
+                "(no backward since the last call); left as they are",
+                ", ".join(repr(name) for name in skipped),
+            )
+            if not changed:
+                return []
+        if rest:
+            self._precondition_reference(rest, mode)
+        if fused_layers:
+            if not _fused.try_bnp_precondition_(
+                grads_w, grads_b, means, variances, self.eps, self.floor
+            ):
+                self._precondition_plain(grads_w, grads_b, means, variances)
+            for layer, grad_w in zip(fused_layers, grads_w, strict=True):
+                layer.written = (weakref.ref(grad_w), grad_w._version)
+        for layer in self._layers:
+            layer.new_step = True
+        return [layer.name for layer in changed]
+
+    @torch.no_grad()
+    def _precondition_reference(
+        self, jobs: list[tuple[_Layer, Tensor, Tensor | None, RunningMoments]], mode: str
+    ) -> None:
+        # The layers the fused kernel does not take (weight normalization, groups > 1, CUDA, a
+        # dtype other than the statistics'), one by one. Statistics that are views of a flat
+        # buffer (_fold_group) get their floored variance from one clamp and one add over the
+        # whole buffer, the same bits as per layer, and the unchecked transform (the shapes are
+        # the layers' own).
+        weight_norm = self.weight_norm
+        located = {id(r): (f, i) for f in self._flat.values() for i, r in enumerate(f.running)}
         s2_parts: dict[int, tuple[Tensor, ...]] = {}
-        for layer, grad_w, grad_b, stats in rest:
+        for layer, grad_w, grad_b, stats in jobs:
             module = layer.module
             on = mode != "off" and layer.weight_norm
             weight = module.weight if on else None
@@ -988,39 +1001,24 @@ class BNPreconditioner:
                     **({} if dense else {"groups": module.groups}),
                 )
             layer.written = (weakref.ref(grad_w), grad_w._version)
-        if fused[0]:
-            self._precondition_fused(jobs, fused)
-        for layer in self._layers:
-            layer.new_step = True
-        return [layer.name for layer, *_ in jobs]
 
-    def _precondition_fused(
+    @torch.no_grad()
+    def _precondition_plain(
         self,
-        jobs: list[tuple[_Layer, Tensor, Tensor | None, RunningMoments]],
-        fused: tuple[list[Tensor], list[Tensor | None], list[Tensor], list[Tensor]],
+        grads_w: list[Tensor],
+        grads_b: list[Tensor | None],
+        means: list[Tensor],
+        variances: list[Tensor],
     ) -> None:
-        # The CPU layers without weight normalization, in one kernel call when the fused kernels
-        # take them, else one by one as precondition_linear_ / precondition_conv2d_ do.
-        grads_w, grads_b, means, variances = fused
-        if not _fused.try_bnp_precondition_(
-            grads_w, grads_b, means, variances, self.eps, self.floor
-        ):
-            for grad_w, grad_b, mean, var in zip(*fused, strict=True):
-                s2 = var.clamp_min(self.floor).add_(self.eps)
-                groups = 1  # only groups=1 layers are gathered
-                pc._precondition_unchecked_(
-                    grad_w,
-                    grad_b,
-                    pc._like(mean, grad_w),
-                    pc._like(s2, grad_w),
-                    groups,
-                    None,
-                    False,
-                )
-        written = {id(g) for g in grads_w}
-        for layer, grad_w, _, _ in jobs:
-            if id(grad_w) in written:
-                layer.written = (weakref.ref(grad_w), grad_w._version)
+        # The transform of the layers gathered for the fused kernel when the kernel declines
+        # them, one by one as precondition_linear_ / precondition_conv2d_ do (groups=1, no
+        # weight normalization).
+        for grad_w, grad_b, mean, var in zip(grads_w, grads_b, means, variances, strict=True):
+            s2 = var.clamp_min(self.floor).add_(self.eps)
+            groups = 1  # only groups=1 layers are gathered
+            pc._precondition_unchecked_(
+                grad_w, grad_b, pc._like(mean, grad_w), pc._like(s2, grad_w), groups, None, False
+            )
 
     def before_step(self) -> None:
         """:meth:`precondition_`, as the training hook of the ``bnp`` method
