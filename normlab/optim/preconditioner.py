@@ -905,6 +905,7 @@ class BNPreconditioner:
         grads_b: list[Tensor | None] = []
         means: list[Tensor] = []
         variances: list[Tensor] = []
+        fused_stats: list[RunningMoments] = []
         rest: list[tuple[_Layer, Tensor, Tensor | None, RunningMoments]] = []
         for layer in self._layers:
             module = layer.module
@@ -930,6 +931,7 @@ class BNPreconditioner:
                 grads_b.append(grad_b)
                 means.append(stats.mean)
                 variances.append(stats.var)
+                fused_stats.append(stats)
             else:
                 rest.append((layer, grad_w, grad_b, stats))
         if skipped:
@@ -946,7 +948,8 @@ class BNPreconditioner:
             if not _fused.try_bnp_precondition_(
                 grads_w, grads_b, means, variances, self.eps, self.floor
             ):
-                self._precondition_plain(grads_w, grads_b, means, variances)
+                declined = zip(fused_layers, grads_w, grads_b, fused_stats, strict=True)
+                self._precondition_reference(list(declined), mode)
             for layer, grad_w in zip(fused_layers, grads_w, strict=True):
                 layer.written = (weakref.ref(grad_w), grad_w._version)
         for layer in self._layers:
@@ -958,7 +961,7 @@ class BNPreconditioner:
         self, jobs: list[tuple[_Layer, Tensor, Tensor | None, RunningMoments]], mode: str
     ) -> None:
         # The layers the fused kernel does not take (weight normalization, groups > 1, CUDA, a
-        # dtype other than the statistics'), one by one. Statistics that are views of a flat
+        # dtype other than the statistics', or a call it declined), one by one. Statistics that are views of a flat
         # buffer (_fold_group) get their floored variance from one clamp and one add over the
         # whole buffer, the same bits as per layer, and the unchecked transform (the shapes are
         # the layers' own).
@@ -1001,24 +1004,6 @@ class BNPreconditioner:
                     **({} if dense else {"groups": module.groups}),
                 )
             layer.written = (weakref.ref(grad_w), grad_w._version)
-
-    @torch.no_grad()
-    def _precondition_plain(
-        self,
-        grads_w: list[Tensor],
-        grads_b: list[Tensor | None],
-        means: list[Tensor],
-        variances: list[Tensor],
-    ) -> None:
-        # The transform of the layers gathered for the fused kernel when the kernel declines
-        # them, one by one as precondition_linear_ / precondition_conv2d_ do (groups=1, no
-        # weight normalization).
-        for grad_w, grad_b, mean, var in zip(grads_w, grads_b, means, variances, strict=True):
-            s2 = var.clamp_min(self.floor).add_(self.eps)
-            groups = 1  # only groups=1 layers are gathered
-            pc._precondition_unchecked_(
-                grad_w, grad_b, pc._like(mean, grad_w), pc._like(s2, grad_w), groups, None, False
-            )
 
     def before_step(self) -> None:
         """:meth:`precondition_`, as the training hook of the ``bnp`` method
