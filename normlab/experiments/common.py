@@ -74,6 +74,18 @@ Plot = Callable[[Path], list[Path]]
 #: The batch size a learning rate without a batch size refers to (``Method.lr`` is at 64).
 REFERENCE_BATCH = 64
 
+#: The ``fn`` method's options that give the FN of Lian & Liu 2019: without normlab's per-sample
+#: standardization (``sample_norm``, the method's default; docs/algorithms/fn.md). The
+#: experiments that test that paper's claims (``fn-*``) give them to each FN label they train.
+PAPER_FN_OPTIONS: Mapping[str, Any] = {"sample_norm": False}
+
+
+def paper_fn_options(*labels: str) -> dict[str, dict[str, Any]]:
+    """A ``method_options`` default: :data:`PAPER_FN_OPTIONS` for each of ``labels`` (``fn``
+    and its aliases)."""
+    return {label: dict(PAPER_FN_OPTIONS) for label in labels}
+
+
 #: Base fields that every multi-method experiment sets for each cell.
 METHOD_FIELDS = frozenset({"base.method", "base.method_options"})
 

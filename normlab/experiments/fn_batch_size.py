@@ -11,7 +11,7 @@ restores the per-batch step. See docs/experiments.md and docs/algorithms/fn.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -30,7 +30,9 @@ class FnBatchSizeConfig:
     )
     methods: tuple[str, ...] = ("fn", "torch-bn")
     lrs: dict[str, float] | None = None  # method -> lr at b=64 (else base.lr, Method.lr)
-    method_options: dict[str, dict[str, Any]] | None = None  # method -> its options
+    method_options: dict[str, dict[str, Any]] | None = field(  # method -> its options
+        default_factory=lambda: common.paper_fn_options("fn")
+    )
     batch_sizes: tuple[int, ...] = (1, 16)  # a method also trains at its smallest batch size
     lr_exponent: float = 0.5  # lr(b) = lr * (b / 64) ** lr_exponent
 

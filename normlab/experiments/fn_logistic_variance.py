@@ -10,7 +10,7 @@ docs/experiments.md.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -34,7 +34,9 @@ class FnLogisticVarianceConfig:
     )
     methods: tuple[str, ...] = ("fn", "torch-bn", "none")
     lrs: dict[str, float] | None = None  # method -> lr (else base.lr, Method.lr)
-    method_options: dict[str, dict[str, Any]] | None = None  # method -> its options
+    method_options: dict[str, dict[str, Any]] | None = field(  # method -> its options
+        default_factory=lambda: common.paper_fn_options("fn")
+    )
     evals_per_epoch: int = 2
 
     cell_fields: ClassVar = common.METHOD_FIELDS | {"base.eval_every"}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -38,7 +38,9 @@ class FnTinyDatasetConfig:
     )
     methods: tuple[str, ...] = ("fn", "torch-bn", "none")
     lrs: dict[str, float] | None = None  # method -> lr (else base.lr, Method.lr)
-    method_options: dict[str, dict[str, Any]] | None = None  # method -> its options
+    method_options: dict[str, dict[str, Any]] | None = field(  # method -> its options
+        default_factory=lambda: common.paper_fn_options("fn")
+    )
 
     cell_fields: ClassVar = common.METHOD_FIELDS | {
         "base.dataset",

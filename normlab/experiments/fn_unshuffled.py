@@ -9,7 +9,7 @@ runs once. See docs/experiments.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -19,24 +19,19 @@ from normlab.train import TrainConfig
 
 __all__ = ["FnUnshuffledConfig"]
 
+_FN_LABELS = ("fn", "fn-adaptive", "fn-batch", "fn-running", "fn-autograd", "fn-none")
+
 
 @dataclass(frozen=True)
 class FnUnshuffledConfig:
     base: TrainConfig = TrainConfig(  # shared by every cell; lr None: each method's own
         lr=None, k=3, log_every=0
     )
-    methods: tuple[str, ...] = (
-        "fn",
-        "fn-adaptive",
-        "fn-batch",
-        "fn-running",
-        "fn-autograd",
-        "fn-none",
-        "torch-bn",
-        "none",
-    )
+    methods: tuple[str, ...] = (*_FN_LABELS, "torch-bn", "none")
     lrs: dict[str, float] | None = None  # method -> lr at b=64 (else base.lr, Method.lr)
-    method_options: dict[str, dict[str, Any]] | None = None  # method -> its options
+    method_options: dict[str, dict[str, Any]] | None = field(  # method -> its options
+        default_factory=lambda: common.paper_fn_options(*_FN_LABELS)
+    )
     scenarios: tuple[str, ...] = ("shuffled", "single-label", "k-labels")
 
     cell_fields: ClassVar = common.METHOD_FIELDS | {"base.scenario", "base.batch_size"}

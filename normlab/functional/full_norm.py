@@ -64,6 +64,7 @@ __all__ = [
     "full_norm_update",
     "outer_correction",
     "running_outer_update",
+    "sample_standardize",
 ]
 
 Estimator = Literal["adaptive", "batch", "running", "autograd", "none"]
@@ -92,6 +93,30 @@ class OuterFactor(NamedTuple):
 
     mean_grad: Tensor
     mean_grad_xhat: Tensor
+
+
+def sample_standardize(x: Tensor, eps: float = 1e-5) -> Tensor:
+    r"""Each sample standardized over all of its values: for ``x`` of shape ``(N, C, *)``,
+    :math:`(x_n - \bar x_n)/\sqrt{\operatorname{Var}(x_n) + \epsilon}`, the mean and biased
+    variance taken over ``(C, *)`` of sample :math:`n` (LayerNorm over ``(C, *)`` without an
+    affine map; computed by ``torch.nn.functional.layer_norm`` over each flattened sample, which
+    is faster on CPU than ``group_norm`` with one group). A positive per-sample factor
+    on ``x`` leaves the result unchanged up to ``eps``. Half-precision inputs are reduced in
+    float32 by torch. Twice differentiable.
+
+    Raises:
+        ValueError: ``x`` has fewer than 2 dimensions, or a sample holds a single value (its
+            variance is 0 and the result would be 0 whatever the input).
+    """
+    if x.dim() < 2:
+        raise ValueError(f"sample_standardize expected (N, C, *) input, got shape {tuple(x.shape)}")
+    if x.shape[0] > 0 and x[0].numel() < 2:
+        raise ValueError(
+            "sample_standardize expected more than 1 value per sample, got input of shape "
+            f"{tuple(x.shape)}"
+        )
+    flat = x.reshape(x.shape[0], -1)
+    return torch.nn.functional.layer_norm(flat, flat.shape[1:], eps=eps).view_as(x)
 
 
 def alpha_schedule(

@@ -27,6 +27,7 @@ _CARRIED: tuple[tuple[str, str, Any], ...] = (
     ("affine", "affine", True),
     ("elementwise_affine", "affine", True),
     ("track_running_stats", "track_running_stats", True),
+    ("sample_norm", "sample_norm", False),
 )
 
 
@@ -39,6 +40,10 @@ def _hyper_parameters(old: nn.Module) -> dict[str, tuple[Any, Any]]:
     # (FullNorm, OnlineNorm) report None, which must not turn into one.
     if found.get("momentum", (0.0,))[0] is None and not isinstance(old, _CUMULATIVE_MOMENTUM):
         del found["momentum"]
+    # Running statistics carried over are those of the slot's raw input, so a layer that keeps
+    # them and does not standardize samples itself turns off FullNorm's sample_norm.
+    if "sample_norm" not in found and getattr(old, "running_mean", None) is not None:
+        found["sample_norm"] = (False, False)
     return found
 
 
@@ -80,7 +85,9 @@ def convert(
     with ``torch.nn.BatchNorm2d`` converts, and converts back. Like
     :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`, every new layer carries what the old
     one had and the new one supports: the hyper-parameters ``eps``, ``momentum``, ``affine``,
-    ``track_running_stats`` (where the method takes them as options), affine parameters with
+    ``track_running_stats`` and ``sample_norm`` (where the method takes them as options; a layer
+    with running statistics and no ``sample_norm`` of its own carries ``sample_norm=False``, so
+    ``fn`` keeps using the statistics of the raw input), affine parameters with
     their ``requires_grad``, running statistics and ``num_batches_tracked``, device, dtype and
     train/eval mode. A non-default hyper-parameter the method cannot take is reported with a
     ``UserWarning``. ``options`` (the method's options) override carried values.

@@ -7,7 +7,10 @@ training forward couples the samples of a batch through the estimate update
 batches were built. See docs/algorithms/fn.md. Option ``sync=True`` shares the estimates over
 the ranks of a distributed run (:mod:`normlab.methods.sync`). Unlike the bare layer, the method
 sets ``alpha_reference=64`` (:data:`FN_ALPHA_REFERENCE`): ``alpha`` is the step at batch size 64
-and smaller batches take smaller steps, so the estimates average over as many samples.
+and smaller batches take smaller steps, so the estimates average over as many samples; and
+``sample_norm=True`` (:data:`FN_SAMPLE_NORM`): each slot standardizes every sample over
+``(C, *)`` before normalizing with the estimates, which removes a per-sample scale of the input
+(``sample_norm=False`` is the FN of Lian & Liu 2019, which the ``fn-*`` experiments use).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ FN_OPTIONS = (
     "debias",
     "estimator",
     "outer_momentum",
+    "sample_norm",
 )
 
 #: The method's default ``alpha_reference``: ``alpha`` is the step at batch size 64 (the
@@ -39,6 +43,12 @@ FN_OPTIONS = (
 #: (at b=1 the layer's per-batch ``alpha = 0.1`` averages over ~10 samples; see
 #: docs/algorithms/fn.md, "Batch size 1 under per-sample input scaling"). ``None``: per batch.
 FN_ALPHA_REFERENCE = 64
+
+#: The method's default ``sample_norm``: each slot standardizes every sample over ``(C, *)``
+#: before FN normalizes it with the estimates (the bare layer's default is ``False``, the
+#: paper's FN). Chosen by the method table's measurements: docs/algorithms/fn.md, "Per-sample
+#: standardization before the estimates".
+FN_SAMPLE_NORM = True
 
 _full_norm = by_kind("fn", {k: getattr(nfn, f"FullNorm{k}", None) for k in ("1d", "2d", "3d")})
 
@@ -57,6 +67,7 @@ FN = Method(
     layer_options={
         **keyword_defaults(nfn.FullNorm2d.__init__, FN_OPTIONS),
         "alpha_reference": FN_ALPHA_REFERENCE,
+        "sample_norm": FN_SAMPLE_NORM,
         "sync": False,
     },
 )

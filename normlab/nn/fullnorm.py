@@ -84,6 +84,11 @@ class _FullNorm(NormBase):
         debias: use :math:`\max(\alpha_k, 1/(k+1))`, so step 0 equals BatchNorm. Default ``True``.
         estimator: ``"adaptive"``, ``"batch"``, ``"running"``, ``"autograd"`` or ``"none"``.
         outer_momentum: step of the running outer factor, in (0, 1]. Default ``0.01``.
+        sample_norm: first standardize each sample over ``(C, *)``
+            (:func:`normlab.functional.full_norm.sample_standardize`, with ``eps``), then
+            normalize that with the estimates, which are then those of the standardized input
+            (:meth:`statistics_input`). Removes a per-sample scale of the input. Default
+            ``False``.
         process_group: a ``torch.distributed`` process group whose ranks share the estimates,
             or ``None`` (this process only). Default ``None``.
         device, dtype: factory arguments of the parameters and buffers.
@@ -103,6 +108,7 @@ class _FullNorm(NormBase):
     debias: bool
     estimator: fnf.Estimator
     outer_momentum: float
+    sample_norm: bool
     process_group: Any
 
     def __init__(
@@ -117,6 +123,7 @@ class _FullNorm(NormBase):
         debias: bool = True,
         estimator: fnf.Estimator = "adaptive",
         outer_momentum: float = 0.01,
+        sample_norm: bool = False,
         process_group: Any = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -145,6 +152,8 @@ class _FullNorm(NormBase):
         if estimator not in fnf.ESTIMATORS:
             raise ValueError(f"estimator must be one of {fnf.ESTIMATORS}, got {estimator!r}")
         _check_fraction("outer_momentum", outer_momentum)
+        if not isinstance(sample_norm, bool):
+            raise TypeError(f"sample_norm must be a bool, got {sample_norm!r}")
         fnf.check_process_group(process_group)
         super().__init__(num_features, eps, None, affine, True, device, dtype)
         self.alpha = float(alpha)
@@ -153,6 +162,7 @@ class _FullNorm(NormBase):
         self.debias = bool(debias)
         self.estimator = estimator
         self.outer_momentum = float(outer_momentum)
+        self.sample_norm = sample_norm
         self.process_group = process_group
         stat_dtype = torch.float32 if dtype in _HALF else dtype
         if dtype in _HALF:
@@ -208,11 +218,19 @@ class _FullNorm(NormBase):
             + ("" if self.alpha_reference is None else f"alpha_reference={self.alpha_reference}, ")
             + f"debias={self.debias}, "
             f"estimator={self.estimator!r}, outer_momentum={self.outer_momentum}"
+            + (", sample_norm=True" if self.sample_norm else "")
             + ("" if self.process_group is None else ", process_group=...")
         )
 
+    def statistics_input(self, input: Tensor) -> Tensor:
+        """What the estimates are the statistics of: ``input``, or with ``sample_norm`` each
+        sample standardized over ``(C, *)``. Raises ``ValueError`` (``sample_norm``) when a
+        sample holds a single value."""
+        return fnf.sample_standardize(input, self.eps) if self.sample_norm else input
+
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
+        input = self.statistics_input(input)
         if not self.training:
             return fnf.full_norm_eval(
                 input,

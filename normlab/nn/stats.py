@@ -135,7 +135,8 @@ def recompute_statistics(
     :math:`n` the number of values per channel (torch's convention for ``running_var``). Full
     Normalization and Online Normalization layers (:class:`~normlab.nn.FullNorm1d`/``2d``/``3d``,
     :class:`~normlab.nn.OnlineNorm1d`/``2d``) count as BN layers here, with the *biased*
-    :math:`\frac1n\sum (x-\mu)^2` (the variance their estimates track); their step counters,
+    :math:`\frac1n\sum (x-\mu)^2` (the variance their estimates track; for a FullNorm with
+    ``sample_norm``, of its :meth:`~normlab.nn.FullNorm1d.statistics_input`); their step counters,
     control and outer-factor state and options are left as they were. Measured effect on models
     trained with unshuffled batches: docs/algorithms/fn.md ("Exact statistics at inference").
 
@@ -276,7 +277,8 @@ def _layer_input_moments(
     acc = _ChannelMoments()
 
     def record(_module: nn.Module, args: tuple[Any, ...]) -> None:
-        acc.update(args[0])
+        x = args[0]
+        acc.update(layer.statistics_input(x) if isinstance(layer, _FullNorm) else x)
         raise _StopForward
 
     handle = layer.register_forward_pre_hook(record)
