@@ -19,6 +19,7 @@ from normlab.experiments.method_table import (
     build_cells,
     cell_name,
     check_targets,
+    dataset_best,
 )
 from normlab.methods import get_method
 from normlab.report.table import measure_target, table_claims
@@ -307,3 +308,25 @@ def test_a_divergence_inside_a_layer_is_a_failed_cell(tmp_path):
     summary = method_table.train_cell(name, cell, tmp_path, ctx)
     assert not summary["ok"]
     assert "DivergenceError" in summary["error"] and "non-finite" in summary["error"]
+
+
+def test_a_missed_beat_target_says_how_high_its_bar_is_against_the_best_cell():
+    accs = {
+        ("none", "single-label"): 0.80,
+        ("online-norm", "single-label"): 0.95,
+        ("bn", "single-label"): 0.10,
+        ("fn", "single-label"): 0.94,
+        ("bn", "shuffled"): 0.96,
+        ("fn", "shuffled"): 0.955,
+    }
+    results = _results(accs)
+    assert dataset_best(results, "digits") == ("bn", "shuffled", 0.96)
+    (check,) = [c for c in check_targets(results) if c["target"] == "fn-single-label"]
+    assert check["verdict"] == "fails"
+    # the bar: online-norm 0.95 + 2 points, above every cell measured on the dataset
+    assert "needs 0.9700 (best cell on digits: 0.9600, bn/shuffled)" in check["measured"]
+    held = _results({**accs, ("fn", "single-label"): 0.975})
+    (check,) = [c for c in check_targets(held) if c["target"] == "fn-single-label"]
+    assert check["verdict"] == "holds" and "needs" not in check["measured"]
+    with pytest.raises(ValueError, match="no test accuracy on dataset 'mnist'"):
+        dataset_best(results, "mnist")
