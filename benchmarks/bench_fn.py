@@ -24,8 +24,10 @@ through :func:`normlab.train.train`)::
   mode, on the reference-BN benchmark's shapes, in one process, interleaved in rotating order,
   medians over repeats; every estimator on the fused CPU kernels (the default dispatch,
   docs/performance.md), and the default estimator on the pure-PyTorch reference code
-  (``ref``, the fused path switched off). ``--threads 1 2`` prints one table per thread count.
-  Target: FN / BN <= 1.2.
+  (``ref``, the fused path switched off), and the default estimator with ``sample_norm=True``
+  (``fn-sample``, the ``fn`` method's default: torch's ``group_norm`` before the fused FN).
+  ``--threads 1 2`` prints one table per thread count. Target: FN / BN <= 1.2 (the layer's
+  defaults).
 """
 
 from __future__ import annotations
@@ -161,6 +163,14 @@ def _speed_variants(shape: tuple[int, ...], gen: torch.Generator) -> dict[str, C
             return torch.autograd.grad(ref_layer(x), (x, ref_layer.weight, ref_layer.bias), g)
 
     variants[f"fn-{ref_layer.estimator}-ref"] = reference
+    sample_layer = fn_cls(c, sample_norm=True)  # the fn method's default: a group_norm first
+
+    def sample_norm() -> object:
+        return torch.autograd.grad(
+            sample_layer(x), (x, sample_layer.weight, sample_layer.bias), g
+        )
+
+    variants["fn-sample"] = sample_norm
     return variants
 
 
