@@ -25,7 +25,7 @@ through :func:`normlab.train.train`)::
   medians over repeats; every estimator on the fused CPU kernels (the default dispatch,
   docs/performance.md), and the default estimator on the pure-PyTorch reference code
   (``ref``, the fused path switched off), and the default estimator with ``sample_norm=True``
-  (``fn-sample``, the ``fn`` method's default: torch's ``group_norm`` before the fused FN).
+  (``fn-sample``, the ``fn`` method's default: torch's ``layer_norm`` before the fused FN).
   ``--threads 1 2`` prints one table per thread count. Target: FN / BN <= 1.2 (the layer's
   defaults).
 """
