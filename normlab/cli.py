@@ -26,6 +26,7 @@ import inspect
 import io
 import json
 import logging
+import shlex
 import sys
 import textwrap
 import tokenize
@@ -589,6 +590,16 @@ def _one_line(exc: BaseException) -> str:
     return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
+def _report_command(args: argparse.Namespace) -> str:
+    """The ``normlab report`` command line that reproduces this report's measurements (the
+    options that change them; not ``--out``, ``--jobs`` or progress)."""
+    parts = ["normlab report"]
+    parts.append("--smoke" if args.smoke else f"--seeds {args.seeds}")
+    if args.mnist_root is not None:
+        parts.append(f"--mnist-root {shlex.quote(str(args.mnist_root))}")
+    return " ".join(parts)
+
+
 def _report(args: argparse.Namespace) -> int:
     from normlab.experiments import RunContext
     from normlab.experiments.protocol import Protocol
@@ -619,6 +630,7 @@ def _report(args: argparse.Namespace) -> int:
             ctx=ctx,
             on_done=(lambda _name: bar.update(1)) if bar is not None else None,
             table_claims=table,
+            command=_report_command(args),
         )
     finally:
         if bar is not None:

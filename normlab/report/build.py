@@ -98,6 +98,7 @@ def build_report(
     claims: Sequence[Claim] = CLAIMS,
     on_done: Callable[[str], None] | None = None,
     table_claims: Sequence[Claim] = TABLE_CLAIMS,
+    command: str | None = None,
 ) -> list[ReportRow]:
     """Run (or resume) every experiment the claims need into ``out_dir/runs/<run>``, measure
     each claim, and write ``out_dir/REPRODUCTION.md`` and ``out_dir/report.html``.
@@ -113,6 +114,8 @@ def build_report(
         table_claims: the method-table row group, reported in a section of its own after the
             claims (default: :data:`~normlab.report.table.TABLE_CLAIMS`, MNIST rows not tested;
             :func:`~normlab.report.table.table_claims` with ``mnist_root`` tests them).
+        command: the command line the report names as the one that generated it (default:
+            ``normlab report``, with ``--smoke`` when ``smoke``).
 
     Returns:
         One :class:`ReportRow` per claim, in order (the row group's rows are in the files).
@@ -150,7 +153,8 @@ def build_report(
     rows = _rows(claims, results, smoke)
     table_rows = _rows(table_claims, results, smoke)
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    command = "normlab report" + (" --smoke" if smoke else "")
+    if command is None:
+        command = "normlab report" + (" --smoke" if smoke else "")
     atomic_write_text(
         out / "REPRODUCTION.md", render_markdown(rows, command, when, smoke, out, table_rows)
     )
