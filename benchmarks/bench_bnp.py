@@ -169,8 +169,8 @@ def _step_fn(
     kernels_only: bool = False,
 ) -> Callable[[], None]:
     # One training step; with bnp, BNPreconditioner's, or with kernels_only the floor of a
-    # hook-based BNP on CPU: forward hooks that only keep the dense inputs, then the two fused
-    # kernel calls (fold, then transform with the new statistics), no checks or bookkeeping.
+    # hook-based BNP on CPU: forward hooks that only keep the dense inputs, then the one fused
+    # kernel call (fold, then transform with the new statistics), no checks or bookkeeping.
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     precond = BNPreconditioner(model) if bnp and not kernels_only else None
     device = x.device
@@ -206,21 +206,20 @@ def _kernel_floor(model: nn.Module) -> Callable[[], None]:
         layer.register_forward_hook(lambda _m, args, _out: stash.append(args[0].detach()))
     size = sum(layer.in_features for layer in layers)
     state = [torch.zeros(size), torch.ones(size)]
-    none = [None] * len(layers)
 
     def floor() -> None:
-        out = ops.bnp_fold(stash, none, none, state[0], state[1], 0.99)
-        stash.clear()
-        state[:] = out[:2]
-        k = len(layers)
-        ops.bnp_precondition(
+        out = ops.bnp_step(
+            stash,
             [layer.weight.grad for layer in layers],
             [layer.bias.grad for layer in layers],
-            out[2 : 2 + k],
-            out[2 + k :],
+            state[0],
+            state[1],
+            0.99,
             1e-5,
             0.1,
         )
+        stash.clear()
+        state[:] = out[:2]
 
     return floor
 

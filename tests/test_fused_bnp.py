@@ -239,6 +239,70 @@ def test_precondition_declines_without_writing():
         assert all(torch.equal(a, b) for a, b in zip(grads_w, before, strict=True)), bad
 
 
+def _dense_step_case(dtype: torch.dtype, g: torch.Generator):
+    # Inputs, weight and bias gradients (one layer without bias) and flat statistics of three
+    # dense layers, one with a single input row.
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+
+    xs = [rnd(9, 7) * 3 + 5, rnd(9, 4), rnd(1, 6)]
+    grads_w = [rnd(5, 7), rnd(3, 4), rnd(2, 6)]
+    grads_b = [rnd(5), None, rnd(2)]
+    mean, var = rnd(17), torch.rand(17, generator=g, dtype=dtype) * 2
+    return xs, grads_w, grads_b, mean, var
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_step_equals_the_fold_then_the_transform_to_the_last_bit(dtype):
+    xs, grads_w, grads_b, mean, var = _dense_step_case(dtype, _gen(11))
+    rho, eps, floor = 0.9, 1e-5, 0.1
+    want_w, want_b = [t.clone() for t in grads_w], [t if t is None else t.clone() for t in grads_b]
+    none = [None] * len(xs)
+    fold = _fused.try_bnp_fold(xs, none, none, mean, var, rho)
+    assert fold is not None and _fused.try_bnp_precondition_(
+        want_w, want_b, fold[2], fold[3], eps, floor
+    )
+    mean_before, var_before = mean.clone(), var.clone()
+    got = _fused.try_bnp_step_(xs, grads_w, grads_b, mean, var, rho, eps, floor)
+    assert got is not None
+    for a, b in zip([*got[:2], *got[2], *got[3]], [*fold[:2], *fold[2], *fold[3]], strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip([*grads_w, *grads_b], [*want_w, *want_b], strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+    # The statistics come back as new tensors; the ones passed in are not written.
+    assert torch.equal(mean, mean_before) and torch.equal(var, var_before)
+    # And the fold is the functional one's, the transform the functional transform's.
+    ref_mean, ref_var = _reference_fold(xs, none, none, mean, var, rho)
+    torch.testing.assert_close(got[0], ref_mean, **TOL[dtype])
+    torch.testing.assert_close(got[1], ref_var, **TOL[dtype])
+    grads = _dense_step_case(dtype, _gen(11))
+    ref = [
+        t
+        for gw, gb, m, v in zip(grads[1], grads[2], got[2], got[3], strict=True)
+        for t in precondition_linear(gw, gb, m, v, eps=eps, floor=floor)
+    ]
+    pairs = zip(grads_w, grads_b, strict=True)
+    for a, b in zip([t for pair in pairs for t in pair], ref, strict=True):
+        assert (a is None and b is None) or torch.allclose(a, b, **TOL[dtype])
+
+
+@pytest.mark.parametrize("bad", ["input dtype", "gradient dtype", "bias layout", "statistics"])
+def test_step_declines_without_writing(bad):
+    xs, grads_w, grads_b, mean, var = _dense_step_case(torch.float32, _gen(12))
+    if bad == "input dtype":
+        xs[1] = xs[1].double()
+    elif bad == "gradient dtype":
+        grads_w[2] = grads_w[2].double()
+    elif bad == "bias layout":
+        grads_b[0] = torch.randn(10, generator=_gen(1))[::2]
+    else:
+        mean, var = mean.double(), var.double()
+    before = [t.clone() for t in (*grads_w, grads_b[0], mean, var)]
+    assert _fused.try_bnp_step_(xs, grads_w, grads_b, mean, var, 0.9, 1e-5, 0.1) is None
+    after = (*grads_w, grads_b[0], mean, var)
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True)), bad
+
+
 def _train(model: nn.Module, xs, fused: bool, **options):
     model = copy.deepcopy(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -294,13 +358,22 @@ def test_preconditioner_trains_as_with_the_reference(dtype, arch, options, monke
     model = model.to(dtype)
     xs = _data(dtype, shape)
     fold, transform = _Spy(_fused.try_bnp_fold), _Spy(_fused.try_bnp_precondition_)
+    step = _Spy(_fused.try_bnp_step_)
     monkeypatch.setattr(_fused, "try_bnp_fold", fold)
     monkeypatch.setattr(_fused, "try_bnp_precondition_", transform)
+    monkeypatch.setattr(_fused, "try_bnp_step_", step)
     got_params, got_stats = _train(model, xs, True, **options)
     # Every fold after the first batch's and every step's transform took the kernels (the first
-    # step has no statistics to use without the current batch).
+    # step has no statistics to use without the current batch); with the current batch's
+    # statistics, the dense model's steps from the third on (once a fold has left the flat
+    # buffer) take both in one call.
     first = options.get("use_current_batch", True)
-    assert (fold.taken, transform.taken) == (len(xs) - 1, len(xs) - (not first))
+    combined = len(xs) - 2 if arch == "mlp" and first else 0
+    assert step.taken == combined
+    assert (fold.taken + step.taken, transform.taken + step.taken) == (
+        len(xs) - 1,
+        len(xs) - (not first),
+    )
     want_params, want_stats = _train(model, xs, False, **options)
     tol = {torch.float32: {"rtol": 1e-5, "atol": 1e-6}, torch.float64: TOL[torch.float64]}[dtype]
     for a, b in zip(got_params, want_params, strict=True):
@@ -334,8 +407,9 @@ def test_preconditioner_under_bfloat16_autocast_trains_as_with_the_reference(mon
     torch.manual_seed(2)
     model = MLP(12, (16, 16), 10)
     xs = _data(torch.float32, (6, 12))
-    fold = _Spy(_fused.try_bnp_fold)
+    fold, step = _Spy(_fused.try_bnp_fold), _Spy(_fused.try_bnp_step_)
     monkeypatch.setattr(_fused, "try_bnp_fold", fold)
+    monkeypatch.setattr(_fused, "try_bnp_step_", step)
     results = []
     for fused in (True, False):
         net = copy.deepcopy(model)
@@ -350,7 +424,7 @@ def test_preconditioner_under_bfloat16_autocast_trains_as_with_the_reference(mon
                 precond.precondition_()
                 opt.step()
             results.append((list(net.parameters()), precond.statistics()))
-    assert fold.taken == len(xs) - 1
+    assert (fold.taken, step.taken) == (1, len(xs) - 2)  # bfloat16 inputs in the one-call step too
     (p_got, s_got), (p_want, s_want) = results
     assert all(s.mean.dtype == torch.float32 for s in s_got.values())
     for a, b in zip(p_got, p_want, strict=True):
@@ -377,9 +451,11 @@ def test_the_fused_fold_starts_from_the_first_ema_step():
         torch.testing.assert_close(stats.var, running.var, **TOL[torch.float64])
 
 
-def test_a_failing_fold_kernel_keeps_the_round(monkeypatch):
-    # Nothing is lost or half-folded when the kernel call raises: the round goes back to the
-    # pending batches and the next fold takes it.
+@pytest.mark.parametrize("entry", ["try_bnp_step_", "try_bnp_fold"])
+def test_a_failing_fold_kernel_keeps_the_round(entry, monkeypatch):
+    # Nothing is lost or half-folded when the kernel call raises, in the one-call step or (that
+    # one declining) in the fold: the round goes back to the pending batches and the next fold
+    # takes it.
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3))
     precond = BNPreconditioner(model, rho=0.8, debias=False)
@@ -394,7 +470,9 @@ def test_a_failing_fold_kernel_keeps_the_round(monkeypatch):
     def broken(*args):
         raise RuntimeError("kernel failure")
 
-    monkeypatch.setattr(_fused, "try_bnp_fold", broken)
+    if entry == "try_bnp_fold":
+        monkeypatch.setattr(_fused, "try_bnp_step_", lambda *args: None)
+    monkeypatch.setattr(_fused, entry, broken)
     with pytest.raises(RuntimeError, match="kernel failure"):
         precond.precondition_()
     monkeypatch.undo()

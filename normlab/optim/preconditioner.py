@@ -893,6 +893,9 @@ class BNPreconditioner:
             gradient, no statistics yet, or were already preconditioned).
         """
         self._check_alive("precondition_")
+        names = self._fused_step()
+        if names is not None:
+            return names
         self._flush()
         current = self.use_current_batch
         mode = pc.weight_norm_mode(self.weight_norm)
@@ -956,15 +959,76 @@ class BNPreconditioner:
             layer.new_step = True
         return [layer.name for layer in changed]
 
+    def _fused_step(self) -> list[str] | None:
+        """:meth:`precondition_` of the common step in one fused kernel call (fold, then
+        transform with the new statistics), or ``None``, having changed nothing, where the
+        general path must run. The common step: no process group, ``use_current_batch``, no
+        ``weight_norm`` projection, and every hooked layer has exactly one recorded forward since
+        the last step (a dense input, unchanged since), a weight gradient not yet
+        preconditioned, and running statistics in the flat buffer the last fold left. On small
+        layers the calls are the cost of BNP, so this path checks only what the kernel does not.
+        """
+        if self._group is not None or not self.use_current_batch or len(self._flat) != 1:
+            return None
+        if pc.weight_norm_mode(self.weight_norm) != "off" and any(
+            layer.weight_norm for layer in self._layers
+        ):
+            return None
+        key, flat = next(iter(self._flat.items()))
+        layers = self._layers
+        if len(flat.layers) != len(layers) or not all(map(operator.is_, flat.layers, layers)):
+            return None
+        xs: list[Tensor] = []
+        grads_w: list[Tensor] = []
+        grads_b: list[Tensor | None] = []
+        for layer, running in zip(layers, flat.running, strict=True):
+            pending = layer.pending
+            if len(pending) != 1 or layer.running is not running:
+                return None
+            batch, first = pending[0]
+            if type(batch) is not _Stash or not first or batch.x._version != batch.version:
+                return None  # (the general path raises for a changed input)
+            params = layer.module._parameters
+            grad_w = params["weight"].grad  # type: ignore[union-attr]
+            if grad_w is None or layer.already_preconditioned(grad_w):
+                return None
+            bias = params.get("bias")
+            x = batch.x
+            xs.append(x if x.dim() == 2 else x.reshape(-1, x.shape[-1]))
+            grads_w.append(grad_w)
+            grads_b.append(None if bias is None else bias.grad)
+        counts = flat.running[0].num_batches
+        if self.debias and any(r.num_batches != counts for r in flat.running):
+            return None
+        rho = pc.ema_rho(self._rho_resolved, counts, self.debias)  # type: ignore[arg-type]
+        new = _fused.try_bnp_step_(
+            xs, grads_w, grads_b, flat.mean, flat.var, rho, self.eps, self.floor
+        )
+        if new is None:
+            return None
+        # _install's work for dense layers (1-D statistics), with the end of the step, in one loop.
+        new_mean, new_var, means, variances = new
+        running = tuple(
+            RunningMoments(m, v, counts + 1) for m, v in zip(means, variances, strict=True)
+        )
+        for layer, stats, grad_w in zip(layers, running, grads_w, strict=True):
+            layer.before_step = layer.running
+            layer.running = stats
+            layer.pending.clear()
+            layer.written = (weakref.ref(grad_w), grad_w._version)
+            layer.new_step = True
+        self._flat[key] = _Flat(flat.layers, running, new_mean, new_var, flat.sizes)
+        return [layer.name for layer in layers]
+
     @torch.no_grad()
     def _precondition_reference(
         self, jobs: list[tuple[_Layer, Tensor, Tensor | None, RunningMoments]], mode: str
     ) -> None:
         # The layers the fused kernel does not take (weight normalization, groups > 1, CUDA, a
-        # dtype other than the statistics', or a call it declined), one by one. Statistics that are views of a flat
-        # buffer (_fold_group) get their floored variance from one clamp and one add over the
-        # whole buffer, the same bits as per layer, and the unchecked transform (the shapes are
-        # the layers' own).
+        # dtype other than the statistics', or a call it declined), one by one. Statistics that
+        # are views of a flat buffer (_fold_group) get their floored variance from one clamp and
+        # one add over the whole buffer, the same bits as per layer, and the unchecked transform
+        # (the shapes are the layers' own).
         weight_norm = self.weight_norm
         located = {id(r): (f, i) for f in self._flat.values() for i, r in enumerate(f.running)}
         s2_parts: dict[int, tuple[Tensor, ...]] = {}

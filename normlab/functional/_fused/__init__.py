@@ -54,6 +54,7 @@ __all__ = [
     "try_bnp_fold",
     "try_channel_moments",
     "try_bnp_precondition_",
+    "try_bnp_step_",
     "try_full_norm_module_train",
     "try_full_norm_train",
     "use",
@@ -420,3 +421,31 @@ def try_bnp_precondition_(
     if ops is None or not all(type(g) is Tensor for g in grads_w):
         return False
     return bool(ops.bnp_precondition(grads_w, grads_b, means, variances, float(eps), float(floor)))
+
+
+def try_bnp_step_(
+    xs: list[Tensor],
+    grads_w: list[Tensor],
+    grads_b: list[Tensor | None],
+    mean: Tensor,
+    var: Tensor,
+    rho: float,
+    eps: float,
+    floor: float,
+) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]] | None:
+    """One BNP step of dense layers in one call: :func:`try_bnp_fold` of the ``(rows, n_i)``
+    inputs ``xs`` into the flat statistics ``mean``/``var``, then :func:`try_bnp_precondition_`
+    of the layers' gradients (``grads_w[i]``: ``(C_out, n_i)``) with the new statistics.
+
+    Returns :func:`try_bnp_fold`'s result, the gradients transformed in place; or ``None``, with
+    nothing written (gradients, ``mean`` and ``var`` as they were), where either kernel would
+    decline. The result equals the two calls' to the last bit.
+    """
+    ops = _bnp_ops(mean)
+    if ops is None or not all(type(t) is Tensor for t in (*xs, *grads_w)):
+        return None
+    out = ops.bnp_step(xs, grads_w, grads_b, mean, var, float(rho), float(eps), float(floor))
+    if not out:
+        return None
+    k = len(xs)
+    return out[0], out[1], out[2 : 2 + k], out[2 + k :]

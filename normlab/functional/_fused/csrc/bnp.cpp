@@ -42,43 +42,53 @@ bool takes(const std::optional<Tensor>& t, at::ScalarType type) {
 // bfloat16 inputs are read as they are and summed in float.
 constexpr int64_t kBlock = 16;
 
+// Columns per chunk: a chunk's partial sums stay in registers while the rows stream by.
+constexpr int64_t kChunk = 64;
+
+template <typename scalar_t, typename acc_t>
+void chunk_moments(const scalar_t* __restrict x, int64_t rows, int64_t n, int64_t w,
+                   double* __restrict mean, double* __restrict var) {
+  double m[kChunk] = {}, v[kChunk] = {};
+  acc_t centre[kChunk];
+  for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
+    acc_t part[kChunk] = {};
+    const int64_t r1 = std::min(rows, r0 + kBlock);
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* row = x + r * n;
+      for (int64_t j = 0; j < w; ++j) part[j] += static_cast<acc_t>(row[j]);
+    }
+    for (int64_t j = 0; j < w; ++j) m[j] += static_cast<double>(part[j]);
+  }
+  const double inv = 1.0 / static_cast<double>(rows);
+  for (int64_t j = 0; j < w; ++j) m[j] *= inv, centre[j] = static_cast<acc_t>(m[j]);
+  for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
+    acc_t part[kChunk] = {};
+    const int64_t r1 = std::min(rows, r0 + kBlock);
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* row = x + r * n;
+      for (int64_t j = 0; j < w; ++j) {
+        const acc_t d = static_cast<acc_t>(row[j]) - centre[j];
+        part[j] += d * d;
+      }
+    }
+    for (int64_t j = 0; j < w; ++j) v[j] += static_cast<double>(part[j]);
+  }
+  // The squares were centred on the rounded mean c: add back (mean - c)^2 (exact in double).
+  for (int64_t j = 0; j < w; ++j) {
+    const double e = m[j] - static_cast<double>(centre[j]);
+    mean[j] = m[j];
+    var[j] = std::max(0.0, v[j] * inv - e * e);
+  }
+}
+
 template <typename scalar_t>
 void column_moments(const scalar_t* x, int64_t rows, int64_t n, double* mean, double* var) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   at::parallel_for(0, n, std::max<int64_t>(1, kGrain / std::max<int64_t>(rows, 1)),
-                   [&](int64_t c0, int64_t c1) {
-    const int64_t w = c1 - c0;
-    std::vector<acc_t> part(static_cast<size_t>(w)), centre(static_cast<size_t>(w));
-    double* m = mean + c0;
-    double* v = var + c0;
-    std::fill(m, m + w, 0.0);
-    std::fill(v, v + w, 0.0);
-    for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
-      std::fill(part.begin(), part.end(), acc_t(0));
-      for (int64_t r = r0; r < std::min(rows, r0 + kBlock); ++r) {
-        const scalar_t* row = x + r * n + c0;
-        for (int64_t j = 0; j < w; ++j) part[j] += static_cast<acc_t>(row[j]);
-      }
-      for (int64_t j = 0; j < w; ++j) m[j] += static_cast<double>(part[j]);
-    }
-    const double inv = 1.0 / static_cast<double>(rows);
-    for (int64_t j = 0; j < w; ++j) m[j] *= inv, centre[j] = static_cast<acc_t>(m[j]);
-    for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
-      std::fill(part.begin(), part.end(), acc_t(0));
-      for (int64_t r = r0; r < std::min(rows, r0 + kBlock); ++r) {
-        const scalar_t* row = x + r * n + c0;
-        for (int64_t j = 0; j < w; ++j) {
-          const acc_t d = static_cast<acc_t>(row[j]) - centre[j];
-          part[j] += d * d;
-        }
-      }
-      for (int64_t j = 0; j < w; ++j) v[j] += static_cast<double>(part[j]);
-    }
-    // The squares were centred on the rounded mean c: add back (mean - c)^2 (exact in double).
-    for (int64_t j = 0; j < w; ++j) {
-      const double e = m[j] - static_cast<double>(centre[j]);
-      v[j] = std::max(0.0, v[j] * inv - e * e);
-    }
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t c0 = begin; c0 < end; c0 += kChunk)
+      chunk_moments<scalar_t, acc_t>(x + c0, rows, n, std::min(kChunk, end - c0), mean + c0,
+                                     var + c0);
   });
 }
 
@@ -97,44 +107,56 @@ double dot(const scalar_t* a, const scalar_t* b, int64_t n) {
   return acc;
 }
 
-}  // namespace
-
-std::vector<Tensor> bnp_fold(const std::vector<std::optional<Tensor>>& xs,
-                             const std::vector<std::optional<Tensor>>& batch_means,
-                             const std::vector<std::optional<Tensor>>& batch_vars,
-                             const Tensor& mean, const Tensor& var, double rho) {
+// The sizes of a fold's segments, checked; false (nothing computed) when a tensor is not one
+// the kernel takes. Malformed arguments raise.
+bool fold_sizes(const std::vector<std::optional<Tensor>>& xs,
+                const std::vector<std::optional<Tensor>>& batch_means,
+                const std::vector<std::optional<Tensor>>& batch_vars, const Tensor& mean,
+                const Tensor& var, double rho, std::vector<int64_t>& sizes) {
   const at::ScalarType type = mean.scalar_type();
   const size_t segments = xs.size();
   TORCH_CHECK(batch_means.size() == segments && batch_vars.size() == segments,
               "bnp_fold: one input or one pair of batch moments per segment");
   TORCH_CHECK(rho > 0.0 && rho < 1.0, "bnp_fold: rho must be in (0, 1), got ", rho);
   if (!(type == at::kFloat || type == at::kDouble) || !takes(mean, type) || !takes(var, type))
-    return {};
+    return false;
   TORCH_CHECK(mean.dim() == 1 && var.sizes() == mean.sizes(),
               "bnp_fold: mean and var must be 1-D of one size");
-  const int64_t total = mean.numel();
-  std::vector<int64_t> sizes(segments);
+  sizes.assign(segments, 0);
   int64_t pos = 0;
   for (size_t i = 0; i < segments; ++i) {
     if (given(xs[i])) {
       // Inputs of the statistics' dtype, or float16/bfloat16 inputs of float32 statistics.
-      const at::ScalarType xt = given(xs[i]) ? xs[i]->scalar_type() : type;
+      const at::ScalarType xt = xs[i]->scalar_type();
       const bool half = type == at::kFloat && (xt == at::kHalf || xt == at::kBFloat16);
-      if (!takes(xs[i], half ? xt : type)) return {};
+      if (!takes(xs[i], half ? xt : type)) return false;
       TORCH_CHECK(xs[i]->dim() == 2 && xs[i]->size(0) > 0,
                   "bnp_fold: inputs must be (rows > 0, n)");
       sizes[i] = xs[i]->size(1);
     } else {
-      if (!takes(batch_means[i], type) || !takes(batch_vars[i], type)) return {};
+      if (!takes(batch_means[i], type) || !takes(batch_vars[i], type)) return false;
       sizes[i] = batch_means[i]->numel();
       TORCH_CHECK(batch_vars[i]->numel() == sizes[i], "bnp_fold: batch moments' sizes differ");
     }
     pos += sizes[i];
   }
-  TORCH_CHECK(pos == total, "bnp_fold: the segments cover ", pos, " of ", total, " statistics");
+  TORCH_CHECK(pos == mean.numel(), "bnp_fold: the segments cover ", pos, " of ", mean.numel(),
+              " statistics");
+  return true;
+}
+
+// The fold of checked segments (fold_sizes): new flat (mean, var) and their views per segment.
+std::vector<Tensor> fold_checked(const std::vector<std::optional<Tensor>>& xs,
+                                 const std::vector<std::optional<Tensor>>& batch_means,
+                                 const std::vector<std::optional<Tensor>>& batch_vars,
+                                 const Tensor& mean, const Tensor& var, double rho,
+                                 const std::vector<int64_t>& sizes) {
+  const at::ScalarType type = mean.scalar_type();
+  const size_t segments = xs.size();
+  const int64_t total = mean.numel();
   // The batch moments of every segment, concatenated, in double.
   std::vector<double> bm(static_cast<size_t>(total)), bv(static_cast<size_t>(total));
-  pos = 0;
+  int64_t pos = 0;
   for (size_t i = 0; i < segments; ++i) {
     const int64_t n = sizes[i];
     if (given(xs[i])) {
@@ -188,15 +210,23 @@ std::vector<Tensor> bnp_fold(const std::vector<std::optional<Tensor>>& xs,
   return out;
 }
 
-bool bnp_precondition(const std::vector<Tensor>& grads_w,
+// The shapes of a transform, checked: rows (C_out), fan-in and how many fan-in entries share one
+// statistic (kh * kw for per-channel statistics of a convolution, else 1) per layer; false
+// (nothing written) when a tensor is not one the kernel takes. Malformed arguments raise.
+struct Transform {
+  std::vector<int64_t> rows, fan_in, reps;
+};
+
+bool transform_shapes(const std::vector<Tensor>& grads_w,
                       const std::vector<std::optional<Tensor>>& grads_b,
                       const std::vector<Tensor>& means, const std::vector<Tensor>& vars,
-                      double eps, double floor) {
+                      Transform& shape) {
   const size_t layers = grads_w.size();
   TORCH_CHECK(grads_b.size() == layers && means.size() == layers && vars.size() == layers,
               "bnp_precondition: one bias gradient (or None), mean and var per weight gradient");
-  // Everything is checked before anything is written.
-  std::vector<int64_t> rows(layers), fan_in(layers), reps(layers);
+  shape.rows.assign(layers, 0);
+  shape.fan_in.assign(layers, 0);
+  shape.reps.assign(layers, 0);
   for (size_t i = 0; i < layers; ++i) {
     const Tensor& g = grads_w[i];
     const at::ScalarType type = g.scalar_type();
@@ -205,17 +235,25 @@ bool bnp_precondition(const std::vector<Tensor>& grads_w,
         (given(grads_b[i]) && !takes(*grads_b[i], type)))
       return false;
     TORCH_CHECK(g.dim() >= 2 && g.size(0) > 0, "bnp_precondition: weight gradients are (C_out, ...)");
-    rows[i] = g.size(0);
-    fan_in[i] = g.numel() / rows[i];
+    shape.rows[i] = g.size(0);
+    shape.fan_in[i] = g.numel() / shape.rows[i];
     const int64_t k = means[i].numel();
-    TORCH_CHECK(k > 0 && vars[i].numel() == k && fan_in[i] % k == 0,
-                "bnp_precondition: statistics of ", k, " entries for a fan-in of ", fan_in[i]);
-    reps[i] = fan_in[i] / k;  // kh * kw for per-channel statistics of a convolution, else 1
-    TORCH_CHECK(!given(grads_b[i]) || grads_b[i]->numel() == rows[i],
+    TORCH_CHECK(k > 0 && vars[i].numel() == k && shape.fan_in[i] % k == 0,
+                "bnp_precondition: statistics of ", k, " entries for a fan-in of ", shape.fan_in[i]);
+    shape.reps[i] = shape.fan_in[i] / k;
+    TORCH_CHECK(!given(grads_b[i]) || grads_b[i]->numel() == shape.rows[i],
                 "bnp_precondition: bias gradient size");
   }
-  for (size_t i = 0; i < layers; ++i) {
-    const int64_t K = fan_in[i], rep = reps[i];
+  return true;
+}
+
+// The transform of checked gradients (transform_shapes), in place.
+void transform_checked(const std::vector<Tensor>& grads_w,
+                       const std::vector<std::optional<Tensor>>& grads_b,
+                       const std::vector<Tensor>& means, const std::vector<Tensor>& vars,
+                       double eps, double floor, const Transform& shape) {
+  for (size_t i = 0; i < grads_w.size(); ++i) {
+    const int64_t K = shape.fan_in[i], rep = shape.reps[i];
     AT_DISPATCH_FLOATING_TYPES(grads_w[i].scalar_type(), "bnp_precondition", [&] {
       // The statistics expanded to the fan-in: mu and s2 = max(var, floor) + eps.
       // The reciprocal 1 / s2: a multiplication vectorizes better than a division (the
@@ -231,7 +269,8 @@ bool bnp_precondition(const std::vector<Tensor>& grads_w,
       }
       scalar_t* g = grads_w[i].mutable_data_ptr<scalar_t>();
       scalar_t* b = given(grads_b[i]) ? grads_b[i]->mutable_data_ptr<scalar_t>() : nullptr;
-      at::parallel_for(0, rows[i], std::max<int64_t>(1, kGrain / K), [&](int64_t r0, int64_t r1) {
+      at::parallel_for(0, shape.rows[i], std::max<int64_t>(1, kGrain / K),
+                       [&](int64_t r0, int64_t r1) {
         for (int64_t o = r0; o < r1; ++o) {
           scalar_t* row = g + o * K;
           if (b == nullptr) {
@@ -247,7 +286,47 @@ bool bnp_precondition(const std::vector<Tensor>& grads_w,
     mark_written(grads_w[i]);
     if (given(grads_b[i])) mark_written(*grads_b[i]);
   }
+}
+
+}  // namespace
+
+std::vector<Tensor> bnp_fold(const std::vector<std::optional<Tensor>>& xs,
+                             const std::vector<std::optional<Tensor>>& batch_means,
+                             const std::vector<std::optional<Tensor>>& batch_vars,
+                             const Tensor& mean, const Tensor& var, double rho) {
+  std::vector<int64_t> sizes;
+  if (!fold_sizes(xs, batch_means, batch_vars, mean, var, rho, sizes)) return {};
+  return fold_checked(xs, batch_means, batch_vars, mean, var, rho, sizes);
+}
+
+bool bnp_precondition(const std::vector<Tensor>& grads_w,
+                      const std::vector<std::optional<Tensor>>& grads_b,
+                      const std::vector<Tensor>& means, const std::vector<Tensor>& vars,
+                      double eps, double floor) {
+  Transform shape;  // everything is checked before anything is written
+  if (!transform_shapes(grads_w, grads_b, means, vars, shape)) return false;
+  transform_checked(grads_w, grads_b, means, vars, eps, floor, shape);
   return true;
+}
+
+std::vector<Tensor> bnp_step(const std::vector<Tensor>& xs, const std::vector<Tensor>& grads_w,
+                             const std::vector<std::optional<Tensor>>& grads_b,
+                             const Tensor& mean, const Tensor& var, double rho, double eps,
+                             double floor) {
+  const size_t layers = xs.size();
+  TORCH_CHECK(grads_w.size() == layers && grads_b.size() == layers,
+              "bnp_step: one input, weight gradient and bias gradient (or None) per layer");
+  const std::vector<std::optional<Tensor>> inputs(xs.begin(), xs.end()), none(layers);
+  std::vector<int64_t> sizes;
+  if (!fold_sizes(inputs, none, none, mean, var, rho, sizes)) return {};
+  // The fold writes only tensors it allocates: declining after it leaves everything as it was.
+  std::vector<Tensor> out = fold_checked(inputs, none, none, mean, var, rho, sizes);
+  const auto views = out.begin() + 2;
+  const std::vector<Tensor> means(views, views + layers), vars(views + layers, out.end());
+  Transform shape;
+  if (!transform_shapes(grads_w, grads_b, means, vars, shape)) return {};
+  transform_checked(grads_w, grads_b, means, vars, eps, floor, shape);
+  return out;
 }
 
 }  // namespace normlab
