@@ -28,7 +28,8 @@ batch size 1.
 
 **Floor.** The MLP's step (b=64 and b=1, CPU, float32) three ways, interleaved: plain, with
 ``BNPreconditioner``, and with the least a hook-based BNP can do: forward hooks that only keep
-each dense input, then one call of each fused kernel (fold, transform), no checks or bookkeeping.
+each dense input, then the one fused kernel call (fold, then transform, into preallocated
+statistics buffers), no checks or bookkeeping.
 How far the target is from what the kernels alone cost.
 
 **Weight normalization.** ``bnp`` with ``weight_norm`` off, ``"project"`` and ``"scaled"`` on the
@@ -206,20 +207,23 @@ def _kernel_floor(model: nn.Module) -> Callable[[], None]:
         layer.register_forward_hook(lambda _m, args, _out: stash.append(args[0].detach()))
     size = sum(layer.in_features for layer in layers)
     state = [torch.zeros(size), torch.ones(size)]
+    spare = [torch.empty(size), torch.empty(size)]
 
     def floor() -> None:
-        out = ops.bnp_step(
+        ops.bnp_step(
             stash,
             [layer.weight.grad for layer in layers],
             [layer.bias.grad for layer in layers],
             state[0],
             state[1],
+            spare[0],
+            spare[1],
             0.99,
             1e-5,
             0.1,
         )
         stash.clear()
-        state[:] = out[:2]
+        state[:], spare[:] = spare[:], state[:]
 
     return floor
 

@@ -263,14 +263,16 @@ def test_step_equals_the_fold_then_the_transform_to_the_last_bit(dtype):
         want_w, want_b, fold[2], fold[3], eps, floor
     )
     mean_before, var_before = mean.clone(), var.clone()
-    got = _fused.try_bnp_step_(xs, grads_w, grads_b, mean, var, rho, eps, floor)
-    assert got is not None
-    for a, b in zip([*got[:2], *got[2], *got[3]], [*fold[:2], *fold[2], *fold[3]], strict=True):
-        assert torch.equal(a, b)
+    out_mean, out_var = torch.full_like(mean, float("nan")), torch.full_like(var, float("nan"))
+    versions = out_mean._version, out_var._version
+    assert _fused.try_bnp_step_(xs, grads_w, grads_b, mean, var, out_mean, out_var, rho, eps, floor)
+    assert torch.equal(out_mean, fold[0]) and torch.equal(out_var, fold[1])
+    assert (out_mean._version, out_var._version) > versions  # written as an in-place op is
     for a, b in zip([*grads_w, *grads_b], [*want_w, *want_b], strict=True):
         assert (a is None and b is None) or torch.equal(a, b)
-    # The statistics come back as new tensors; the ones passed in are not written.
+    # The new statistics go to out_mean/out_var; the ones passed in are not written.
     assert torch.equal(mean, mean_before) and torch.equal(var, var_before)
+    got = (out_mean, out_var, fold[2], fold[3])
     # And the fold is the functional one's, the transform the functional transform's.
     ref_mean, ref_var = _reference_fold(xs, none, none, mean, var, rho)
     torch.testing.assert_close(got[0], ref_mean, **TOL[dtype])
@@ -286,7 +288,9 @@ def test_step_equals_the_fold_then_the_transform_to_the_last_bit(dtype):
         assert (a is None and b is None) or torch.allclose(a, b, **TOL[dtype])
 
 
-@pytest.mark.parametrize("bad", ["input dtype", "gradient dtype", "bias layout", "statistics"])
+@pytest.mark.parametrize(
+    "bad", ["input dtype", "gradient dtype", "bias layout", "statistics", "output layout"]
+)
 def test_step_declines_without_writing(bad):
     xs, grads_w, grads_b, mean, var = _dense_step_case(torch.float32, _gen(12))
     if bad == "input dtype":
@@ -297,9 +301,30 @@ def test_step_declines_without_writing(bad):
         grads_b[0] = torch.randn(10, generator=_gen(1))[::2]
     else:
         mean, var = mean.double(), var.double()
-    before = [t.clone() for t in (*grads_w, grads_b[0], mean, var)]
-    assert _fused.try_bnp_step_(xs, grads_w, grads_b, mean, var, 0.9, 1e-5, 0.1) is None
-    after = (*grads_w, grads_b[0], mean, var)
+    out_mean, out_var = torch.zeros_like(mean), torch.zeros_like(var)
+    if bad == "output layout":
+        out_var = torch.zeros(2 * var.numel(), dtype=var.dtype)[::2]
+    before = [t.clone() for t in (*grads_w, grads_b[0], mean, var, out_mean, out_var)]
+    step = (xs, grads_w, grads_b, mean, var, out_mean, out_var, 0.9, 1e-5, 0.1)
+    assert _fused.try_bnp_step_(*step) is False
+    after = (*grads_w, grads_b[0], mean, var, out_mean, out_var)
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True)), bad
+
+
+@pytest.mark.parametrize("bad", ["aliased output", "output size", "gradient shape"])
+def test_step_rejects_malformed_arguments_without_writing(bad):
+    xs, grads_w, grads_b, mean, var = _dense_step_case(torch.float32, _gen(13))
+    out_mean, out_var = torch.zeros_like(mean), torch.zeros_like(var)
+    if bad == "aliased output":
+        out_var = mean
+    elif bad == "output size":
+        out_mean = torch.zeros(mean.numel() + 1)
+    else:
+        grads_w[1] = grads_w[1].reshape(-1, 1).contiguous()
+    before = [t.clone() for t in (*grads_w, mean, var, out_mean, out_var)]
+    with pytest.raises(RuntimeError, match="bnp_step|overlap|unsupported operation"):
+        _fused.try_bnp_step_(xs, grads_w, grads_b, mean, var, out_mean, out_var, 0.9, 1e-5, 0.1)
+    after = (*grads_w, mean, var, out_mean, out_var)
     assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True)), bad
 
 
@@ -487,3 +512,38 @@ def test_a_failing_fold_kernel_keeps_the_round(entry, monkeypatch):
         running = ema_moments(running, linear_input_moments(x), 0.8)
     torch.testing.assert_close(stats["0"].mean, running.mean, **TOL[torch.float32])
     assert stats["0"].num_batches == 3
+
+
+def test_the_one_call_step_keeps_each_steps_state_as_the_reference_does(monkeypatch):
+    # The one-call step writes the new statistics into buffers of its own, three in turn: after
+    # every step the state (running statistics and before_step) is the reference path's.
+    torch.manual_seed(5)
+    model = MLP(12, (16, 16), 10)
+    xs = _data(torch.float32, (5, 12), steps=8)
+    step = _Spy(_fused.try_bnp_step_)
+    monkeypatch.setattr(_fused, "try_bnp_step_", step)
+    runs = []
+    for fused in (True, False):
+        net = copy.deepcopy(model)
+        opt = torch.optim.SGD(net.parameters(), lr=0.05)
+        states = []
+        with _fused.use(fused):
+            precond = BNPreconditioner(net)
+            for x, y in xs:
+                opt.zero_grad()
+                F.cross_entropy(net(x), y).backward()
+                precond.precondition_()
+                opt.step()
+                states.append(precond.state_dict())
+        runs.append(states)
+    assert step.taken == len(xs) - 2
+    for got, want in zip(*runs, strict=True):
+        for name, entry in want["layers"].items():
+            for which in ("running", "before_step"):
+                a, b = got["layers"][name][which], entry[which]
+                assert (a is None) == (b is None), (name, which)
+                if b is None:
+                    continue
+                assert a["num_batches"] == b["num_batches"]
+                torch.testing.assert_close(a["mean"], b["mean"], rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(a["var"], b["var"], rtol=1e-5, atol=1e-6)

@@ -137,14 +137,34 @@ def _check_options(
     pc.weight_norm_mode(weight_norm)  # raises ValueError
 
 
+class _Buffers(NamedTuple):
+    # Flat statistics buffers and their per-layer views (1-D, `_Flat.sizes` entries each).
+    mean: Tensor
+    var: Tensor
+    views: tuple[tuple[Tensor, Tensor], ...]
+
+
+def _buffers(mean: Tensor, var: Tensor, sizes: list[int]) -> _Buffers:
+    means = mean.split_with_sizes(sizes) if len(sizes) > 1 else (mean,)
+    variances = var.split_with_sizes(sizes) if len(sizes) > 1 else (var,)
+    return _Buffers(mean, var, tuple(zip(means, variances, strict=True)))
+
+
 class _Flat(NamedTuple):
     # The running statistics of some layers stored contiguously: `running[i]` (the object held by
     # `layers[i].running`) views `mean`/`var` at `sizes[i]` entries.
+    #
+    # The one-call step (BNPreconditioner._fused_step) writes the new statistics into buffers it
+    # allocated and reuses them, three in turn: `previous` (set by that step only) holds the
+    # layers' `before_step`, and `spare` is held by no statistics object: the next step writes
+    # into it, so that nothing anyone holds changes, even when the kernel raises midway.
     layers: tuple[_Layer, ...]
     running: tuple[RunningMoments, ...]
     mean: Tensor
     var: Tensor
     sizes: list[int]
+    previous: _Buffers | None = None
+    spare: _Buffers | None = None
 
     def holds(self, layers: tuple[_Layer, ...], stats: list[RunningMoments | None]) -> bool:
         return (
@@ -391,6 +411,7 @@ class BNPreconditioner:
             _Layer(name, module, weight_norm=name in projected) for name, module in layers
         ]
         self._flat: dict[tuple[Any, ...], _Flat] = {}  # see _fold_group
+        self._names = tuple(layer.name for layer in self._layers)
         for layer in self._layers:
             if layer.module.bias is None:
                 logger.warning(
@@ -498,7 +519,7 @@ class BNPreconditioner:
     @property
     def layer_names(self) -> tuple[str, ...]:
         """Names (as in ``model.named_modules()``) of the hooked layers, in model order."""
-        return tuple(layer.name for layer in self._layers)
+        return self._names
 
     @property
     def weight_norm_layers(self) -> tuple[str, ...]:
@@ -540,6 +561,8 @@ class BNPreconditioner:
         # is kept (_Stash) and its moments computed at the next fold with the other layers' in
         # one kernel; a convolution's moments are computed here.
         dense = isinstance(layer.module, nn.Linear)
+        pending = layer.pending
+        grad_enabled = torch.is_grad_enabled
 
         def hook(
             module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
@@ -547,6 +570,24 @@ class BNPreconditioner:
             if not module.training or self._removed or self._pause_depth:
                 return None
             x = args[0] if args else kwargs.get("input")
+            if dense and type(x) is Tensor and self._rho_resolved is not None:
+                # The common case, in as few operations as possible (a dense layer's step costs
+                # microseconds): _stashable and _record, inlined.
+                weight = module._parameters.get("weight")
+                if (
+                    grad_enabled()
+                    and weight is not None
+                    and weight.requires_grad
+                    and (x.is_cpu or x.is_cuda)
+                    and not _is_functorch_wrapped(x)
+                    and x.is_floating_point()
+                    and x.numel() > 0
+                ):
+                    pending.append((_Stash(x.detach(), x._version), layer.new_step))
+                    layer.new_step = False
+                    if len(pending) > _MAX_PENDING:  # training-mode forwards without steps
+                        self._flush()
+                    return None
             # Under a process group an empty shard is recorded too (it joins the all-reduce).
             if not (
                 isinstance(x, Tensor)
@@ -970,11 +1011,13 @@ class BNPreconditioner:
         """
         if self._group is not None or not self.use_current_batch or len(self._flat) != 1:
             return None
-        if pc.weight_norm_mode(self.weight_norm) != "off" and any(
-            layer.weight_norm for layer in self._layers
+        if (
+            self.weight_norm is not False
+            and pc.weight_norm_mode(self.weight_norm) != "off"
+            and any(layer.weight_norm for layer in self._layers)
         ):
             return None
-        key, flat = next(iter(self._flat.items()))
+        ((key, flat),) = self._flat.items()
         layers = self._layers
         if len(flat.layers) != len(layers) or not all(map(operator.is_, flat.layers, layers)):
             return None
@@ -990,7 +1033,10 @@ class BNPreconditioner:
                 return None  # (the general path raises for a changed input)
             params = layer.module._parameters
             grad_w = params["weight"].grad  # type: ignore[union-attr]
-            if grad_w is None or layer.already_preconditioned(grad_w):
+            written = layer.written  # (already_preconditioned, inlined)
+            if grad_w is None or (
+                written is not None and written[0]() is grad_w and grad_w._version == written[1]
+            ):
                 return None
             bias = params.get("bias")
             x = batch.x
@@ -1001,24 +1047,30 @@ class BNPreconditioner:
         if self.debias and any(r.num_batches != counts for r in flat.running):
             return None
         rho = pc.ema_rho(self._rho_resolved, counts, self.debias)  # type: ignore[arg-type]
-        new = _fused.try_bnp_step_(
-            xs, grads_w, grads_b, flat.mean, flat.var, rho, self.eps, self.floor
-        )
-        if new is None:
+        spare = flat.spare
+        if spare is None:
+            spare = _buffers(torch.empty_like(flat.mean), torch.empty_like(flat.var), flat.sizes)
+        if not _fused.try_bnp_step_(
+            xs, grads_w, grads_b, flat.mean, flat.var, spare.mean, spare.var,
+            rho, self.eps, self.floor,
+        ):  # fmt: skip
             return None
         # _install's work for dense layers (1-D statistics), with the end of the step, in one loop.
-        new_mean, new_var, means, variances = new
-        running = tuple(
-            RunningMoments(m, v, counts + 1) for m, v in zip(means, variances, strict=True)
-        )
-        for layer, stats, grad_w in zip(layers, running, grads_w, strict=True):
+        old = flat.running
+        running = []
+        for layer, (m, v), grad_w in zip(layers, spare.views, grads_w, strict=True):
             layer.before_step = layer.running
-            layer.running = stats
+            layer.running = stats = RunningMoments(m, v, counts + 1)
+            running.append(stats)
             layer.pending.clear()
             layer.written = (weakref.ref(grad_w), grad_w._version)
             layer.new_step = True
-        self._flat[key] = _Flat(flat.layers, running, new_mean, new_var, flat.sizes)
-        return [layer.name for layer in layers]
+        # The buffers of the old `before_step` are now held by no statistics object.
+        current = _Buffers(flat.mean, flat.var, tuple((r.mean, r.var) for r in old))
+        self._flat[key] = _Flat(
+            flat.layers, tuple(running), spare.mean, spare.var, flat.sizes, current, flat.previous
+        )
+        return list(self._names)
 
     @torch.no_grad()
     def _precondition_reference(

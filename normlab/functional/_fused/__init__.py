@@ -429,23 +429,28 @@ def try_bnp_step_(
     grads_b: list[Tensor | None],
     mean: Tensor,
     var: Tensor,
+    out_mean: Tensor,
+    out_var: Tensor,
     rho: float,
     eps: float,
     floor: float,
-) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]] | None:
-    """One BNP step of dense layers in one call: :func:`try_bnp_fold` of the ``(rows, n_i)``
-    inputs ``xs`` into the flat statistics ``mean``/``var``, then :func:`try_bnp_precondition_`
-    of the layers' gradients (``grads_w[i]``: ``(C_out, n_i)``) with the new statistics.
+) -> bool:
+    """One BNP step of dense layers in one call, allocating nothing: the fold of
+    :func:`try_bnp_fold` of the ``(rows, n_i)`` inputs ``xs`` into the flat statistics
+    ``mean``/``var``, written into ``out_mean``/``out_var`` (contiguous, of the statistics' size
+    and dtype, overlapping neither; a ``RuntimeError`` otherwise), then
+    :func:`try_bnp_precondition_` of the layers' gradients (``grads_w[i]``: ``(C_out, n_i)``)
+    with the new statistics.
 
-    Returns :func:`try_bnp_fold`'s result, the gradients transformed in place; or ``None``, with
-    nothing written (gradients, ``mean`` and ``var`` as they were), where either kernel would
-    decline. The result equals the two calls' to the last bit.
+    Returns ``True``, the gradients transformed in place; or ``False``, with nothing written
+    (gradients, ``out_mean`` and ``out_var`` as they were), where either kernel would decline. The
+    result equals the two calls' to the last bit.
     """
     ops = _bnp_ops(mean)
     if ops is None or not all(type(t) is Tensor for t in (*xs, *grads_w)):
-        return None
-    out = ops.bnp_step(xs, grads_w, grads_b, mean, var, float(rho), float(eps), float(floor))
-    if not out:
-        return None
-    k = len(xs)
-    return out[0], out[1], out[2 : 2 + k], out[2 + k :]
+        return False
+    return bool(
+        ops.bnp_step(
+            xs, grads_w, grads_b, mean, var, out_mean, out_var, float(rho), float(eps), float(floor)
+        )
+    )

@@ -5,6 +5,7 @@
 // without weight normalization). On the small layers BNP is used with, the cost of the
 // reference is the number of tensor operations per step, not their size.
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
@@ -145,12 +146,13 @@ bool fold_sizes(const std::vector<std::optional<Tensor>>& xs,
   return true;
 }
 
-// The fold of checked segments (fold_sizes): new flat (mean, var) and their views per segment.
-std::vector<Tensor> fold_checked(const std::vector<std::optional<Tensor>>& xs,
-                                 const std::vector<std::optional<Tensor>>& batch_means,
-                                 const std::vector<std::optional<Tensor>>& batch_vars,
-                                 const Tensor& mean, const Tensor& var, double rho,
-                                 const std::vector<int64_t>& sizes) {
+// The fold of checked segments (fold_sizes) into new_mean/new_var: contiguous tensors of the
+// statistics' size and dtype that overlap none of the arguments (the caller's to check).
+void fold_into(const std::vector<std::optional<Tensor>>& xs,
+               const std::vector<std::optional<Tensor>>& batch_means,
+               const std::vector<std::optional<Tensor>>& batch_vars, const Tensor& mean,
+               const Tensor& var, double rho, const std::vector<int64_t>& sizes,
+               const Tensor& new_mean, const Tensor& new_var) {
   const at::ScalarType type = mean.scalar_type();
   const size_t segments = xs.size();
   const int64_t total = mean.numel();
@@ -178,7 +180,6 @@ std::vector<Tensor> fold_checked(const std::vector<std::optional<Tensor>>& xs,
     });
     pos += n;
   }
-  Tensor new_mean = at::empty_like(mean), new_var = at::empty_like(var);
   const double w = 1.0 - rho;
   AT_DISPATCH_FLOATING_TYPES(type, "bnp_fold", [&] {
     const scalar_t* m = mean.const_data_ptr<scalar_t>();
@@ -196,6 +197,18 @@ std::vector<Tensor> fold_checked(const std::vector<std::optional<Tensor>>& xs,
       nv[j] = static_cast<scalar_t>(rho * static_cast<double>(v[j]) + w * bv[j] + rho * w * d * d);
     }
   });
+}
+
+// The fold of checked segments into new tensors: new flat (mean, var) and their views per
+// segment.
+std::vector<Tensor> fold_checked(const std::vector<std::optional<Tensor>>& xs,
+                                 const std::vector<std::optional<Tensor>>& batch_means,
+                                 const std::vector<std::optional<Tensor>>& batch_vars,
+                                 const Tensor& mean, const Tensor& var, double rho,
+                                 const std::vector<int64_t>& sizes) {
+  const size_t segments = xs.size();
+  Tensor new_mean = at::empty_like(mean), new_var = at::empty_like(var);
+  fold_into(xs, batch_means, batch_vars, mean, var, rho, sizes, new_mean, new_var);
   // Each flat buffer's per-segment views come from one split (one dispatcher call for all of
   // them, rather than one narrow each: on small layers the calls are the cost).
   std::vector<Tensor> out{new_mean, new_var};
@@ -247,41 +260,46 @@ bool transform_shapes(const std::vector<Tensor>& grads_w,
   return true;
 }
 
+// The transform of one layer's gradient in place: g (rows, K) row-major, b (rows) or null, the
+// statistics pm/pv of K / rep entries (each repeated rep times along the fan-in).
+template <typename scalar_t>
+void transform_layer(scalar_t* g, scalar_t* b, const scalar_t* pm, const scalar_t* pv,
+                     int64_t rows, int64_t K, int64_t rep, double eps, double floor) {
+  // The statistics expanded to the fan-in: mu and s2 = max(var, floor) + eps.
+  // The reciprocal 1 / s2: a multiplication vectorizes better than a division (the
+  // result differs from dividing by at most one rounding).
+  std::vector<scalar_t> mu(static_cast<size_t>(K)), inv(static_cast<size_t>(K));
+  const scalar_t fl = static_cast<scalar_t>(floor), ep = static_cast<scalar_t>(eps);
+  for (int64_t c = 0, j = 0; c < K / rep; ++c) {
+    const scalar_t v = pv[c];
+    const scalar_t r = scalar_t(1) / ((std::isnan(v) ? v : std::max(v, fl)) + ep);
+    for (int64_t e = 0; e < rep; ++e, ++j) mu[j] = pm[c], inv[j] = r;
+  }
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / K), [&](int64_t r0, int64_t r1) {
+    for (int64_t o = r0; o < r1; ++o) {
+      scalar_t* row = g + o * K;
+      if (b == nullptr) {
+        for (int64_t j = 0; j < K; ++j) row[j] *= inv[j];
+        continue;
+      }
+      const scalar_t bo = b[o];
+      for (int64_t j = 0; j < K; ++j) row[j] = (row[j] - bo * mu[j]) * inv[j];
+      b[o] = static_cast<scalar_t>(static_cast<double>(bo) - dot(row, mu.data(), K));
+    }
+  });
+}
+
 // The transform of checked gradients (transform_shapes), in place.
 void transform_checked(const std::vector<Tensor>& grads_w,
                        const std::vector<std::optional<Tensor>>& grads_b,
                        const std::vector<Tensor>& means, const std::vector<Tensor>& vars,
                        double eps, double floor, const Transform& shape) {
   for (size_t i = 0; i < grads_w.size(); ++i) {
-    const int64_t K = shape.fan_in[i], rep = shape.reps[i];
     AT_DISPATCH_FLOATING_TYPES(grads_w[i].scalar_type(), "bnp_precondition", [&] {
-      // The statistics expanded to the fan-in: mu and s2 = max(var, floor) + eps.
-      // The reciprocal 1 / s2: a multiplication vectorizes better than a division (the
-      // result differs from dividing by at most one rounding).
-      std::vector<scalar_t> mu(static_cast<size_t>(K)), inv(static_cast<size_t>(K));
-      const scalar_t* pm = means[i].const_data_ptr<scalar_t>();
-      const scalar_t* pv = vars[i].const_data_ptr<scalar_t>();
-      const scalar_t fl = static_cast<scalar_t>(floor), ep = static_cast<scalar_t>(eps);
-      for (int64_t c = 0, j = 0; c < K / rep; ++c) {
-        const scalar_t v = pv[c];
-        const scalar_t r = scalar_t(1) / ((std::isnan(v) ? v : std::max(v, fl)) + ep);
-        for (int64_t e = 0; e < rep; ++e, ++j) mu[j] = pm[c], inv[j] = r;
-      }
-      scalar_t* g = grads_w[i].mutable_data_ptr<scalar_t>();
-      scalar_t* b = given(grads_b[i]) ? grads_b[i]->mutable_data_ptr<scalar_t>() : nullptr;
-      at::parallel_for(0, shape.rows[i], std::max<int64_t>(1, kGrain / K),
-                       [&](int64_t r0, int64_t r1) {
-        for (int64_t o = r0; o < r1; ++o) {
-          scalar_t* row = g + o * K;
-          if (b == nullptr) {
-            for (int64_t j = 0; j < K; ++j) row[j] *= inv[j];
-            continue;
-          }
-          const scalar_t bo = b[o];
-          for (int64_t j = 0; j < K; ++j) row[j] = (row[j] - bo * mu[j]) * inv[j];
-          b[o] = static_cast<scalar_t>(static_cast<double>(bo) - dot(row, mu.data(), K));
-        }
-      });
+      transform_layer(grads_w[i].mutable_data_ptr<scalar_t>(),
+                      given(grads_b[i]) ? grads_b[i]->mutable_data_ptr<scalar_t>() : nullptr,
+                      means[i].const_data_ptr<scalar_t>(), vars[i].const_data_ptr<scalar_t>(),
+                      shape.rows[i], shape.fan_in[i], shape.reps[i], eps, floor);
     });
     mark_written(grads_w[i]);
     if (given(grads_b[i])) mark_written(*grads_b[i]);
@@ -309,24 +327,50 @@ bool bnp_precondition(const std::vector<Tensor>& grads_w,
   return true;
 }
 
-std::vector<Tensor> bnp_step(const std::vector<Tensor>& xs, const std::vector<Tensor>& grads_w,
-                             const std::vector<std::optional<Tensor>>& grads_b,
-                             const Tensor& mean, const Tensor& var, double rho, double eps,
-                             double floor) {
+bool bnp_step(const std::vector<Tensor>& xs, const std::vector<Tensor>& grads_w,
+              const std::vector<std::optional<Tensor>>& grads_b, const Tensor& mean,
+              const Tensor& var, const Tensor& out_mean, const Tensor& out_var, double rho,
+              double eps, double floor) {
   const size_t layers = xs.size();
   TORCH_CHECK(grads_w.size() == layers && grads_b.size() == layers,
               "bnp_step: one input, weight gradient and bias gradient (or None) per layer");
   const std::vector<std::optional<Tensor>> inputs(xs.begin(), xs.end()), none(layers);
   std::vector<int64_t> sizes;
-  if (!fold_sizes(inputs, none, none, mean, var, rho, sizes)) return {};
-  // The fold writes only tensors it allocates: declining after it leaves everything as it was.
-  std::vector<Tensor> out = fold_checked(inputs, none, none, mean, var, rho, sizes);
-  const auto views = out.begin() + 2;
-  const std::vector<Tensor> means(views, views + layers), vars(views + layers, out.end());
-  Transform shape;
-  if (!transform_shapes(grads_w, grads_b, means, vars, shape)) return {};
-  transform_checked(grads_w, grads_b, means, vars, eps, floor, shape);
-  return out;
+  if (!fold_sizes(inputs, none, none, mean, var, rho, sizes)) return false;
+  const at::ScalarType type = mean.scalar_type();
+  if (!takes(out_mean, type) || !takes(out_var, type)) return false;
+  TORCH_CHECK(out_mean.sizes() == mean.sizes() && out_var.sizes() == mean.sizes(),
+              "bnp_step: out_mean and out_var must have the statistics' size");
+  // Everything is checked before anything is written.
+  for (const Tensor& in : {mean, var, out_var}) at::assert_no_overlap(out_mean, in);
+  for (const Tensor& in : {mean, var}) at::assert_no_overlap(out_var, in);
+  for (size_t i = 0; i < layers; ++i) {
+    const Tensor& g = grads_w[i];
+    if (!takes(g, type) || (given(grads_b[i]) && !takes(*grads_b[i], type))) return false;
+    TORCH_CHECK(g.dim() == 2 && g.size(0) > 0 && g.size(1) == sizes[i],
+                "bnp_step: weight gradient ", i, " must be (C_out > 0, ", sizes[i], "), got ",
+                g.sizes());
+    TORCH_CHECK(!given(grads_b[i]) || grads_b[i]->numel() == g.size(0),
+                "bnp_step: bias gradient size");
+  }
+  fold_into(inputs, none, none, mean, var, rho, sizes, out_mean, out_var);
+  mark_written(out_mean);
+  mark_written(out_var);
+  AT_DISPATCH_FLOATING_TYPES(type, "bnp_step", [&] {
+    const scalar_t* pm = out_mean.const_data_ptr<scalar_t>();
+    const scalar_t* pv = out_var.const_data_ptr<scalar_t>();
+    for (size_t i = 0; i < layers; ++i) {
+      transform_layer(grads_w[i].mutable_data_ptr<scalar_t>(),
+                      given(grads_b[i]) ? grads_b[i]->mutable_data_ptr<scalar_t>() : nullptr,
+                      pm, pv, grads_w[i].size(0), sizes[i], 1, eps, floor);
+      pm += sizes[i], pv += sizes[i];
+    }
+  });
+  for (size_t i = 0; i < layers; ++i) {
+    mark_written(grads_w[i]);
+    if (given(grads_b[i])) mark_written(*grads_b[i]);
+  }
+  return true;
 }
 
 }  // namespace normlab

@@ -309,7 +309,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bnp_precondition", &normlab::bnp_precondition, arg("grads_w"), arg("grads_b"),
         arg("means"), arg("vars"), arg("eps"), arg("floor"), nogil);
   m.def("bnp_step", &normlab::bnp_step, arg("xs"), arg("grads_w"), arg("grads_b"), arg("mean"),
-        arg("var"), arg("rho"), arg("eps"), arg("floor"), nogil);
+        arg("var"), arg("out_mean"), arg("out_var"), arg("rho"), arg("eps"), arg("floor"), nogil);
   m.def("max_threads", [] { return omp_get_max_threads(); });
   // Tuning knob for benchmarks: the rows layout splits columns between threads from this many
   // columns per thread (see engine.h); returns the previous value.

@@ -75,15 +75,15 @@ bool bnp_precondition(const std::vector<at::Tensor>& grads_w,
                       const std::vector<at::Tensor>& means, const std::vector<at::Tensor>& vars,
                       double eps, double floor);
 
-// One BNP step of dense layers in one call: bnp_fold of the inputs xs[i] ((rows, n_i), no
-// precomputed moments), then bnp_precondition of the layers' gradients with the new statistics.
-// bnp_fold's result, or empty with nothing written (the gradients and the caller's statistics as
-// they were) when either kernel would decline.
-std::vector<at::Tensor> bnp_step(const std::vector<at::Tensor>& xs,
-                                 const std::vector<at::Tensor>& grads_w,
-                                 const std::vector<std::optional<at::Tensor>>& grads_b,
-                                 const at::Tensor& mean, const at::Tensor& var, double rho,
-                                 double eps, double floor);
+// One BNP step of dense layers in one call: the fold of bnp_fold of the inputs xs[i] ((rows, n_i),
+// no precomputed moments) written into out_mean/out_var (contiguous, the statistics' size and
+// dtype, overlapping neither mean nor var), then bnp_precondition of the layers' gradients
+// ((C_out, n_i)) with those new statistics. True; or false with nothing written (the gradients
+// and out_mean/out_var as they were) when either kernel would decline. Allocates no tensor.
+bool bnp_step(const std::vector<at::Tensor>& xs, const std::vector<at::Tensor>& grads_w,
+              const std::vector<std::optional<at::Tensor>>& grads_b, const at::Tensor& mean,
+              const at::Tensor& var, const at::Tensor& out_mean, const at::Tensor& out_var,
+              double rho, double eps, double floor);
 
 // Per-channel tensors <-> double vectors (any floating dtype; writes cast to t's dtype).
 std::vector<double> to_double(const at::Tensor& t);
