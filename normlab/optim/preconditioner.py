@@ -150,21 +150,45 @@ def _buffers(mean: Tensor, var: Tensor, sizes: list[int]) -> _Buffers:
     return _Buffers(mean, var, tuple(zip(means, variances, strict=True)))
 
 
-class _Flat(NamedTuple):
+class _Flat:
     # The running statistics of some layers stored contiguously: `running[i]` (the object held by
     # `layers[i].running`) views `mean`/`var` at `sizes[i]` entries.
     #
     # The one-call step (BNPreconditioner._fused_step) writes the new statistics into buffers it
-    # allocated and reuses them, three in turn: `previous` (set by that step only) holds the
-    # layers' `before_step`, and `spare` is held by no statistics object: the next step writes
-    # into it, so that nothing anyone holds changes, even when the kernel raises midway.
-    layers: tuple[_Layer, ...]
-    running: tuple[RunningMoments, ...]
-    mean: Tensor
-    var: Tensor
-    sizes: list[int]
-    previous: _Buffers | None = None
-    spare: _Buffers | None = None
+    # allocated and reuses them, three in turn, updating this object in place: `buffers` are
+    # `mean`/`var` with their views, `previous` holds the layers' `before_step`, and `spare` is
+    # held by no statistics object: the next step writes into it, so that nothing anyone holds
+    # changes, even when the kernel raises midway. `count`: every layer's `num_batches`, where
+    # that step set them (None: not known to be equal).
+    __slots__ = (
+        "layers",
+        "running",
+        "mean",
+        "var",
+        "sizes",
+        "buffers",
+        "previous",
+        "spare",
+        "count",
+    )
+
+    def __init__(
+        self,
+        layers: tuple[_Layer, ...],
+        running: tuple[RunningMoments, ...],
+        mean: Tensor,
+        var: Tensor,
+        sizes: list[int],
+    ) -> None:
+        self.layers = layers
+        self.running = running
+        self.mean = mean
+        self.var = var
+        self.sizes = sizes
+        self.buffers: _Buffers | None = None
+        self.previous: _Buffers | None = None
+        self.spare: _Buffers | None = None
+        self.count: int | None = None
 
     def holds(self, layers: tuple[_Layer, ...], stats: list[RunningMoments | None]) -> bool:
         return (
@@ -1043,9 +1067,11 @@ class BNPreconditioner:
             xs.append(x if x.dim() == 2 else x.reshape(-1, x.shape[-1]))
             grads_w.append(grad_w)
             grads_b.append(None if bias is None else bias.grad)
-        counts = flat.running[0].num_batches
-        if self.debias and any(r.num_batches != counts for r in flat.running):
-            return None
+        counts = flat.count
+        if counts is None:
+            counts = flat.running[0].num_batches
+            if self.debias and any(r.num_batches != counts for r in flat.running):
+                return None
         rho = pc.ema_rho(self._rho_resolved, counts, self.debias)  # type: ignore[arg-type]
         spare = flat.spare
         if spare is None:
@@ -1056,7 +1082,9 @@ class BNPreconditioner:
         ):  # fmt: skip
             return None
         # _install's work for dense layers (1-D statistics), with the end of the step, in one loop.
-        old = flat.running
+        current = flat.buffers
+        if current is None:
+            current = _Buffers(flat.mean, flat.var, tuple((r.mean, r.var) for r in flat.running))
         running = []
         for layer, (m, v), grad_w in zip(layers, spare.views, grads_w, strict=True):
             layer.before_step = layer.running
@@ -1066,10 +1094,13 @@ class BNPreconditioner:
             layer.written = (weakref.ref(grad_w), grad_w._version)
             layer.new_step = True
         # The buffers of the old `before_step` are now held by no statistics object.
-        current = _Buffers(flat.mean, flat.var, tuple((r.mean, r.var) for r in old))
-        self._flat[key] = _Flat(
-            flat.layers, tuple(running), spare.mean, spare.var, flat.sizes, current, flat.previous
+        flat.running, flat.mean, flat.var, flat.count = (
+            tuple(running),
+            spare.mean,
+            spare.var,
+            counts + 1,
         )
+        flat.buffers, flat.previous, flat.spare = spare, current, flat.previous
         return list(self._names)
 
     @torch.no_grad()
