@@ -585,8 +585,6 @@ class BNPreconditioner:
         # is kept (_Stash) and its moments computed at the next fold with the other layers' in
         # one kernel; a convolution's moments are computed here.
         dense = isinstance(layer.module, nn.Linear)
-        pending = layer.pending
-        grad_enabled = torch.is_grad_enabled
 
         def hook(
             module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
@@ -594,24 +592,6 @@ class BNPreconditioner:
             if not module.training or self._removed or self._pause_depth:
                 return None
             x = args[0] if args else kwargs.get("input")
-            if dense and type(x) is Tensor and self._rho_resolved is not None:
-                # The common case, in as few operations as possible (a dense layer's step costs
-                # microseconds): _stashable and _record, inlined.
-                weight = module._parameters.get("weight")
-                if (
-                    grad_enabled()
-                    and weight is not None
-                    and weight.requires_grad
-                    and (x.is_cpu or x.is_cuda)
-                    and not _is_functorch_wrapped(x)
-                    and x.is_floating_point()
-                    and x.numel() > 0
-                ):
-                    pending.append((_Stash(x.detach(), x._version), layer.new_step))
-                    layer.new_step = False
-                    if len(pending) > _MAX_PENDING:  # training-mode forwards without steps
-                        self._flush()
-                    return None
             # Under a process group an empty shard is recorded too (it joins the all-reduce).
             if not (
                 isinstance(x, Tensor)
@@ -1057,10 +1037,7 @@ class BNPreconditioner:
                 return None  # (the general path raises for a changed input)
             params = layer.module._parameters
             grad_w = params["weight"].grad  # type: ignore[union-attr]
-            written = layer.written  # (already_preconditioned, inlined)
-            if grad_w is None or (
-                written is not None and written[0]() is grad_w and grad_w._version == written[1]
-            ):
+            if grad_w is None or layer.already_preconditioned(grad_w):
                 return None
             bias = params.get("bias")
             x = batch.x
