@@ -6,6 +6,7 @@ through :func:`normlab.train.train`)::
     .venv/bin/python benchmarks/bench_fn.py accuracy --data-root DIR [--epochs 10]
     .venv/bin/python benchmarks/bench_fn.py robustness --data-root DIR [--epochs 2]
     .venv/bin/python benchmarks/bench_fn.py speed [--threads 1]
+    .venv/bin/python benchmarks/bench_fn.py step [--threads 1] [--batches 64 1]
 
 * ``accuracy`` (the headline): MNIST-10k (8k/2k split), MLP 784-100-100-100-10 with ReLU and a
   normalization slot before each ReLU, plain SGD, batches of 64, the same epochs for every run.
@@ -25,9 +26,15 @@ through :func:`normlab.train.train`)::
   medians over repeats; every estimator on the fused CPU kernels (the default dispatch,
   docs/performance.md), and the default estimator on the pure-PyTorch reference code
   (``ref``, the fused path switched off), and the default estimator with ``sample_norm=True``
-  (``fn-sample``, the ``fn`` method's default: torch's ``layer_norm`` before the fused FN).
+  (``fn-sample``, the ``fn`` method's default: each sample standardized inside the fused FN
+  kernels).
   ``--threads 1 2`` prints one table per thread count. Target: FN / BN <= 1.2 (the layer's
-  defaults).
+  defaults). ``fn-sample-ln`` is ``fn-sample`` as it ran before the kernels standardized the
+  samples themselves: torch's ``layer_norm`` (no affine map), then FN.
+* ``step``: one SGD step (forward, cross-entropy, backward, update) of the MLP 784-100-100-10
+  with the ``fn`` method's layers (per-sample standardization included), as a ratio to the
+  same step with no normalization, torch's BatchNorm1d, FN without ``sample_norm`` and
+  ``fn-sample-ln`` (the layer_norm composition), interleaved blocks, medians.
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ from torch import nn
 
 from normlab.functional import _fused
 from normlab.functional.full_norm import ESTIMATORS
+from normlab.methods import get_method
+from normlab.models import build_model
 from normlab.nn.fullnorm import FullNorm1d, FullNorm2d
 from normlab.train import TrainConfig, train
 
@@ -163,14 +172,23 @@ def _speed_variants(shape: tuple[int, ...], gen: torch.Generator) -> dict[str, C
             return torch.autograd.grad(ref_layer(x), (x, ref_layer.weight, ref_layer.bias), g)
 
     variants[f"fn-{ref_layer.estimator}-ref"] = reference
-    sample_layer = fn_cls(c, sample_norm=True)  # the fn method's default: a group_norm first
+    sample_layer = fn_cls(c, sample_norm=True)  # the fn method's default
 
     def sample_norm() -> object:
-        return torch.autograd.grad(
-            sample_layer(x), (x, sample_layer.weight, sample_layer.bias), g
-        )
+        return torch.autograd.grad(sample_layer(x), (x, sample_layer.weight, sample_layer.bias), g)
 
     variants["fn-sample"] = sample_norm
+    # The same layer as it ran before its kernels standardized the samples themselves: torch's
+    # layer_norm over each sample, then FN without sample_norm (outputs equal to rounding).
+    ln_layer = nn.Sequential(
+        nn.LayerNorm(shape[1:], elementwise_affine=False, eps=sample_layer.eps), fn_cls(c)
+    )
+
+    def layer_norm_first() -> object:
+        fn = ln_layer[1]
+        return torch.autograd.grad(ln_layer(x), (x, fn.weight, fn.bias), g)
+
+    variants["fn-sample-ln"] = layer_norm_first
     return variants
 
 
@@ -220,6 +238,58 @@ def _speed_table(args: argparse.Namespace) -> None:
     print(f"load average {os.getloadavg()[0]:.2f} (after)")
 
 
+def _step_variants(batch: int, gen: torch.Generator) -> dict[str, Callable]:
+    # One SGD step (forward, cross-entropy, backward, update) of the MLP 784-100-100-10 with
+    # each normalization in its slots.
+    x = torch.randn(batch, 784, generator=gen)
+    y = torch.randint(0, 10, (batch,), generator=gen)
+    fn_off = get_method("fn").norm_layer({"sample_norm": False})
+
+    def ln_then_fn(c: int, kind: str) -> nn.Module:
+        return nn.Sequential(nn.LayerNorm(c, elementwise_affine=False), fn_off(c, kind))
+
+    slots: dict[str, tuple[Callable, bool]] = {
+        "none": (lambda c, kind: nn.Identity(), True),
+        "torch-bn": (lambda c, kind: nn.BatchNorm1d(c), False),
+        "fn-no-sample": (fn_off, False),
+        "fn": (get_method("fn").norm_layer(), False),
+        "fn-sample-ln": (ln_then_fn, False),
+    }
+    variants: dict[str, Callable] = {}
+    for name, (norm_layer, bias) in slots.items():
+        model = build_model("mlp", (784,), 10, norm_layer, bias, widths=(100, 100))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+        def step(model: nn.Module = model, opt: torch.optim.Optimizer = opt) -> None:
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        variants[name] = step
+    return variants
+
+
+def step(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {os.cpu_count()} CPU(s),"
+        f" load average {os.getloadavg()[0]:.2f} (before); MLP 784-100-100-10, SGD step"
+    )
+    gen = torch.Generator().manual_seed(0)
+    cols = None
+    for batch in args.batches:
+        fns = _step_variants(batch, gen)
+        if fns.get("torch-bn") and batch == 1:
+            del fns["torch-bn"]  # batch norm cannot train on one sample
+        if cols is None:
+            cols = [c for c in fns if c != "fn"]
+            print(f"{'batch':>6} {'fn ms':>8} " + " ".join(f"{'fn/' + c:>16}" for c in cols))
+        t = _measure(fns, args.inner, args.repeats)
+        ratios = " ".join(f"{t['fn'] / t[c]:>16.2f}" if c in t else f"{'-':>16}" for c in cols)
+        print(f"{batch:>6} {t['fn'] * 1e3:>8.3f} {ratios}", flush=True)
+    print(f"load average {os.getloadavg()[0]:.2f} (after)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="part", required=True)
@@ -243,8 +313,14 @@ def main() -> None:
     spd.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts")
     spd.add_argument("--repeats", type=int, default=11)
     spd.add_argument("--work", type=float, default=4e6, help="elements per timed block")
+    stp = sub.add_parser("step")
+    stp.add_argument("--threads", type=int, default=1)
+    stp.add_argument("--batches", type=int, nargs="+", default=[64, 1])
+    stp.add_argument("--repeats", type=int, default=21)
+    stp.add_argument("--inner", type=int, default=100, help="steps per timed block")
     args = parser.parse_args()
-    {"accuracy": accuracy, "robustness": robustness, "speed": speed}[args.part](args)
+    parts = {"accuracy": accuracy, "robustness": robustness, "speed": speed, "step": step}
+    parts[args.part](args)
 
 
 if __name__ == "__main__":

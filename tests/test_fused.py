@@ -108,6 +108,20 @@ def _check(run, *args, dtype):
     return got, want
 
 
+def _check_two_threads_then_one(run):
+    """``run()`` fused with two threads against the reference, then against itself on one."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two, _ref = _check(run, dtype=F64)
+        torch.set_num_threads(1)
+        with _fused.use(True):
+            one = run()
+    finally:
+        torch.set_num_threads(threads)
+    _close(two, one, F64)
+
+
 def _node(t) -> str:
     return t.grad_fn.name() if t.grad_fn is not None else ""
 
@@ -175,16 +189,7 @@ def test_two_thread_paths_match_reference_and_one_thread(shape, layout):
         fn_grads = torch.autograd.grad(out, (x, fn.weight, fn.bias), g)
         return [*_bn_train_run(x, w, b, g), out, *fn_grads, fn.outer_factor]
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        two, _ref = _check(run, dtype=F64)
-        torch.set_num_threads(1)
-        with _fused.use(True):
-            one = run()
-    finally:
-        torch.set_num_threads(threads)
-    _close(two, one, F64)
+    _check_two_threads_then_one(run)
 
 
 @needs_fused
@@ -577,3 +582,128 @@ def test_parameter_gradients_without_an_input_gradient(shape, estimator):
         _check(run, base, dtype=F64)
     finally:
         torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------- FN with per-sample standardization first
+
+
+def _no_separate_standardization(out) -> bool:
+    # The fused node takes x itself: nothing (no layer_norm node) between the leaf and FN.
+    return "FNTrain" in _node(out) and all(
+        f is None or f.name().endswith("AccumulateGrad") for f, _ in out.grad_fn.next_functions
+    )
+
+
+@needs_fused
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize(("shape", "layout"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("dtype", [F32, F64], ids=str)
+def test_full_norm_sample_norm_matches_reference(dtype, shape, layout, estimator):
+    # The reference: layer_norm over each flattened sample, then FN (normlab.functional).
+    base = _fn_base(shape, dtype, alpha=0.3, estimator=estimator, sample_norm=True)
+    data = _fn_data(shape, layout, dtype)
+    with _fused.use(True):
+        assert _no_separate_standardization(copy.deepcopy(base)(data[0]))
+    _check(_fn_run, base, *data, dtype=dtype)
+
+
+@needs_fused
+@pytest.mark.parametrize("estimator", ["adaptive", "batch", "running"])
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=str)
+@pytest.mark.parametrize(
+    ("shape", "layout"),
+    [((4, 3, 5, 6), "contiguous"), ((6, 40), "contiguous"), ((4, 3, 5, 6), "channels_last")],
+    ids=str,
+)
+def test_full_norm_sample_norm_half_precision_matches_reference(dtype, estimator, shape, layout):
+    base = _fn_layer(shape)(shape[1], alpha=0.3, estimator=estimator, sample_norm=True).to(dtype)
+    _check(_fn_run, base, *_fn_data(shape, layout, dtype), dtype=dtype)
+
+
+@needs_fused
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("shape", [(1, 5), (1, 3, 4), (1, 4, 3, 3), (2, 3, 4)], ids=str)
+def test_full_norm_sample_norm_small_batches_match_reference(shape, estimator):
+    base = _fn_base(shape, alpha=0.4, estimator=estimator, debias=False, sample_norm=True)
+    _check(_fn_run, base, *_fn_data(shape, "contiguous", F64), dtype=F64)
+
+
+@needs_fused
+@pytest.mark.parametrize(("shape", "layout"), PARALLEL_CASES, ids=str)
+def test_full_norm_sample_norm_two_thread_paths_match_reference_and_one_thread(shape, layout):
+    x = _input(shape, layout, dtype=F64)
+    g = torch.randn(shape, generator=_gen(7), dtype=F64)
+
+    def run():
+        fn = _fn_layer(shape)(shape[1], alpha=0.5, sample_norm=True, dtype=F64)
+        fn(x.detach() * 0.5 + 0.1)  # a history, so that rho < 1 is possible
+        out = fn(x)
+        grads = torch.autograd.grad(out, (x, fn.weight, fn.bias), g)
+        return [out, *grads, fn.outer_factor, fn.running_mean, fn.running_var]
+
+    _check_two_threads_then_one(run)
+
+
+@needs_fused
+@pytest.mark.parametrize("estimator", ["adaptive", "batch"])
+@pytest.mark.parametrize("shape", [(6, 4), (3, 4, 5, 6), (512, 384)], ids=str)
+def test_full_norm_sample_norm_parameter_gradients_without_an_input_gradient(shape, estimator):
+    x = _input(shape, dtype=F64).detach()
+    g = torch.randn(shape, generator=_gen(3), dtype=F64)
+
+    def run(base):
+        fn = copy.deepcopy(base)
+        outs = []
+        for _ in range(2):
+            outs += list(torch.autograd.grad(fn(x), (fn.weight, fn.bias), g))
+        return [*outs, fn.outer_factor.clone(), fn.outer_steps.clone()]
+
+    _check(run, _fn_base(shape, alpha=0.5, estimator=estimator, sample_norm=True), dtype=F64)
+
+
+@needs_fused
+@pytest.mark.parametrize(
+    ("shape", "layout"),
+    [((6, 3), "contiguous"), ((2, 3, 2, 2), "contiguous"), ((2, 3, 2, 2), "channels_last")],
+    ids=str,
+)
+def test_gradcheck_and_gradgradcheck_full_norm_sample_norm(shape, layout):
+    # The autograd estimator: the fused node's first-order backward, and under create_graph
+    # the reference chained through sample_standardize, against finite differences.
+    layer = _fn_layer(shape)(shape[1], estimator="autograd", sample_norm=True, dtype=F64)
+    x = _input(shape, layout, dtype=F64)
+
+    def fresh(inp):
+        layer.reset_running_stats()
+        out = layer(inp)
+        assert _no_separate_standardization(out)
+        return out
+
+    assert torch.autograd.gradcheck(fresh, (x,))
+    assert torch.autograd.gradgradcheck(fresh, (x,))
+
+
+@needs_fused
+@pytest.mark.parametrize("shape", [(64, 32), (8, 16, 6, 6)], ids=str)
+def test_full_norm_sample_norm_saves_only_the_input(shape):
+    # The standardized input is neither written nor saved: the node keeps x and per-channel
+    # statistics (as without sample_norm), plus the samples' mean and 1/std (2 N float64
+    # values, held by the node outside the saved-tensor hooks).
+    x = _input(shape, dtype=F32)
+    layer = _fn_layer(shape)(shape[1], sample_norm=True)
+    plain = _saved_bytes(lambda: _fn_layer(shape)(shape[1])(x))
+    assert _saved_bytes(lambda: layer(x)) == plain
+
+
+@needs_fused
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_full_norm_sample_norm_non_finite_batch_leaves_the_layer_unchanged(bad):
+    layer = FullNorm2d(3, sample_norm=True)
+    layer(_input((4, 3, 5, 5), dtype=F32).detach())
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = _input((4, 3, 5, 5), dtype=F32).detach()
+    x[1, 2, 3, 3] = bad
+    with pytest.raises(ValueError, match="non-finite"):
+        layer(x)
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k

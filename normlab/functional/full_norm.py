@@ -64,6 +64,7 @@ __all__ = [
     "full_norm_update",
     "outer_correction",
     "running_outer_update",
+    "check_standardizable",
     "sample_standardize",
 ]
 
@@ -95,6 +96,18 @@ class OuterFactor(NamedTuple):
     mean_grad_xhat: Tensor
 
 
+def check_standardizable(x: Tensor) -> None:
+    """Raise the ``ValueError`` of :func:`sample_standardize` for an input it cannot
+    standardize (fewer than 2 dimensions, or a single value per sample); nothing otherwise."""
+    if x.dim() < 2:
+        raise ValueError(f"sample_standardize expected (N, C, *) input, got shape {tuple(x.shape)}")
+    if x.shape[0] > 0 and x[0].numel() < 2:
+        raise ValueError(
+            "sample_standardize expected more than 1 value per sample, got input of shape "
+            f"{tuple(x.shape)}"
+        )
+
+
 def sample_standardize(x: Tensor, eps: float = 1e-5) -> Tensor:
     r"""Each sample standardized over all of its values: for ``x`` of shape ``(N, C, *)``,
     :math:`(x_n - \bar x_n)/\sqrt{\operatorname{Var}(x_n) + \epsilon}`, the mean and biased
@@ -108,13 +121,7 @@ def sample_standardize(x: Tensor, eps: float = 1e-5) -> Tensor:
         ValueError: ``x`` has fewer than 2 dimensions, or a sample holds a single value (its
             variance is 0 and the result would be 0 whatever the input).
     """
-    if x.dim() < 2:
-        raise ValueError(f"sample_standardize expected (N, C, *) input, got shape {tuple(x.shape)}")
-    if x.shape[0] > 0 and x[0].numel() < 2:
-        raise ValueError(
-            "sample_standardize expected more than 1 value per sample, got input of shape "
-            f"{tuple(x.shape)}"
-        )
+    check_standardizable(x)
     flat = x.reshape(x.shape[0], -1)
     return torch.nn.functional.layer_norm(flat, flat.shape[1:], eps=eps).view_as(x)
 

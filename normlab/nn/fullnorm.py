@@ -228,10 +228,22 @@ class _FullNorm(NormBase):
         sample holds a single value."""
         return fnf.sample_standardize(input, self.eps) if self.sample_norm else input
 
+    def _fused_step(
+        self, input: Tensor, step: fnf.FullNormStep, sample_norm: bool
+    ) -> tuple[Tensor, Tensor, Tensor, bool] | None:
+        return _fused.try_full_norm_module_train(
+            input,
+            self.weight,
+            self.bias,
+            step,
+            self.num_batches_tracked,  # type: ignore[arg-type]
+            sample_norm,
+        )
+
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
-        input = self.statistics_input(input)
         if not self.training:
+            input = self.statistics_input(input)
             return fnf.full_norm_eval(
                 input,
                 self.running_mean,  # type: ignore[arg-type]
@@ -240,6 +252,8 @@ class _FullNorm(NormBase):
                 self.bias,
                 self.eps,
             )
+        if self.sample_norm:
+            fnf.check_standardizable(input)
         if input.numel() == 0 and self.process_group is None:
             raise ValueError(
                 f"{type(self).__name__} expected a non-empty training batch, got shape "
@@ -262,13 +276,12 @@ class _FullNorm(NormBase):
             self.outer_momentum,
             self.process_group,
         )
-        fused = _fused.try_full_norm_module_train(
-            input,
-            self.weight,
-            self.bias,
-            step,
-            self.num_batches_tracked,  # type: ignore[arg-type]
-        )
+        # With sample_norm the kernels standardize each sample themselves (no second tensor
+        # of the input's size is written or saved); elsewhere the reference does it first.
+        fused = self._fused_step(input, step, self.sample_norm)
+        if fused is None and self.sample_norm:
+            input = self.statistics_input(input)
+            fused = self._fused_step(input, step, False)
         if fused is not None:
             out, mean, var, ok = fused
             if not ok:  # raises, or counts the skipped batch

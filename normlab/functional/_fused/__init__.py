@@ -333,10 +333,14 @@ def try_full_norm_module_train(
     bias: Tensor | None,
     step: Any,
     num_batches_tracked: Tensor,
+    sample_norm: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, bool] | None:
     """A FullNorm layer's training step, fused: :func:`try_full_norm_train`, then the updated
     estimates written into ``step.running_mean``/``running_var`` (the layer's buffers) and
-    ``num_batches_tracked`` incremented, all skipped when an estimate is not finite. Returns
+    ``num_batches_tracked`` incremented, all skipped when an estimate is not finite. With
+    ``sample_norm``, FN of each sample standardized over ``(C, *)`` first
+    (:func:`normlab.functional.full_norm.sample_standardize`, with ``step.eps``; the caller
+    checks that every sample holds more than one value), in the same kernels. Returns
     ``(out, mean, var, ok)``, or ``None`` (use the reference)."""
     if step.process_group is not None or not _counter(num_batches_tracked):
         return None
@@ -345,7 +349,9 @@ def try_full_norm_module_train(
     if code is None:
         return None
     scalars = _fn_scalars(step, code)
-    return gate[0].fn_train_module(x, weight, bias, *step[:4], *scalars, num_batches_tracked)
+    return gate[0].fn_train_module(
+        x, weight, bias, *step[:4], *scalars, num_batches_tracked, sample_norm
+    )
 
 
 def try_channel_moments(x: Tensor) -> tuple[Tensor, Tensor] | None:

@@ -59,10 +59,37 @@ def fn_train_backward(
     momentum: float,
     outer_state: Tensor | None,
     outer_count: Tensor | None,
+    sample_norm: bool = False,
 ) -> Grads:
     """What :class:`FullNormTrainFn` does under ``create_graph=True``: the exact backward for
     ``"autograd"`` (history given), else the first-order backward as a node that refuses to be
-    differentiated (updating the live outer-factor state as the first-order path does)."""
+    differentiated (updating the live outer-factor state as the first-order path does). With
+    ``sample_norm`` (the fused node standardized each sample of ``x`` first), the same on the
+    standardized input, chained through :func:`~normlab.functional.full_norm.sample_standardize`
+    in differentiable operations."""
+    if sample_norm:
+        with torch.enable_grad():
+            z = fnf.sample_standardize(x, eps)
+        grad_z, grad_w, grad_b = fn_train_backward(
+            grad_out,
+            z,
+            weight,
+            mean,
+            var,
+            rho,
+            hist_mean,
+            hist_var,
+            alpha,
+            eps,
+            estimator,
+            momentum,
+            outer_state,
+            outer_count,
+        )
+        if not x.requires_grad:
+            return None, grad_w, grad_b  # type: ignore[return-value]
+        (grad_x,) = torch.autograd.grad(z, x, grad_z, create_graph=True)
+        return grad_x, grad_w, grad_b
     if hist_mean is not None and hist_var is not None:
         return fnf._exact_backward(grad_out, x, weight, hist_mean, hist_var, alpha, eps)
     name = fnf.ESTIMATORS[estimator]

@@ -105,6 +105,39 @@ struct BwdCoef {
   double a = 0, b = 0, k = 0;
 };
 
+// Per-sample standardization folded into the loads of the rows layout: a value v of row r reads
+// as z = v * s[n] + t, t = -mu[n] * s[n] (torch's layer_norm form), n = r / per (the sample of
+// the row: per = S rows per sample).
+struct ZMap {
+  const double* mu = nullptr;
+  const double* s = nullptr;
+  int64_t per = 1;
+  // Set (rows_moments with one row per sample, per = 1): mu/s of each row are computed there,
+  // into fill_mu/fill_s (the arrays mu/s point to), as its block of rows is read.
+  double* fill_mu = nullptr;
+  double* fill_s = nullptr;
+  double eps = 0;
+};
+// Row r's (t, s) in the arithmetic type P; (0, 1) without the map (Z false).
+template <bool Z, typename P>
+inline void z_of_row(const ZMap& zm, int64_t r, P& t, P& s) {
+  if constexpr (Z) {
+    const int64_t n = zm.per == 1 ? r : r / zm.per;  // (a 64-bit division per row shows)
+    s = static_cast<P>(zm.s[n]), t = static_cast<P>(-zm.mu[n] * zm.s[n]);
+  } else {
+    t = P(0), s = P(1);
+  }
+}
+// A loaded value in P: z = v s + t with the map, else the value itself.
+template <bool Z, typename P, typename T>
+inline P zld(T v, P t, P s) {
+  if constexpr (Z) {
+    return static_cast<P>(ld(v)) * s + t;
+  } else {
+    return static_cast<P>(ld(v));
+  }
+}
+
 // Below this many elements a kernel runs on the calling thread (a fork/join costs more).
 constexpr int64_t kParallelMin = 1 << 15;
 // Longest run of a plane whose two passes (sum, then centred squares) run while it is in L1.
@@ -217,6 +250,18 @@ inline double lane_total(const double* acc) {
   double s = 0;
   for (int j = 0; j < kLanes; ++j) s += acc[j];
   return s;
+}
+
+// Accumulators of the per-row loops of short rows (a row of a few hundred values pays for every
+// lane it adds up), and their total by halving (log2 of them dependent adds, not one per lane).
+constexpr int kRowLanes = 16;
+template <typename P>
+inline P tree_total(P* a) {
+  for (int w = kRowLanes / 2; w >= 1; w /= 2) {
+#pragma omp simd
+    for (int j = 0; j < w; ++j) a[j] += a[j + w];
+  }
+  return a[0];
 }
 
 // Sum and centred sum of squares of a run, two passes while the run is in cache.
@@ -396,18 +441,22 @@ inline void run_grad(const T* g, const T* x, T* out, int64_t len, double center,
 // and it saves a subtraction per element. Row by row with the accumulators in L1 (a
 // column-chunked loop with register accumulators walks the rows at a stride of C values and
 // measured 1.6 times slower for C = 1024).
-template <typename T>
+// With Z, x reads as z (ZMap).
+template <typename T, bool Z = false>
 inline void rows_sums(const T* g, const T* x, int64_t r0, int64_t r1, int64_t stride,
-                      int64_t C, const double* center, double* sg, double* sgx) {
+                      int64_t C, const double* center, double* sg, double* sgx,
+                      const ZMap& zm = ZMap{}) {
   constexpr bool kCentre = std::is_same_v<T, double>;
   for (int64_t i = r0; i < r1; ++i) {
     const T* gr = g + i * stride;
     const T* xr = x + i * stride;
+    double t, s;
+    z_of_row<Z>(zm, i, t, s);
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
       const double gi = static_cast<double>(ld(gr[c]));
       sg[c] += gi;
-      sgx[c] += gi * (static_cast<double>(ld(xr[c])) - (kCentre ? center[c] : 0.0));
+      sgx[c] += gi * (zld<Z>(xr[c], t, s) - (kCentre ? center[c] : 0.0));
     }
   }
 }
@@ -419,6 +468,50 @@ inline void rows_centre(int64_t C, const double* center, const double* sg, doubl
   for (int64_t c = 0; c < C; ++c) sgx[c] -= center[c] * sg[c];
 }
 
+// Sample n's (mu, s) from its moments (count n, centred squares m2, plain sum).
+inline void sample_scale(const Moments& m, double eps, double& mu, double& s) {
+  mu = m.sum / m.n;
+  s = 1.0 / std::sqrt(m.m2 / m.n + eps);
+}
+
+// (mu, s) of the L contiguous values of a sample: two passes in the arithmetic type while the
+// sample is in L1 (up to kRun values; plane_moments' lanes cost more than a short row), else
+// plane_moments.
+template <typename T>
+inline void sample_moments(const T* p, int64_t L, double eps, double& mu, double& s) {
+  using P = typename Acc<T>::type;
+  if (L > kRun) {
+    Moments m;
+    plane_moments(p, L, m, nullptr);
+    sample_scale(m, eps, mu, s);
+    return;
+  }
+  P acc[kRowLanes] = {};
+  int64_t i = 0;
+  for (; i + kRowLanes <= L; i += kRowLanes) {
+#pragma omp simd
+    for (int j = 0; j < kRowLanes; ++j) acc[j] += ld(p[i + j]);
+  }
+  P sum = tree_total(acc);
+  for (; i < L; ++i) sum += ld(p[i]);
+  const P m = sum / static_cast<P>(L);
+  P sq[kRowLanes] = {};
+  for (i = 0; i + kRowLanes <= L; i += kRowLanes) {
+#pragma omp simd
+    for (int j = 0; j < kRowLanes; ++j) {
+      const P d = ld(p[i + j]) - m;
+      sq[j] += d * d;
+    }
+  }
+  P q = tree_total(sq);
+  for (; i < L; ++i) {
+    const P d = ld(p[i]) - m;
+    q += d * d;
+  }
+  mu = static_cast<double>(m);
+  s = 1.0 / std::sqrt(static_cast<double>(q) / static_cast<double>(L) + eps);
+}
+
 // Moments of rows [r0, r1) of the rows layout, merged into one thread's per-column
 // accumulators (tn values so far; mean tm, centred squares tq, plain sum ts). Blocks of
 // kRowBlock rows, row by row (contiguous), two passes while the block is in L2, summed in the
@@ -426,9 +519,11 @@ inline void rows_centre(int64_t C, const double* center, const double* sg, doubl
 // register accumulators walks the rows at a stride of C values: 2 times slower for C = 1024.)
 constexpr int64_t kRowBlock = 16;
 
-template <typename T>
+// With Z, x reads as z (ZMap).
+template <typename T, bool Z = false>
 inline void rows_moments(const T* x, int64_t r0, int64_t r1, int64_t stride, int64_t C,
-                         double* tm, double* tq, double* ts, double& tn) {
+                         double* tm, double* tq, double* ts, double& tn,
+                         const ZMap& zm = ZMap{}) {
   using P = typename Acc<T>::type;
   std::vector<P> pv(C), mv(C), qv(C);
   P* p = pv.data();
@@ -437,25 +532,37 @@ inline void rows_moments(const T* x, int64_t r0, int64_t r1, int64_t stride, int
   for (int64_t i0 = r0; i0 < r1; i0 += kRowBlock) {
     const int64_t i1 = std::min(r1, i0 + kRowBlock);
     const T* first = x + i0 * stride;
+    if constexpr (Z) {
+      if (zm.fill_mu) {
+        for (int64_t i = i0; i < i1; ++i)
+          sample_moments(x + i * stride, C, zm.eps, zm.fill_mu[i], zm.fill_s[i]);
+      }
+    }
+    P zt0, zs0;
+    z_of_row<Z>(zm, i0, zt0, zs0);
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) p[c] = ld(first[c]);
+    for (int64_t c = 0; c < C; ++c) p[c] = zld<Z>(first[c], zt0, zs0);
     for (int64_t i = i0 + 1; i < i1; ++i) {
       const T* row = x + i * stride;
+      P zti, zsi;
+      z_of_row<Z>(zm, i, zti, zsi);
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) p[c] += ld(row[c]);
+      for (int64_t c = 0; c < C; ++c) p[c] += zld<Z>(row[c], zti, zsi);
     }
     const P inv = P(1) / static_cast<P>(i1 - i0);
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
       m[c] = p[c] * inv;
-      const P d = ld(first[c]) - m[c];
+      const P d = zld<Z>(first[c], zt0, zs0) - m[c];
       q[c] = d * d;
     }
     for (int64_t i = i0 + 1; i < i1; ++i) {
       const T* row = x + i * stride;
+      P zti, zsi;
+      z_of_row<Z>(zm, i, zti, zsi);
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
-        const P d = ld(row[c]) - m[c];
+        const P d = zld<Z>(row[c], zti, zsi) - m[c];
         q[c] += d * d;
       }
     }
@@ -486,21 +593,89 @@ struct ColumnCoefs {
     center[j] = static_cast<A>(f.center), scale[j] = static_cast<A>(f.scale);
     shift[j] = static_cast<A>(f.shift);
   }
-  // Rows [r0, r1) of the W columns at x (row r at x + r * stride) into y (same layout).
-  template <typename T>
-  void apply(const T* x, T* y, int64_t r0, int64_t r1, int64_t stride) const {
+  // Rows [r0, r1) of the W columns at x (row r at x + r * stride) into y (same layout); with Z,
+  // x reads as z (ZMap).
+  template <typename T, bool Z = false>
+  void apply(const T* x, T* y, int64_t r0, int64_t r1, int64_t stride,
+             const ZMap& zm = ZMap{}) const {
     const int64_t W = static_cast<int64_t>(center.size());
     const A *pc = center.data(), *ps = scale.data(), *ph = shift.data();
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * stride;
       T* yr = y + r * stride;
+      A t, s;
+      z_of_row<Z>(zm, r, t, s);
 #pragma omp simd
-      for (int64_t j = 0; j < W; ++j) yr[j] = st<T>((ld(xr[j]) - pc[j]) * ps[j] + ph[j]);
+      for (int64_t j = 0; j < W; ++j)
+        yr[j] = st<T>((zld<Z>(xr[j], t, s) - pc[j]) * ps[j] + ph[j]);
     }
   }
 };
 
 // ------------------------------------------------------------------------------------ forward
+
+// The rows layout of stats_apply; with Z, x reads as z (ZMap).
+template <typename T, bool Z = false, typename CoefFn>
+void rows_stats_apply(const T* x, T* y, const Geometry& g, double* mean, double* var,
+                      CoefFn coef, const ZMap& zm = ZMap{}) {
+  const int64_t N = g.N, C = g.C, S = g.S;
+  const double M = static_cast<double>(g.count());
+  const int team = team_for(g.numel());
+  using A = typename Acc<T>::type;
+  const int64_t R = N * S;
+  if (team > 1 && C >= columns_per_thread() * team) {
+    // Wide rows: each thread its columns over every row, statistics then output.
+    parallel_columns(C, [&](int64_t c0, int64_t c1) {
+      const int64_t W = c1 - c0;
+      std::vector<double> tm(W), tq(W), ts(W);
+      ColumnCoefs<A> cf(y ? W : 0);
+      double tn = 0;
+      if (W > 0)
+        rows_moments<T, Z>(x + c0, 0, R, C, W, tm.data(), tq.data(), ts.data(), tn, zm);
+      for (int64_t j = 0; j < W; ++j) {
+        const int64_t c = c0 + j;
+        mean[c] = ts[j] / M;
+        var[c] = tq[j] / M;
+        if (y) cf.set(j, coef(c, mean[c], var[c]));
+      }
+      if (y && W > 0) cf.template apply<T, Z>(x + c0, y + c0, 0, R, C, zm);
+    });
+    return;
+  }
+  // Rows of C values split between threads: blocks of rows, two passes per block in cache,
+  // merged per thread, then across threads.
+  const size_t TC = static_cast<size_t>(team) * C;
+  std::vector<double> pm(TC), pq(TC), ps(TC);  // per thread: mean, centred squares, sum
+  std::vector<double> pn(team, 0.0);
+  std::vector<FwdCoef> coefs(y ? C : 0);
+#pragma omp parallel if (team > 1)
+  {
+    const Share rows = share_of(R);
+    const size_t mine = static_cast<size_t>(rows.t) * C;
+    double tn = 0;
+    rows_moments<T, Z>(x, rows.b, rows.e, C, C, pm.data() + mine, pq.data() + mine,
+                       ps.data() + mine, tn, zm);
+    pn[rows.t] = tn;
+#pragma omp barrier
+    const Share chans = share_of(C);
+    for (int64_t c = chans.b; c < chans.e; ++c) {
+      Moments acc;
+      for (int u = 0; u < chans.nt; ++u) {
+        const size_t o = static_cast<size_t>(u) * C + c;
+        acc.merge(pn[u], pm[o], pq[o], ps[o]);
+      }
+      mean[c] = acc.sum / M;
+      var[c] = acc.m2 / M;
+      if (y) coefs[c] = coef(c, mean[c], var[c]);
+    }
+    if (y) {
+#pragma omp barrier
+      ColumnCoefs<A> cf(C);
+      for (int64_t c = 0; c < C; ++c) cf.set(c, coefs[c]);
+      cf.template apply<T, Z>(x, y, rows.b, rows.e, C, zm);
+    }
+  }
+}
 
 // mean/var (length C, biased var) receive the batch statistics; plane_mean (N*C, may be null)
 // the mean of each (n, c) plane (planes layout only). coef(c, mean, var) -> FwdCoef. y may be
@@ -560,59 +735,7 @@ void stats_apply(const T* x, T* y, const Geometry& g, double* mean, double* var,
     }
     return;
   }
-  using A = typename Acc<T>::type;
-  const int64_t R = N * S;
-  if (team > 1 && C >= columns_per_thread() * team) {
-    // Wide rows: each thread its columns over every row, statistics then output.
-    parallel_columns(C, [&](int64_t c0, int64_t c1) {
-      const int64_t W = c1 - c0;
-      std::vector<double> tm(W), tq(W), ts(W);
-      ColumnCoefs<A> cf(y ? W : 0);
-      double tn = 0;
-      if (W > 0) rows_moments(x + c0, 0, R, C, W, tm.data(), tq.data(), ts.data(), tn);
-      for (int64_t j = 0; j < W; ++j) {
-        const int64_t c = c0 + j;
-        mean[c] = ts[j] / M;
-        var[c] = tq[j] / M;
-        if (y) cf.set(j, coef(c, mean[c], var[c]));
-      }
-      if (y && W > 0) cf.apply(x + c0, y + c0, 0, R, C);
-    });
-    return;
-  }
-  // Rows of C values split between threads: blocks of rows, two passes per block in cache,
-  // merged per thread, then across threads.
-  const size_t TC = static_cast<size_t>(team) * C;
-  std::vector<double> pm(TC), pq(TC), ps(TC);  // per thread: mean, centred squares, sum
-  std::vector<double> pn(team, 0.0);
-  std::vector<FwdCoef> coefs(y ? C : 0);
-#pragma omp parallel if (team > 1)
-  {
-    const Share rows = share_of(R);
-    const size_t mine = static_cast<size_t>(rows.t) * C;
-    double tn = 0;
-    rows_moments(x, rows.b, rows.e, C, C, pm.data() + mine, pq.data() + mine, ps.data() + mine,
-                 tn);
-    pn[rows.t] = tn;
-#pragma omp barrier
-    const Share chans = share_of(C);
-    for (int64_t c = chans.b; c < chans.e; ++c) {
-      Moments acc;
-      for (int u = 0; u < chans.nt; ++u) {
-        const size_t o = static_cast<size_t>(u) * C + c;
-        acc.merge(pn[u], pm[o], pq[o], ps[o]);
-      }
-      mean[c] = acc.sum / M;
-      var[c] = acc.m2 / M;
-      if (y) coefs[c] = coef(c, mean[c], var[c]);
-    }
-    if (y) {
-#pragma omp barrier
-      ColumnCoefs<A> cf(C);
-      for (int64_t c = 0; c < C; ++c) cf.set(c, coefs[c]);
-      cf.apply(x, y, rows.b, rows.e, C);
-    }
-  }
+  rows_stats_apply<T>(x, y, g, mean, var, coef);
 }
 
 // Per-sample means of a rows-layout (channels_last) tensor: out[n * C + c] = mean over the S
@@ -830,6 +953,226 @@ void sums_apply(const T* g, const T* x, T* out, const Geometry& geo, const doubl
     if (!one_pass && out) {
 #pragma omp barrier
       cf.grad(g, x, out, rows.b, rows.e, C);
+    }
+  }
+}
+
+// ------------------------------------------------------------- per-sample standardization first
+//
+// The kernels above applied to z instead of x, where each sample n (its C*S values) is
+// standardized: z = (x - mu[n]) * s[n], s[n] = 1 / sqrt(var_n + eps) (biased var over the
+// sample), without writing z. Planes layout: every plane (n, c) is an affine image of x, so the
+// moments of z's planes follow from those of x's, and the forward and the backward each keep
+// two passes. Rows layout: the loads are mapped (ZMap); with one row per sample each row's
+// statistics are taken as its block of rows is read (else in a pass of their own); the
+// backward applies the standardization's gradient sample by sample while the sample is in
+// cache (FN's gradient of a row, its two sums, then the row rewritten).
+
+// stats_apply of z: mean/var receive z's per-channel statistics, coef(c, mean, var) ->
+// FwdCoef of z; mu/s (length N) the samples' statistics; plane_mean (N*C, may be null) z's
+// per-(n, c) means in either layout. y may be null.
+template <typename T, typename CoefFn>
+void sample_stats_apply(const T* x, T* y, const Geometry& g, double eps, double* mu, double* s,
+                        double* mean, double* var, double* plane_mean, CoefFn coef) {
+  const int64_t N = g.N, C = g.C, S = g.S;
+  const int team = team_for(g.numel());
+  if (g.rows) {
+    ZMap zm{mu, s, S};
+    if (S == 1 && !(team > 1 && C >= columns_per_thread() * team)) {
+      zm.fill_mu = mu, zm.fill_s = s, zm.eps = eps;  // rows split between threads: as read
+    } else {
+      const int64_t L = C * S;  // sample n: rows [n S, (n + 1) S), L contiguous values
+      parallel_ranges(N, team, [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; ++n) sample_moments(x + n * L, L, eps, mu[n], s[n]);
+      });
+    }
+    rows_stats_apply<T, true>(x, y, g, mean, var, coef, zm);
+    if (plane_mean) {
+      sample_means_rows<T>(x, g, plane_mean);
+      for (int64_t p = 0; p < N * C; ++p) plane_mean[p] = (plane_mean[p] - mu[p / C]) * s[p / C];
+    }
+    return;
+  }
+  std::vector<Moments> pm(static_cast<size_t>(N * C));
+  parallel_ranges(N * C, team, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) plane_moments(x + p * S, S, pm[p], nullptr);
+  });
+  for (int64_t n = 0; n < N; ++n) {
+    Moments m;
+    for (int64_t c = 0; c < C; ++c) m.merge(pm[n * C + c]);
+    sample_scale(m, eps, mu[n], s[n]);
+  }
+  const double M = static_cast<double>(g.count());
+  std::vector<FwdCoef> coefs(C);
+  for (int64_t c = 0; c < C; ++c) {
+    Moments acc;
+    for (int64_t n = 0; n < N; ++n) {  // plane (n, c) of z: x's moments mapped
+      const Moments& q = pm[n * C + c];
+      const double zmean = (q.sum / q.n - mu[n]) * s[n];
+      acc.merge(q.n, (q.mean - mu[n]) * s[n], q.m2 * s[n] * s[n], (q.sum - q.n * mu[n]) * s[n]);
+      if (plane_mean) plane_mean[n * C + c] = zmean;
+    }
+    mean[c] = acc.sum / M;
+    var[c] = acc.m2 / M;
+    coefs[c] = coef(c, mean[c], var[c]);
+  }
+  if (!y) return;
+  parallel_ranges(N * C, team, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      // (z - center) * scale + shift with z = (x - mu) * s
+      const int64_t n = p / C;
+      const FwdCoef& f = coefs[p % C];
+      const FwdCoef h{mu[n], s[n] * f.scale, f.shift - f.center * f.scale};
+      run_apply(x + p * S, y + p * S, S, h);
+    }
+  });
+}
+
+// Plane sums of the standardization's backward, d = x - mu: sum(g), sum(g d), sum(d),
+// sum(d d), into out[0..3].
+template <typename T>
+inline void plane_sums4(const T* g, const T* x, int64_t len, double mu, double* out) {
+  double a1[kLanes] = {}, a2[kLanes] = {}, a3[kLanes] = {}, a4[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) {
+      const double gi = static_cast<double>(ld(g[i + j]));
+      const double d = static_cast<double>(ld(x[i + j])) - mu;
+      a1[j] += gi, a2[j] += gi * d, a3[j] += d, a4[j] += d * d;
+    }
+  }
+  double t1 = 0, t2 = 0, t3 = 0, t4 = 0;
+  for (; i < len; ++i) {
+    const double gi = static_cast<double>(ld(g[i]));
+    const double d = static_cast<double>(ld(x[i])) - mu;
+    t1 += gi, t2 += gi * d, t3 += d, t4 += d * d;
+  }
+  out[0] = lane_total(a1) + t1, out[1] = lane_total(a2) + t2;
+  out[2] = lane_total(a3) + t3, out[3] = lane_total(a4) + t4;
+}
+
+// One row of the rows layout's gradient of z, gz = a g + b (z - center) + k with
+// z = x s + t, written to o; sum(gz) and sum(gz z) of the written values added to ga, gb.
+template <typename A, typename T>
+inline void grad_row_sums(const ColumnBwd<A>& cb, const T* g, const T* x, T* o, int64_t C, A t,
+                          A s, double& ga, double& gb) {
+  const A *pa = cb.a.data(), *pb = cb.b.data(), *pk = cb.k.data(), *pc = cb.center.data();
+  A la[kRowLanes] = {}, lb[kRowLanes] = {};
+  int64_t c = 0;
+  for (; c + kRowLanes <= C; c += kRowLanes) {
+#pragma omp simd
+    for (int j = 0; j < kRowLanes; ++j) {
+      const int64_t i = c + j;
+      const A z = zld<true>(x[i], t, s);
+      const T v = st<T>(pa[i] * ld(g[i]) + (pb[i] * (z - pc[i]) + pk[i]));
+      o[i] = v;
+      const A u = static_cast<A>(ld(v));
+      la[j] += u;
+      lb[j] += u * z;
+    }
+  }
+  double ta = static_cast<double>(tree_total(la)), tb = static_cast<double>(tree_total(lb));
+  for (; c < C; ++c) {
+    const A z = zld<true>(x[c], t, s);
+    const T v = st<T>(pa[c] * ld(g[c]) + (pb[c] * (z - pc[c]) + pk[c]));
+    o[c] = v;
+    const A u = static_cast<A>(ld(v));
+    ta += u, tb += u * z;
+  }
+  ga += ta, gb += tb;
+}
+
+// sums_apply of z (mu, s from sample_stats_apply): sum_g/sum_gz receive sum(g) and
+// sum(g (z - center)) per channel, coef(c, sum_g, sum_gz) -> BwdCoef of z's gradient
+// gz = a g + b (z - center) + k; out (may be null) receives the gradient of x through the
+// standardization, s[n] (gz - mean_n(gz) - z mean_n(gz z)), means over sample n.
+template <typename T, typename CoefFn>
+void sample_sums_apply(const T* g, const T* x, T* out, const Geometry& geo, const double* center,
+                       const double* mu, const double* s, double* sum_g, double* sum_gz,
+                       CoefFn coef) {
+  using A = typename Acc<T>::type;
+  const int64_t N = geo.N, C = geo.C, S = geo.S;
+  const double L = static_cast<double>(C * S);
+  const int team = team_for(geo.numel());
+  if (!geo.rows) {
+    std::vector<double> q(static_cast<size_t>(N * C * 4));
+    parallel_ranges(N * C, team, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p)
+        plane_sums4(g + p * S, x + p * S, S, mu[p / C], &q[4 * p]);
+    });
+    std::vector<BwdCoef> cf(C);
+    for (int64_t c = 0; c < C; ++c) {
+      double sg = 0, sgz = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        sg += q[4 * (n * C + c)];
+        sgz += s[n] * q[4 * (n * C + c) + 1];
+      }
+      sum_g[c] = sg;
+      sum_gz[c] = sgz - center[c] * sg;
+      cf[c] = coef(c, sum_g[c], sum_gz[c]);
+    }
+    if (!out) return;
+    std::vector<BwdCoef> pc(static_cast<size_t>(N * C));
+    const double Sd = static_cast<double>(S);
+    for (int64_t n = 0; n < N; ++n) {
+      // mean_n(gz) and mean_n(gz z) from the planes' sums (z = s d on the sample)
+      double ga = 0, gb = 0;
+      const double sn = s[n];
+      for (int64_t c = 0; c < C; ++c) {
+        const double* qp = &q[4 * (n * C + c)];
+        const BwdCoef& f = cf[c];
+        ga += f.a * qp[0] + f.b * (sn * qp[2] - Sd * center[c]) + f.k * Sd;
+        gb += f.a * sn * qp[1] + f.b * (sn * sn * qp[3] - center[c] * sn * qp[2]) +
+              f.k * sn * qp[2];
+      }
+      ga /= L, gb /= L;
+      for (int64_t c = 0; c < C; ++c) {
+        const BwdCoef& f = cf[c];
+        pc[n * C + c] = BwdCoef{sn * f.a, sn * sn * (f.b - gb), sn * (f.k - f.b * center[c] - ga)};
+      }
+    }
+    parallel_ranges(N * C, team, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p)
+        run_grad(g + p * S, x + p * S, out + p * S, S, mu[p / C], pc[p]);
+    });
+    return;
+  }
+  // Rows: column sums of z over the rows (split between threads, merged), then the gradient
+  // sample by sample: gz into out, the sample's two means, out rewritten in place.
+  const ZMap zm{mu, s, S};
+  const int64_t R = N * S;
+  PartialSums part(team, C);
+  ColumnBwd<A> cb(C, center);
+#pragma omp parallel if (team > 1)
+  {
+    const Share rows = share_of(R);
+    double *mg = part.g(rows.t), *mgz = part.gx(rows.t);
+    rows_sums<T, true>(g, x, rows.b, rows.e, C, C, center, mg, mgz, zm);
+    rows_centre<T>(C, center, mg, mgz);
+#pragma omp barrier
+    part.merge(sum_g, sum_gz, [&](int64_t c) { cb.set(c, coef(c, sum_g[c], sum_gz[c])); });
+    if (out) {
+#pragma omp barrier
+      const Share samples = share_of(N);
+      for (int64_t n = samples.b; n < samples.e; ++n) {
+        const int64_t r0 = n * S, r1 = r0 + S;
+        A t, sn;
+        z_of_row<true>(zm, r0, t, sn);
+        double ga = 0, gb = 0;
+        for (int64_t r = r0; r < r1; ++r)
+          grad_row_sums(cb, g + r * C, x + r * C, out + r * C, C, t, sn, ga, gb);
+        // s (gz - mean(gz) - z mean(gz z)) = s gz + bx x + k0, as torch's layer_norm backward
+        const double sd = s[n], ma = ga / L, mb = gb / L;
+        const A bx = static_cast<A>(-sd * sd * mb);
+        const A k0 = static_cast<A>(sd * (mu[n] * sd * mb - ma));
+        for (int64_t r = r0; r < r1; ++r) {
+          T* o = out + r * C;
+          const T* xr = x + r * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) o[c] = st<T>(sn * ld(o[c]) + (bx * ld(xr[c]) + k0));
+        }
+      }
     }
   }
 }

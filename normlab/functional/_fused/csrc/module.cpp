@@ -144,14 +144,20 @@ struct FnArgs {  // not autograd inputs: the history and the live outer-factor s
   double alpha, eps, momentum;
   int64_t estimator;
   bool with_rho;
+  bool sample_norm;  // each sample standardized over (C, *) first
 };
 
 struct FNTrain : public torch::autograd::Function<FNTrain> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x,
                                const std::optional<Tensor>& w, const std::optional<Tensor>& b,
                                const FnArgs& a) {
-    variable_list out = fn_train_forward(x, w, b, a.hist_mean, a.hist_var, a.alpha, a.eps, a.with_rho);
+    variable_list out = fn_train_forward(x, w, b, a.hist_mean, a.hist_var, a.alpha, a.eps,
+                                         a.with_rho, a.sample_norm);
     ctx->save_for_backward({x, w.value_or(Tensor()), out[1], out[2], out[3]});
+    if (a.sample_norm) {
+      ctx->saved_data["zstats"] = out[4];  // the samples' (mean, 1/std): 2 N values
+      out.pop_back();
+    }
     ctx->mark_non_differentiable({out[1], out[2], out[3]});
     ctx->set_materialize_grads(false);
     auto& sd = ctx->saved_data;
@@ -182,14 +188,17 @@ struct FNTrain : public torch::autograd::Function<FNTrain> {
     if (sd.count("outer_state")) state = sd["outer_state"].toTensor();
     if (sd.count("outer_count")) count = sd["outer_count"].toTensor();
     variable_list r;
+    std::optional<Tensor> zstats;
+    if (sd.count("zstats")) zstats = sd["zstats"].toTensor();
     if (at::GradMode::is_enabled()) {
       Tensor hm = sd.count("hist_mean") ? sd["hist_mean"].toTensor() : Tensor();
       Tensor hv = sd.count("hist_var") ? sd["hist_var"].toTensor() : Tensor();
       r = graph_backward("fn_train_backward", gy, saved[0], saved[1], saved[2], saved[3],
-                         saved[4], hm, hv, alpha, eps, estimator, momentum, state, count);
+                         saved[4], hm, hv, alpha, eps, estimator, momentum, state, count,
+                         zstats.has_value());
     } else {
       r = fn_train_backward(gy, saved[0], opt(saved[1]), saved[2], saved[3], saved[4], alpha, eps,
-                            estimator, momentum, state, count, nx, nw || nb);
+                            estimator, momentum, state, count, nx, nw || nb, zstats);
     }
     return {nx ? r[0] : Tensor(), nw ? r[1] : Tensor(), nb ? r[2] : Tensor(), Tensor()};
   }
@@ -216,14 +225,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fn_train(
     const Tensor& x, const std::optional<Tensor>& w, const std::optional<Tensor>& b,
     const Tensor& hist_mean, const Tensor& hist_var, const std::optional<Tensor>& outer_state,
     const std::optional<Tensor>& outer_count, double alpha, double eps, int64_t estimator,
-    double momentum, bool with_rho) {
+    double momentum, bool with_rho, bool sample_norm) {
   variable_list o;
   if (recording(x, w, b)) {
     o = FNTrain::apply(x, w, b,
                        FnArgs{hist_mean, hist_var, outer_state, outer_count, alpha, eps, momentum,
-                              estimator, with_rho});
+                              estimator, with_rho, sample_norm});
   } else {
-    o = fn_train_forward(x, w, b, hist_mean, hist_var, alpha, eps, with_rho);
+    o = fn_train_forward(x, w, b, hist_mean, hist_var, alpha, eps, with_rho, sample_norm);
   }
   return {o[0], o[1], o[2], o[3]};
 }
@@ -271,10 +280,10 @@ std::tuple<Tensor, Tensor, Tensor, bool> fn_train_module(
     const Tensor& x, const std::optional<Tensor>& w, const std::optional<Tensor>& b,
     Tensor running_mean, Tensor running_var, const std::optional<Tensor>& outer_state,
     const std::optional<Tensor>& outer_count, double alpha, double eps, int64_t estimator,
-    double momentum, bool with_rho, Tensor tracked) {
+    double momentum, bool with_rho, Tensor tracked, bool sample_norm) {
   const auto [out, mean, var, rho] = fn_train(x, w, b, running_mean, running_var, outer_state,
                                               outer_count, alpha, eps, estimator, momentum,
-                                              with_rho);
+                                              with_rho, sample_norm);
   (void)rho;
   if (!all_finite(mean) || !all_finite(var)) return {out, mean, var, false};
   write_double(running_mean, to_double(mean));
@@ -296,7 +305,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         arg("bias"), arg("eps"), nogil);
   m.def("fn_train", &normlab::fn_train, arg("x"), arg("weight"), arg("bias"), arg("hist_mean"),
         arg("hist_var"), arg("outer_state"), arg("outer_count"), arg("alpha"), arg("eps"),
-        arg("estimator"), arg("momentum"), arg("with_rho"), nogil);
+        arg("estimator"), arg("momentum"), arg("with_rho"), arg("sample_norm") = false, nogil);
   m.def("bn_train_module", &normlab::bn_train_module, nogil);
   m.def("fn_train_module", &normlab::fn_train_module, nogil);
   // Raw kernels, without autograd (for tests and benchmarks).

@@ -248,7 +248,7 @@ std::vector<Tensor> norm_eval_backward(const Tensor& gy, const Tensor& x, const 
 std::vector<Tensor> fn_train_forward(const Tensor& x, const std::optional<Tensor>& w,
                                      const std::optional<Tensor>& b, const Tensor& hist_mean,
                                      const Tensor& hist_var, double alpha, double eps,
-                                     bool with_rho) {
+                                     bool with_rho, bool sample_norm) {
   const Dense d = dense(x);
   const int64_t N = d.g.N, C = d.g.C, S = d.g.S;
   const int64_t M = d.g.count();
@@ -259,22 +259,28 @@ std::vector<Tensor> fn_train_forward(const Tensor& x, const std::optional<Tensor
   std::vector<double> pmean(planes_needed ? N * C : 0);
   const bool keep_prior = M == 1 && alpha >= 1.0;
   Tensor y = at::empty_like(d.t, d.t.options(), d.fmt);
+  std::vector<double> zs(sample_norm ? 2 * N : 0);  // the samples' mean and 1/std
+  const auto update = [&](int64_t c, double bm, double bvr) {
+    // The estimates' update (full_norm_update), then the affine map of the new ones.
+    const double dlt = bm - hm[c];
+    const double m = hm[c] + alpha * dlt;
+    const double v = keep_prior
+                         ? hv[c]
+                         : (1.0 - alpha) * hv[c] + alpha * bvr + alpha * (1.0 - alpha) * dlt * dlt;
+    mean[c] = m, var[c] = v;
+    const double scale = wv[c] / std::sqrt(v + eps);
+    return FwdCoef{0.0, scale, bv[c] - m * scale};
+  };
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fn_train_forward", [&] {
     const scalar_t* xp = d.t.const_data_ptr<scalar_t>();
-    stats_apply<scalar_t>(
-        xp, y.mutable_data_ptr<scalar_t>(), d.g, bmean.data(), bvar.data(),
-        (planes_needed && !d.g.rows) ? pmean.data() : nullptr,
-        [&](int64_t c, double bm, double bvr) {
-          // The estimates' update (full_norm_update), then the affine map of the new ones.
-          const double dlt = bm - hm[c];
-          const double m = hm[c] + alpha * dlt;
-          const double v = keep_prior
-                               ? hv[c]
-                               : (1.0 - alpha) * hv[c] + alpha * bvr + alpha * (1.0 - alpha) * dlt * dlt;
-          mean[c] = m, var[c] = v;
-          const double scale = wv[c] / std::sqrt(v + eps);
-          return FwdCoef{0.0, scale, bv[c] - m * scale};
-        });
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    if (sample_norm) {
+      sample_stats_apply<scalar_t>(xp, yp, d.g, eps, zs.data(), zs.data() + N, bmean.data(),
+                                   bvar.data(), planes_needed ? pmean.data() : nullptr, update);
+      return;
+    }
+    stats_apply<scalar_t>(xp, yp, d.g, bmean.data(), bvar.data(),
+                          (planes_needed && !d.g.rows) ? pmean.data() : nullptr, update);
     if (planes_needed && d.g.rows) sample_means_rows<scalar_t>(xp, d.g, pmean.data());
   });
   double rho = 1.0;
@@ -305,8 +311,10 @@ std::vector<Tensor> fn_train_forward(const Tensor& x, const std::optional<Tensor
     rho = num > den ? den / std::max(num, std::numeric_limits<double>::min()) : 1.0;
   }
   const at::ScalarType st = stat_type(x.scalar_type());
-  return {y, from_vec(mean.data(), {C}, st), from_vec(var.data(), {C}, st),
-          from_vec(&rho, {}, st)};
+  std::vector<Tensor> out{y, from_vec(mean.data(), {C}, st), from_vec(var.data(), {C}, st),
+                          from_vec(&rho, {}, st)};
+  if (sample_norm) out.push_back(from_vec(zs.data(), {2, N}, at::kDouble));
+  return out;
 }
 
 std::vector<Tensor> fn_train_backward(const Tensor& gy, const Tensor& x,
@@ -315,7 +323,7 @@ std::vector<Tensor> fn_train_backward(const Tensor& gy, const Tensor& x,
                                       double eps, int64_t estimator, double momentum,
                                       const std::optional<Tensor>& outer_state,
                                       const std::optional<Tensor>& outer_count, bool need_x,
-                                      bool need_wb) {
+                                      bool need_wb, const std::optional<Tensor>& zstats) {
   const Dense d = dense(x);
   const Tensor g = like(gy, d);
   const int64_t C = d.g.C;
@@ -344,33 +352,41 @@ std::vector<Tensor> fn_train_backward(const Tensor& gy, const Tensor& x,
   for (int64_t c = 0; c < C; ++c) invstd[c] = 1.0 / std::sqrt(vv[c] + eps);
   Tensor gx;
   if (need_x) gx = at::empty_like(d.t, d.t.options(), d.fmt);
+  const auto coef = [&](int64_t c, double s_g, double s_gx) {
+    // The batch's own outer factor (mean g, mean g y), then the estimator's correction.
+    const double is = invstd[c];
+    const double u = s_g / M, v = s_gx * is / M;
+    double cu = 0, cv = 0;
+    switch (estimator) {
+      case kBatch:
+        cu = u, cv = v;
+        break;
+      case kAutograd:
+        cu = alpha * u, cv = alpha * v;
+        break;
+      case kNone:
+        break;
+      default: {  // running, adaptive: the running factor clipped to |b|
+        const double hu = has_running ? state[c] : u, hv = has_running ? state[C + c] : v;
+        cu = lam_b * u + lam_r * clip_to(hu, u);
+        cv = lam_b * v + lam_r * clip_to(hv, v);
+      }
+    }
+    const double a = wv[c] * is;
+    return BwdCoef{a, -a * cv * is, -a * cu};
+  };
+  const std::vector<double> zs = has(zstats) ? to_vec(*zstats) : std::vector<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fn_train_backward", [&] {
-    sums_apply<scalar_t>(
-        g.const_data_ptr<scalar_t>(), d.t.const_data_ptr<scalar_t>(),
-        need_x ? gx.mutable_data_ptr<scalar_t>() : nullptr, d.g, mv.data(), sg.data(), sgx.data(),
-        false, [&](int64_t c, double s_g, double s_gx) {
-          // The batch's own outer factor (mean g, mean g y), then the estimator's correction.
-          const double is = invstd[c];
-          const double u = s_g / M, v = s_gx * is / M;
-          double cu = 0, cv = 0;
-          switch (estimator) {
-            case kBatch:
-              cu = u, cv = v;
-              break;
-            case kAutograd:
-              cu = alpha * u, cv = alpha * v;
-              break;
-            case kNone:
-              break;
-            default: {  // running, adaptive: the running factor clipped to |b|
-              const double hu = has_running ? state[c] : u, hv = has_running ? state[C + c] : v;
-              cu = lam_b * u + lam_r * clip_to(hu, u);
-              cv = lam_b * v + lam_r * clip_to(hv, v);
-            }
-          }
-          const double a = wv[c] * is;
-          return BwdCoef{a, -a * cv * is, -a * cu};
-        });
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* xp = d.t.const_data_ptr<scalar_t>();
+    scalar_t* op = need_x ? gx.mutable_data_ptr<scalar_t>() : nullptr;
+    if (has(zstats)) {
+      const int64_t N = d.g.N;
+      sample_sums_apply<scalar_t>(gp, xp, op, d.g, mv.data(), zs.data(), zs.data() + N,
+                                  sg.data(), sgx.data(), coef);
+    } else {
+      sums_apply<scalar_t>(gp, xp, op, d.g, mv.data(), sg.data(), sgx.data(), false, coef);
+    }
   });
   for (int64_t c = 0; c < C; ++c) fu[c] = sg[c] / M, fv[c] = sgx[c] * invstd[c] / M;
   if (stateful) {

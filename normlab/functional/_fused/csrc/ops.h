@@ -39,14 +39,17 @@ std::vector<at::Tensor> norm_eval_backward(const at::Tensor& gy, const at::Tenso
                                            bool need_wb);
 
 // Full Normalization training forward: {out, mean, var, rho} (updated estimates; rho is 1
-// unless with_rho).
+// unless with_rho). With sample_norm, FN of each sample standardized over (C, *) first (eps
+// as FN's; z not written), and a fifth tensor: the samples' (mean, 1/std), (2, N) float64.
 std::vector<at::Tensor> fn_train_forward(const at::Tensor& x, const std::optional<at::Tensor>& w,
                                          const std::optional<at::Tensor>& b,
                                          const at::Tensor& hist_mean, const at::Tensor& hist_var,
-                                         double alpha, double eps, bool with_rho);
+                                         double alpha, double eps, bool with_rho,
+                                         bool sample_norm);
 
 // Full Normalization first-order backward; updates outer_state/outer_count in place for the
-// stateful estimators (when given). {grad_x, grad_w, grad_b}.
+// stateful estimators (when given). {grad_x, grad_w, grad_b}. With zstats (the forward's fifth
+// tensor), of the forward with sample_norm: grad_x through the standardization.
 std::vector<at::Tensor> fn_train_backward(const at::Tensor& gy, const at::Tensor& x,
                                           const std::optional<at::Tensor>& w,
                                           const at::Tensor& mean, const at::Tensor& var,
@@ -54,7 +57,8 @@ std::vector<at::Tensor> fn_train_backward(const at::Tensor& gy, const at::Tensor
                                           int64_t estimator, double momentum,
                                           const std::optional<at::Tensor>& outer_state,
                                           const std::optional<at::Tensor>& outer_count,
-                                          bool need_x, bool need_wb);
+                                          bool need_x, bool need_wb,
+                                          const std::optional<at::Tensor>& zstats);
 
 // BNP (bnp.cpp). The EMA fold of one batch into running statistics stored flat (mean, var: 1-D,
 // float32/float64): segment i is the (rows, n_i) input xs[i], whose per-column moments are
