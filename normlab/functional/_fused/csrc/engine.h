@@ -138,6 +138,22 @@ inline P zld(T v, P t, P s) {
   }
 }
 
+// Four consecutive rows i..i+3 of x (row r at x + r * stride) and their maps: the loops that add
+// four rows per load and store of per-column accumulators.
+template <bool Z, typename P, typename T>
+struct FourRows {
+  const T* row[4];
+  P t[4], s[4];
+  FourRows(const T* x, int64_t i, int64_t stride, const ZMap& zm) {
+    for (int k = 0; k < 4; ++k) {
+      row[k] = x + (i + k) * stride;
+      z_of_row<Z>(zm, i + k, t[k], s[k]);
+    }
+  }
+  // Column c of row i + k, as z with the map.
+  P at(int k, int64_t c) const { return zld<Z>(row[k][c], t[k], s[k]); }
+};
+
 // Below this many elements a kernel runs on the calling thread (a fork/join costs more).
 constexpr int64_t kParallelMin = 1 << 15;
 // Longest run of a plane whose two passes (sum, then centred squares) run while it is in L1.
@@ -451,21 +467,15 @@ inline void rows_sums(const T* g, const T* x, int64_t r0, int64_t r1, int64_t st
   // Four rows at a time: one load and store of each accumulator per four values (the
   // accumulators' traffic, not the arithmetic, bounds this loop).
   for (; i + 4 <= r1; i += 4) {
-    const T *g0 = g + i * stride, *g1 = g0 + stride, *g2 = g1 + stride, *g3 = g2 + stride;
-    const T *x0 = x + i * stride, *x1 = x0 + stride, *x2 = x1 + stride, *x3 = x2 + stride;
-    double t0, s0, t1, s1, t2, s2, t3, s3;
-    z_of_row<Z>(zm, i, t0, s0);
-    z_of_row<Z>(zm, i + 1, t1, s1);
-    z_of_row<Z>(zm, i + 2, t2, s2);
-    z_of_row<Z>(zm, i + 3, t3, s3);
+    const FourRows<false, double, T> gs(g, i, stride, zm);
+    const FourRows<Z, double, T> xs(x, i, stride, zm);
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
       const double k = kCentre ? center[c] : 0.0;
-      const double a0 = static_cast<double>(ld(g0[c])), a1 = static_cast<double>(ld(g1[c]));
-      const double a2 = static_cast<double>(ld(g2[c])), a3 = static_cast<double>(ld(g3[c]));
+      const double a0 = gs.at(0, c), a1 = gs.at(1, c), a2 = gs.at(2, c), a3 = gs.at(3, c);
       sg[c] += (a0 + a1) + (a2 + a3);
-      sgx[c] += (a0 * (zld<Z>(x0[c], t0, s0) - k) + a1 * (zld<Z>(x1[c], t1, s1) - k)) +
-                (a2 * (zld<Z>(x2[c], t2, s2) - k) + a3 * (zld<Z>(x3[c], t3, s3) - k));
+      sgx[c] += (a0 * (xs.at(0, c) - k) + a1 * (xs.at(1, c) - k)) +
+                (a2 * (xs.at(2, c) - k) + a3 * (xs.at(3, c) - k));
     }
   }
   for (; i < r1; ++i) {
@@ -540,6 +550,29 @@ inline void sample_moments(const T* p, int64_t L, double eps, double& mu, double
 // register accumulators walks the rows at a stride of C values: 2 times slower for C = 1024.)
 constexpr int64_t kRowBlock = 16;
 
+// acc[c] += term(v, c) for the value v of column c (z with Z) of every row in [i0, i1), in the
+// arithmetic type P: four rows per load and store of acc (one row at a time, the accumulators'
+// traffic bounds the loop).
+template <bool Z, typename P, typename T, typename Term>
+inline void rows_accumulate(const T* x, int64_t i0, int64_t i1, int64_t stride, int64_t C,
+                            const ZMap& zm, P* acc, Term term) {
+  int64_t i = i0;
+  for (; i + 4 <= i1; i += 4) {
+    const FourRows<Z, P, T> xs(x, i, stride, zm);
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c)
+      acc[c] += (term(xs.at(0, c), c) + term(xs.at(1, c), c)) +
+                (term(xs.at(2, c), c) + term(xs.at(3, c), c));
+  }
+  for (; i < i1; ++i) {
+    const T* row = x + i * stride;
+    P t, s;
+    z_of_row<Z>(zm, i, t, s);
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) acc[c] += term(zld<Z>(row[c], t, s), c);
+  }
+}
+
 // With Z, x reads as z (ZMap).
 template <typename T, bool Z = false>
 inline void rows_moments(const T* x, int64_t r0, int64_t r1, int64_t stride, int64_t C,
@@ -563,13 +596,7 @@ inline void rows_moments(const T* x, int64_t r0, int64_t r1, int64_t stride, int
     z_of_row<Z>(zm, i0, zt0, zs0);
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) p[c] = zld<Z>(first[c], zt0, zs0);
-    for (int64_t i = i0 + 1; i < i1; ++i) {
-      const T* row = x + i * stride;
-      P zti, zsi;
-      z_of_row<Z>(zm, i, zti, zsi);
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) p[c] += zld<Z>(row[c], zti, zsi);
-    }
+    rows_accumulate<Z>(x, i0 + 1, i1, stride, C, zm, p, [](P v, int64_t) { return v; });
     const P inv = P(1) / static_cast<P>(i1 - i0);
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
@@ -577,16 +604,10 @@ inline void rows_moments(const T* x, int64_t r0, int64_t r1, int64_t stride, int
       const P d = zld<Z>(first[c], zt0, zs0) - m[c];
       q[c] = d * d;
     }
-    for (int64_t i = i0 + 1; i < i1; ++i) {
-      const T* row = x + i * stride;
-      P zti, zsi;
-      z_of_row<Z>(zm, i, zti, zsi);
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const P d = zld<Z>(row[c], zti, zsi) - m[c];
-        q[c] += d * d;
-      }
-    }
+    rows_accumulate<Z>(x, i0 + 1, i1, stride, C, zm, q, [m](P v, int64_t c) {
+      const P d = v - m[c];
+      return d * d;
+    });
     const double nb = static_cast<double>(i1 - i0);
     if (tn == 0) {
       for (int64_t c = 0; c < C; ++c) tm[c] = m[c], tq[c] = q[c], ts[c] = p[c];
