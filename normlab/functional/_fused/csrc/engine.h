@@ -341,34 +341,48 @@ inline void run_moments(const T* p, int64_t len, double& sum, double& m2) {
 // few hundred values).
 constexpr int64_t kChannelTwoPass = 1 << 15;
 
-// One pass of channel_moments: adds f(v) of every value v (as double) of the N planes into the
-// kLanes accumulators acc (whole groups of kLanes values) and tail (the rest of each plane).
+// One pass of channel_moments: adds f(v) of every value v of the N planes, in the arithmetic
+// type P, into the kLanes double accumulators acc (whole groups of kLanes values; at most kFlush
+// groups summed in P first, as run_moments does) and tail (the rest of each plane).
 template <typename T, typename F>
 inline void planes_lanes(const T* x, int64_t N, int64_t stride, int64_t S, F f, double* acc,
                          double& tail) {
+  using P = typename Acc<T>::type;
   for (int64_t n = 0; n < N; ++n) {
     const T* p = x + n * stride;
     int64_t i = 0;
-    for (; i + kLanes <= S; i += kLanes) {
+    while (i + kLanes <= S) {
+      P part[kLanes] = {};
+      for (int k = 0; k < kFlush && i + kLanes <= S; ++k, i += kLanes) {
 #pragma omp simd
-      for (int j = 0; j < kLanes; ++j) acc[j] += f(static_cast<double>(ld(p[i + j])));
+        for (int j = 0; j < kLanes; ++j) part[j] += f(static_cast<P>(ld(p[i + j])));
+      }
+#pragma omp simd
+      for (int j = 0; j < kLanes; ++j) acc[j] += static_cast<double>(part[j]);
     }
-    for (; i < S; ++i) tail += f(static_cast<double>(ld(p[i])));
+    for (; i < S; ++i) tail += static_cast<double>(f(static_cast<P>(ld(p[i]))));
   }
 }
 
 template <typename T>
 inline void channel_moments(const T* x, int64_t N, int64_t stride, int64_t S, Moments& out) {
+  using P = typename Acc<T>::type;
   double acc[kLanes] = {}, tail = 0;
-  planes_lanes(x, N, stride, S, [](double v) { return v; }, acc, tail);
+  planes_lanes(x, N, stride, S, [](P v) { return v; }, acc, tail);
   const double M = static_cast<double>(N * S), s = lane_total(acc) + tail, m = s / M;
+  // Squares centred on the mean rounded to P, then corrected to the mean itself:
+  // sum (v - m)^2 = sum (v - mp)^2 - M (m - mp)^2.
+  const P mp = static_cast<P>(m);
   double sq[kLanes] = {}, qt = 0;
-  const auto square = [m](double v) {
-    const double d = v - m;
+  const auto square = [mp](P v) {
+    const P d = v - mp;
     return d * d;
   };
   planes_lanes(x, N, stride, S, square, sq, qt);
-  out.merge(M, m, lane_total(sq) + qt, s);
+  const double e = m - static_cast<double>(mp);
+  double q = lane_total(sq) + qt - M * e * e;
+  if (q < 0) q = 0;  // (a NaN stays NaN)
+  out.merge(M, m, q, s);
 }
 
 // Moments of one (n, c) plane of S values (runs of kRun merged) into acc; also its mean.
@@ -395,22 +409,41 @@ inline void run_apply(const T* x, T* y, int64_t len, const FwdCoef& f) {
 
 // sum(g) and sum(g * (x - center)) of runs, accumulated in double into kLanes lanes a1, a2
 // (kept across the runs of a channel) and the scalar tails t1, t2; lanes_finish adds them up.
-// For float, half and bfloat16 the second is sum(g x), centred at the end: in double that
-// cancellation is harmless, and it saves a subtraction per element; float64 is centred first.
+// float64 is summed in double element by element. float, half and bfloat16 are centred on the
+// center rounded to float (x - cf loses nothing for values near it) and summed in float, at most
+// kFlush groups of kLanes values per lane, then added in double (as run_moments does; in double
+// element by element, with 128-bit vectors, the conversions were the loop's cost);
+// lanes_finish moves the sums from cf to center.
 template <typename T>
 inline void lanes_sums(const T* g, const T* x, int64_t len, double center, double* a1, double* a2,
                        double& t1, double& t2) {
-  constexpr bool kCentre = std::is_same_v<T, double>;
-  const double c = kCentre ? center : 0.0;
   int64_t i = 0;
-  for (; i + kLanes <= len; i += kLanes) {
+  if constexpr (std::is_same_v<T, double>) {
+    for (; i + kLanes <= len; i += kLanes) {
 #pragma omp simd
-    for (int j = 0; j < kLanes; ++j) {
-      const double gi = static_cast<double>(ld(g[i + j]));
-      a1[j] += gi;
-      a2[j] += gi * (static_cast<double>(ld(x[i + j])) - c);
+      for (int j = 0; j < kLanes; ++j) {
+        a1[j] += g[i + j];
+        a2[j] += g[i + j] * (x[i + j] - center);
+      }
+    }
+  } else {
+    const float cf = static_cast<float>(center);
+    while (i + kLanes <= len) {
+      float p1[kLanes] = {}, p2[kLanes] = {};
+      for (int k = 0; k < kFlush && i + kLanes <= len; ++k, i += kLanes) {
+#pragma omp simd
+        for (int j = 0; j < kLanes; ++j) {
+          const float gi = ld(g[i + j]);
+          p1[j] += gi;
+          p2[j] += gi * (ld(x[i + j]) - cf);
+        }
+      }
+#pragma omp simd
+      for (int j = 0; j < kLanes; ++j) a1[j] += p1[j], a2[j] += p2[j];
     }
   }
+  const double c =
+      std::is_same_v<T, double> ? center : static_cast<double>(static_cast<float>(center));
   for (; i < len; ++i) {
     const double gi = static_cast<double>(ld(g[i]));
     t1 += gi;
@@ -423,7 +456,10 @@ inline void lanes_finish(const double* a1, const double* a2, double t1, double t
                          double& sg, double& sgx) {
   const double s1 = lane_total(a1) + t1, s2 = lane_total(a2) + t2;
   sg += s1;
-  sgx += std::is_same_v<T, double> ? s2 : s2 - center * s1;
+  // float inputs: from the rounded center cf to center, sum g (x - center) = s2 - (center - cf) s1
+  const double shift =
+      std::is_same_v<T, double> ? 0.0 : center - static_cast<double>(static_cast<float>(center));
+  sgx += s2 - shift * s1;
 }
 
 template <typename T>
