@@ -101,7 +101,7 @@ def check_standardizable(x: Tensor) -> None:
     standardize (fewer than 2 dimensions, or a single value per sample); nothing otherwise."""
     if x.dim() < 2:
         raise ValueError(f"sample_standardize expected (N, C, *) input, got shape {tuple(x.shape)}")
-    if x.shape[0] > 0 and x[0].numel() < 2:
+    if x.shape[0] > 0 and x.numel() // x.shape[0] < 2:  # (x[0] would build a view per call)
         raise ValueError(
             "sample_standardize expected more than 1 value per sample, got input of shape "
             f"{tuple(x.shape)}"
