@@ -279,7 +279,7 @@ def step(args: argparse.Namespace) -> None:
     cols = None
     for batch in args.batches:
         fns = _step_variants(batch, gen)
-        if fns.get("torch-bn") and batch == 1:
+        if batch == 1:
             del fns["torch-bn"]  # batch norm cannot train on one sample
         if cols is None:
             cols = [c for c in fns if c != "fn"]

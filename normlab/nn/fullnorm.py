@@ -228,18 +228,6 @@ class _FullNorm(NormBase):
         sample holds a single value."""
         return fnf.sample_standardize(input, self.eps) if self.sample_norm else input
 
-    def _fused_step(
-        self, input: Tensor, step: fnf.FullNormStep, sample_norm: bool
-    ) -> tuple[Tensor, Tensor, Tensor, bool] | None:
-        return _fused.try_full_norm_module_train(
-            input,
-            self.weight,
-            self.bias,
-            step,
-            self.num_batches_tracked,  # type: ignore[arg-type]
-            sample_norm,
-        )
-
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
         if not self.training:
@@ -276,12 +264,21 @@ class _FullNorm(NormBase):
             self.outer_momentum,
             self.process_group,
         )
-        # With sample_norm the kernels standardize each sample themselves (no second tensor
+        # With sample_norm the CPU kernels standardize each sample themselves (no second tensor
         # of the input's size is written or saved); elsewhere the reference does it first.
-        fused = self._fused_step(input, step, self.sample_norm)
-        if fused is None and self.sample_norm:
+        in_kernel = self.sample_norm and _fused.standardizes_samples(input)
+        if self.sample_norm and not in_kernel:
             input = self.statistics_input(input)
-            fused = self._fused_step(input, step, False)
+        fused = _fused.try_full_norm_module_train(
+            input,
+            self.weight,
+            self.bias,
+            step,
+            self.num_batches_tracked,  # type: ignore[arg-type]
+            in_kernel,
+        )
+        if fused is None and in_kernel:
+            input = self.statistics_input(input)  # for the reference below
         if fused is not None:
             out, mean, var, ok = fused
             if not ok:  # raises, or counts the skipped batch

@@ -48,6 +48,7 @@ __all__ = [
     "enabled",
     "load_error",
     "set_enabled",
+    "standardizes_samples",
     "try_batch_norm_eval",
     "try_batch_norm_module_train",
     "try_batch_norm_train",
@@ -352,6 +353,14 @@ def try_full_norm_module_train(
     return gate[0].fn_train_module(
         x, weight, bias, *step[:4], *scalars, num_batches_tracked, sample_norm
     )
+
+
+def standardizes_samples(x: Tensor) -> bool:
+    """Whether :func:`try_full_norm_module_train` may take ``sample_norm=True`` for ``x``: the
+    C++ kernels standardize the samples themselves, the Triton ones do not (the caller then
+    standardizes first). A ``True`` is no promise that the call will not return ``None``."""
+    ops = _ops(x) if type(x) is Tensor else None
+    return ops is not None and ops is not _triton
 
 
 def try_channel_moments(x: Tensor) -> tuple[Tensor, Tensor] | None:
