@@ -51,6 +51,7 @@ __all__ = [
     "leading",
     "rank",
     "run_on_all_ranks",
+    "threads_per_process",
     "world_size",
 ]
 
@@ -191,6 +192,15 @@ def leading() -> Iterator[None]:
 # ---- the local launcher ---------------------------------------------------------------------
 
 
+def threads_per_process(nproc: int) -> int:
+    """Torch threads for each of ``nproc`` processes sharing this machine: the current count
+    where ``OMP_NUM_THREADS`` sets it, else the CPU count divided among the processes (at least
+    1), so that the processes together do not oversubscribe the cores."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    return max(1, (os.cpu_count() or 1) // nproc)
+
+
 def _worker(
     local_rank: int,
     fn: Callable[..., Any],
@@ -290,8 +300,7 @@ def launch(
         raise ValueError(f"nproc must be an int >= 1, got {nproc!r}")
     timeout = _check_timeout(timeout)
     backend = backend_for(device, nproc)
-    threads = torch.get_num_threads() if "OMP_NUM_THREADS" in os.environ else 0
-    threads = threads or max(1, (os.cpu_count() or 1) // nproc)
+    threads = threads_per_process(nproc)
     level = logging.getLogger("normlab").getEffectiveLevel()
     with tempfile.TemporaryDirectory(prefix="normlab-dist-") as tmp:
         init_method = Path(tmp, "store").resolve().as_uri()
