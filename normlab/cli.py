@@ -450,7 +450,13 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_common(report)
     report.add_argument("--smoke", action="store_true", help="seconds-long experiments")
     report.add_argument("--out", type=Path, help="report directory (default: runs/report)")
-    report.add_argument("--jobs", type=int, default=1, help="experiments run in parallel")
+    report.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="experiments run in parallel, each on its share of the cores (torch threads: CPU "
+        "count // jobs, unless OMP_NUM_THREADS is set)",
+    )
     report.add_argument(
         "--seeds", type=int, default=3, help="seeds per cell (fair protocol; not with --smoke)"
     )
