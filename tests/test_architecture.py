@@ -8,6 +8,7 @@ docs/architecture.md draws the same picture.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,26 @@ def test_no_import_cycle():
     for node in sorted(GRAPH):
         if node not in state:
             visit(node)
+
+
+FUSED = "normlab.functional._fused"
+SOURCES = (".py", ".cpp", ".h")
+# A module named in a string for a run-time import: Python's import_module, pybind11's import.
+_DYNAMIC_IMPORT = re.compile(r"""import(?:_module)?\(\s*["']([\w.]+)["']""")
+
+
+def test_the_fused_kernels_reach_nothing_above_them():
+    # The reference modules import the kernels and register the graph backwards with them
+    # (_fused/_graph.py), so the kernel package imports nothing of normlab but itself: neither
+    # statically nor by a module name looked up at run time (Python or C++).
+    inside = sorted(n for n in MODULES if n == FUSED or n.startswith(FUSED + "."))
+    assert f"{FUSED}._graph" in inside
+    for name in inside:
+        outside = sorted(m for m in GRAPH[name] if not m.startswith(FUSED))
+        assert not outside, f"{name} imports {outside}"
+    sources = [p for p in (ROOT / "functional" / "_fused").rglob("*") if p.suffix in SOURCES]
+    assert any(p.suffix == ".cpp" for p in sources)
+    for path in sources:
+        named = _DYNAMIC_IMPORT.findall(path.read_text())
+        outside = sorted(n for n in named if n.startswith("normlab") and not n.startswith(FUSED))
+        assert not outside, f"{path.name} imports {outside} at run time"

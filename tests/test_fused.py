@@ -23,7 +23,7 @@ from _fused_helpers import close_or_closer, twin
 
 from normlab.functional import _fused
 from normlab.functional import full_norm as fnf
-from normlab.functional._fused import _loader
+from normlab.functional._fused import _graph, _loader
 from normlab.functional.batch_norm import batch_norm_eval, batch_norm_train
 from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from normlab.nn.fullnorm import FullNorm1d, FullNorm2d, FullNorm3d
@@ -381,6 +381,44 @@ def test_double_backward_of_a_first_order_estimator_raises():
     (gx,) = torch.autograd.grad(fn(x).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="not twice differentiable"):
         torch.autograd.grad(gx.sum(), x)
+
+
+@needs_fused
+@pytest.mark.parametrize("name", _graph.NAMES)
+def test_create_graph_backward_calls_the_registered_reference(name, monkeypatch):
+    # The C++ nodes find their graph backward in _fused._graph, where the reference modules
+    # registered it: a wrapper registered in its place is what runs under create_graph=True.
+    calls = []
+    original = _graph.backward(name)
+
+    def wrapper(*args):
+        calls.append(name)
+        return original(*args)
+
+    monkeypatch.setitem(_graph._backwards, name, wrapper)
+    x = _input((6, 3, 2), dtype=F64)
+    if name == "bn_train_backward":
+        layer = BatchNorm1d(3, dtype=F64)
+    elif name == "norm_eval_backward":
+        layer = BatchNorm1d(3, dtype=F64).eval()
+    else:
+        layer = FullNorm1d(3, alpha=0.3, estimator="autograd", dtype=F64)
+    (gx,) = torch.autograd.grad(layer(x).pow(3).sum(), x, create_graph=True)
+    assert calls == [name]
+    torch.autograd.grad(gx.sum(), x)  # and the result is differentiable
+
+
+def test_graph_backward_registry_rejects_bad_input_and_names_what_is_missing(monkeypatch):
+    before = dict(_graph._backwards)
+    assert set(before) == set(_graph.NAMES)  # importing normlab.functional provided them all
+    with pytest.raises(ValueError, match="bn_train_backwards"):
+        _graph.provide(bn_train_backward=len, bn_train_backwards=len)
+    with pytest.raises(TypeError, match="'fn_train_backward' must be callable, got int"):
+        _graph.provide(norm_eval_backward=len, fn_train_backward=3)
+    assert _graph._backwards == before  # nothing registered by a refused call
+    monkeypatch.delitem(_graph._backwards, "fn_train_backward")
+    with pytest.raises(RuntimeError, match="no graph backward 'fn_train_backward'"):
+        _graph.backward("fn_train_backward")
 
 
 @needs_fused

@@ -459,8 +459,7 @@ def _check(
             # How high the bar is against the best any method reached on this dataset.
             top = dataset_best(results, ds)
             parts.append(
-                f"needs {subject - margin:.4f} (best cell on {ds}: {top[2]:.4f}, "
-                f"{top[0]}/{top[1]})"
+                f"needs {subject - margin:.4f} (best cell on {ds}: {top[2]:.4f}, {top[0]}/{top[1]})"
             )
         return done(verdict, "; ".join(parts), margin if math.isfinite(margin) else None)
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from normlab.functional import _fused
+from normlab.functional._fused import _graph
 
 __all__ = [
     "Moments",
@@ -389,3 +390,39 @@ def batch_norm_train(
     if fused is not None:
         return fused
     return BatchNormTrainFn.apply(x, weight, bias, eps)
+
+
+# ------------------------------------------ graph backwards of the fused nodes (create_graph)
+
+
+def _fused_train_graph_backward(
+    grad_y: Tensor, x: Tensor, weight: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    # The fused training node under create_graph=True: batch_norm_backward, plus the bias
+    # gradient sum(g) when there is no weight (which batch_norm_backward omits).
+    grad_x, grad_w, grad_b = batch_norm_backward(grad_y, x, weight, eps)
+    if weight is None:
+        grad_b = _stat_dtype(grad_y).sum(reduce_dims(grad_y))
+    return grad_x, grad_w, grad_b
+
+
+def _fused_eval_graph_backward(
+    grad_y: Tensor, x: Tensor | None, weight: Tensor | None, coef: Tensor
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    # The fused eval node under create_graph=True: the backward of the fixed affine map
+    # y = (x - mean) * invstd * weight + bias. coef holds (mean, invstd) as rows (constants);
+    # x is None when it was not saved (no weight gradient was needed).
+    gs = _stat_dtype(grad_y)
+    shape, dims = channel_shape(grad_y), reduce_dims(grad_y)
+    mean, invstd = coef[0].to(gs.dtype), coef[1].to(gs.dtype)
+    scale = invstd if weight is None else invstd * weight.to(gs.dtype)
+    grad_x = (gs * scale.view(shape)).to(grad_y.dtype)
+    if weight is None or x is None:
+        return grad_x, None, None
+    grad_w = (gs * (_stat_dtype(x) - mean.view(shape))).sum(dims) * invstd
+    return grad_x, grad_w.to(weight.dtype), gs.sum(dims).to(weight.dtype)
+
+
+_graph.provide(
+    bn_train_backward=_fused_train_graph_backward, norm_eval_backward=_fused_eval_graph_backward
+)

@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from normlab.functional import _fused
+from normlab.functional._fused import _graph
 from normlab.functional.batch_norm import _stat_dtype as _stat  # half inputs: float32 statistics
 from normlab.functional.batch_norm import batch_norm_eval, channel_shape, moments, reduce_dims
 from normlab.functional.distributed import all_reduce_packed
@@ -751,3 +752,51 @@ def full_norm_train(
 #: map the training forward applies after its update: a training step's output equals this
 #: function evaluated right after that step.
 full_norm_eval = batch_norm_eval
+
+
+# ------------------------------------------ graph backward of the fused node (create_graph)
+
+
+def _fused_train_graph_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    rho: Tensor,
+    hist_mean: Tensor | None,
+    hist_var: Tensor | None,
+    alpha: float,
+    eps: float,
+    estimator: int,
+    momentum: float,
+    outer_state: Tensor | None,
+    outer_count: Tensor | None,
+    sample_norm: bool = False,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    # What FullNormTrainFn does under create_graph=True, for the fused node: the exact backward
+    # for "autograd" (history given), else the first-order backward as a node that refuses to be
+    # differentiated (updating the live outer-factor state as the first-order path does). With
+    # sample_norm (the fused node standardized each sample of x first), the same on the
+    # standardized input, chained through sample_standardize in differentiable operations.
+    args = (mean, var, rho, hist_mean, hist_var, alpha, eps, estimator, momentum)
+    if sample_norm:
+        with torch.enable_grad():
+            z = sample_standardize(x, eps)
+        grad_z, grad_w, grad_b = _fused_train_graph_backward(
+            grad_out, z, weight, *args, outer_state, outer_count
+        )
+        if not x.requires_grad:
+            return None, grad_w, grad_b
+        (grad_x,) = torch.autograd.grad(z, x, grad_z, create_graph=True)
+        return grad_x, grad_w, grad_b
+    if hist_mean is not None and hist_var is not None:
+        return _exact_backward(grad_out, x, weight, hist_mean, hist_var, alpha, eps)
+    # The first-order backward reads no estimates from the step: the updated ones stand in.
+    info = FullNormStep(
+        mean, var, outer_state, outer_count, alpha, eps, ESTIMATORS[estimator], momentum, None
+    )
+    return _FirstOrderBackwardFn.apply(info, grad_out, x, weight, mean, var, rho)
+
+
+_graph.provide(fn_train_backward=_fused_train_graph_backward)

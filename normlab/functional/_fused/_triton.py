@@ -27,7 +27,6 @@ so the same code runs without a GPU (tests/test_fused_triton.py).
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import math
 import threading
@@ -36,6 +35,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from normlab.functional._fused import _graph
 
 __all__ = [
     "BNTrainTriton",
@@ -709,19 +710,13 @@ def _eval(x: Tensor, rm: Tensor, rv: Tensor, w: Tensor | None, b: Tensor | None,
 # ------------------------------------------------------------------------ autograd nodes
 
 
-def _graph() -> Any:
-    # The graph-recording backwards (normlab.functional._fused._graph, which imports the
-    # reference batch_norm module, which imports the dispatch), looked up by name at backward
-    # time as the C++ nodes do (module.cpp): a static import would close an import cycle.
-    return importlib.import_module("normlab.functional._fused._graph")
-
-
 class BNTrainTriton(torch.autograd.Function):
     """Training batch norm on the Triton kernels: ``(x, weight, bias, eps) -> (y, mean, var)``.
 
     Saves ``x``, ``weight`` and the two ``(C,)`` statistics (torch's footprint). The backward is
     the fused first-order kernel; under ``create_graph=True`` it runs the reference formulas
-    (``normlab.functional._fused._graph.bn_train_backward``), so double backward is exact.
+    (the graph backward ``"bn_train_backward"`` of :mod:`normlab.functional._fused._graph`), so
+    double backward is exact.
     """
 
     @staticmethod
@@ -741,7 +736,7 @@ class BNTrainTriton(torch.autograd.Function):
         x, weight, mean, var = ctx.saved_tensors
         nx, nw, nb = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():
-            gx, gw, gb = _graph().bn_train_backward(grad_y, x, weight, ctx.eps)
+            gx, gw, gb = _graph.backward("bn_train_backward")(grad_y, x, weight, ctx.eps)
         else:
             with _on_device(x):
                 gx, gw, gb = _backward(
@@ -761,8 +756,8 @@ class BNTrainTriton(torch.autograd.Function):
 
 class NormEvalTriton(torch.autograd.Function):
     """Eval batch norm on the Triton kernel: ``(x, weight, bias, mean, var, eps) -> y``; the
-    statistics are constants. Backward: ``normlab.functional._fused._graph.norm_eval_backward``
-    (differentiable operations)."""
+    statistics are constants. Backward: the graph backward ``"norm_eval_backward"`` of
+    :mod:`normlab.functional._fused._graph` (differentiable operations)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean, var, eps):  # type: ignore[override]
@@ -779,7 +774,7 @@ class NormEvalTriton(torch.autograd.Function):
         if grad_y is None:
             return None, None, None, None, None, None
         x, weight, coef = ctx.saved_tensors
-        gx, gw, gb = _graph().norm_eval_backward(grad_y, x, weight, coef)
+        gx, gw, gb = _graph.backward("norm_eval_backward")(grad_y, x, weight, coef)
         nx, nw, nb = ctx.needs_input_grad[:3]
         if nb and gb is None:  # a bias without a weight: sum(g)
             gs = grad_y.float() if grad_y.dtype in _HALF else grad_y

@@ -3,7 +3,8 @@
 // Each training layer is a C++ autograd Function, so a forward + backward costs one node of the
 // autograd graph and no Python frame. The backward runs the fused first-order kernel; when a
 // graph of the backward itself is being recorded (create_graph=True) it calls the readable
-// reference in normlab/functional/_fused/_graph.py instead, so double backward is exact.
+// reference formulas instead (registered in normlab/functional/_fused/_graph.py by the
+// reference modules), so double backward is exact.
 #include <ATen/core/grad_mode.h>
 #include <omp.h>
 #include <pybind11/stl.h>
@@ -42,11 +43,12 @@ py::object to_py(const T& v) {
 
 bool requires_grad(const std::optional<Tensor>& t) { return defined(t) && t->requires_grad(); }
 
-// The graph-recording (create_graph) backward, in Python: normlab.functional._fused._graph.<name>.
+// The graph-recording (create_graph) backward, in Python: the function registered under <name>
+// in normlab.functional._fused._graph (a leaf module; the reference modules register them).
 template <typename... Args>
 variable_list graph_backward(const char* name, const Args&... args) {
   py::gil_scoped_acquire gil;  // every Python object lives inside this scope
-  py::object fn = py::module_::import("normlab.functional._fused._graph").attr(name);
+  py::object fn = py::module_::import("normlab.functional._fused._graph").attr("backward")(name);
   py::tuple res = fn(to_py(args)...);
   variable_list out(res.size());
   for (size_t i = 0; i < res.size(); ++i)
