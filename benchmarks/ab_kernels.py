@@ -5,8 +5,9 @@ Builds the C++ sources of ``--old`` (a directory holding an earlier ``csrc/``, e
 as two extensions, loads both into one process and times their raw kernels (no autograd) on the
 same tensors, interleaved, medians over repeats: the training forward and the first-order
 backward of batch norm and of Full Normalization (``adaptive``), with and without the per-sample
-standardization (``sample_norm``). Ratios below 1 mean the working tree is faster. Run from the
-repository root::
+standardization (``sample_norm``); and BNP's fold and one-call step (``bnp_fold``,
+``bnp_step``) on the layers of the MLP 784-100-100-100-10 of benchmarks/bench_bnp.py at batch
+sizes 64 and 1. Ratios below 1 mean the working tree is faster. Run from the repository root::
 
     .venv/bin/python benchmarks/ab_kernels.py --old /tmp/old/normlab/functional/_fused/csrc \
         [--threads 1 2] [--repeats 11]
@@ -18,6 +19,7 @@ Both builds use the flags of ``normlab.functional._fused._loader`` and are cache
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
 import time
@@ -69,6 +71,29 @@ def _kernels(ops: ModuleType, shape: tuple[int, ...]) -> dict[str, Callable[[], 
     }
 
 
+BNP_LAYERS = [(784, 100), (100, 100), (100, 100), (100, 10)]  # (fan-in, fan-out) per layer
+BNP_BATCHES = (64, 1)
+
+
+def _bnp_kernels(ops: ModuleType, batch: int) -> dict[str, Callable[[], object]]:
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(batch, k, generator=gen) for k, _ in BNP_LAYERS]
+    grads_w = [torch.randn(c, k, generator=gen) for k, c in BNP_LAYERS]
+    grads_b = [torch.randn(c, generator=gen) for _, c in BNP_LAYERS]
+    total = sum(k for k, _ in BNP_LAYERS)
+    mean, var = torch.zeros(total), torch.ones(total)
+    out_mean, out_var = torch.empty(total), torch.empty(total)
+    none = [None] * len(xs)
+    # The step rewrites the gradients in place at every call: a floor of 1 keeps their scale
+    # (the statistics stay near 1), so that the timed values neither overflow nor go subnormal.
+    return {
+        "bnp fold": lambda: ops.bnp_fold(xs, none, none, mean, var, 0.9),
+        "bnp step": lambda: ops.bnp_step(
+            xs, grads_w, grads_b, mean, var, out_mean, out_var, 0.9, 1e-5, 1.0
+        ),
+    }
+
+
 def _block(fn: Callable[[], object], n: int) -> float:
     start = time.perf_counter()
     for _ in range(n):
@@ -92,12 +117,18 @@ def main() -> None:
             f"torch {torch.__version__}, {threads} thread(s): new / old, medians of "
             f"{args.repeats} interleaved blocks (old ms in brackets)"
         )
-        for shape in SHAPES:
-            numel = 1
-            for s in shape:
-                numel *= s
+        cases: list[tuple[str, Callable[[ModuleType], dict[str, Callable[[], object]]], int]]
+        cases = [
+            (str(shape), lambda ops, s=shape: _kernels(ops, s), math.prod(shape))
+            for shape in SHAPES
+        ]
+        cases += [
+            (f"MLP b={b}", lambda ops, b=b: _bnp_kernels(ops, b), b * sum(k for k, _ in BNP_LAYERS))
+            for b in BNP_BATCHES
+        ]
+        for label, make, numel in cases:
             n = max(2, int(args.work // numel))
-            fns = {(v, k): f for v, ops in mods.items() for k, f in _kernels(ops, shape).items()}
+            fns = {(v, k): f for v, ops in mods.items() for k, f in make(ops).items()}
             for f in fns.values():
                 _block(f, 2)
             times: dict[tuple[str, str], list[float]] = {key: [] for key in fns}
@@ -110,7 +141,7 @@ def main() -> None:
                 f"{k} {med[('new', k)] / med[('old', k)]:.2f} ({med[('old', k)] * 1e3:.3f})"
                 for k in names
             )
-            print(f"{str(shape):>18}  {cells}", flush=True)
+            print(f"{label:>18}  {cells}", flush=True)
 
 
 if __name__ == "__main__":

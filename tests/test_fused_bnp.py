@@ -57,13 +57,14 @@ def _reference_fold(xs, means, variances, mean, var, rho):
 @pytest.mark.parametrize("rho", [0.5, 0.99])
 def test_fold_equals_ema_update_of_the_segments_moments(dtype, rows, rho):
     g = _gen(rows)
-    # (the last segment: a mean far from zero against its spread, where the centring matters)
-    xs = [torch.randn(rows, 13, generator=g, dtype=dtype) * 3 + 2, None,
+    # (the first segment: 45 columns, two full chunks of the kernel, one of 8 and 5 left; the
+    # last: a mean far from zero against its spread, where the centring matters)
+    xs = [torch.randn(rows, 45, generator=g, dtype=dtype) * 3 + 2, None,
           torch.randn(rows, 5, generator=g, dtype=dtype) * 1e-2 + 30]  # fmt: skip
     means = [None, torch.randn(6, generator=g, dtype=dtype), None]
     variances = [None, torch.rand(6, generator=g, dtype=dtype), None]
-    mean = torch.randn(24, generator=g, dtype=dtype)
-    var = torch.rand(24, generator=g, dtype=dtype) + 0.1
+    mean = torch.randn(56, generator=g, dtype=dtype)
+    var = torch.rand(56, generator=g, dtype=dtype) + 0.1
     before = (mean.clone(), var.clone())
     got = _fused.try_bnp_fold(xs, means, variances, mean, var, rho)
     assert got is not None
@@ -78,7 +79,7 @@ def test_fold_equals_ema_update_of_the_segments_moments(dtype, rows, rho):
     close_or_closer([new_mean, new_var], list(want), TOL[dtype], truth=truth)
     assert torch.equal(mean, before[0]) and torch.equal(var, before[1])  # new tensors
     # The per-segment views, in order.
-    assert [p.numel() for p in mean_parts] == [13, 6, 5] == [p.numel() for p in var_parts]
+    assert [p.numel() for p in mean_parts] == [45, 6, 5] == [p.numel() for p in var_parts]
     assert torch.equal(torch.cat(mean_parts), new_mean) and torch.equal(
         torch.cat(var_parts), new_var
     )

@@ -43,12 +43,16 @@ bool takes(const std::optional<Tensor>& t, at::ScalarType type) {
 // bfloat16 inputs are read as they are and summed in float.
 constexpr int64_t kBlock = 16;
 
-// Columns per chunk: a chunk's partial sums stay in registers while the rows stream by.
-constexpr int64_t kChunk = 64;
+// Columns per chunk: a chunk's partial sums stay in registers while the rows stream by (a
+// chunk has a compile-time width so that they can; only the last few columns, fewer than 8, go
+// through the loop of run-time width). One cache line of float32 per row: wider chunks measured
+// slower on the 2-core AMD EPYC (64 columns: 1.5x the time of the fold of a 64 x 784 input).
+constexpr int64_t kChunk = 16;
 
-template <typename scalar_t, typename acc_t>
-void chunk_moments(const scalar_t* __restrict x, int64_t rows, int64_t n, int64_t w,
+template <typename scalar_t, typename acc_t, int64_t W>
+void chunk_moments(const scalar_t* __restrict x, int64_t rows, int64_t n, int64_t width,
                    double* __restrict mean, double* __restrict var) {
+  const int64_t w = W > 0 ? W : width;
   double m[kChunk] = {}, v[kChunk] = {};
   acc_t centre[kChunk];
   for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
@@ -85,11 +89,22 @@ void chunk_moments(const scalar_t* __restrict x, int64_t rows, int64_t n, int64_
 template <typename scalar_t>
 void column_moments(const scalar_t* x, int64_t rows, int64_t n, double* mean, double* var) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  if (rows == 1) {  // batch size 1 (online BNP): the row is the mean, the variance is 0
+    for (int64_t j = 0; j < n; ++j) mean[j] = static_cast<double>(x[j]), var[j] = 0.0;
+    return;
+  }
   at::parallel_for(0, n, std::max<int64_t>(1, kGrain / std::max<int64_t>(rows, 1)),
                    [&](int64_t begin, int64_t end) {
-    for (int64_t c0 = begin; c0 < end; c0 += kChunk)
-      chunk_moments<scalar_t, acc_t>(x + c0, rows, n, std::min(kChunk, end - c0), mean + c0,
-                                     var + c0);
+    // Full chunks, then one of 8 columns, then what is left.
+    int64_t c0 = begin;
+    const auto chunks = [&](auto width) {
+      constexpr int64_t W = decltype(width)::value;
+      for (; c0 + W <= end; c0 += W)
+        chunk_moments<scalar_t, acc_t, W>(x + c0, rows, n, W, mean + c0, var + c0);
+    };
+    chunks(std::integral_constant<int64_t, kChunk>{});
+    chunks(std::integral_constant<int64_t, 8>{});
+    if (c0 < end) chunk_moments<scalar_t, acc_t, 0>(x + c0, rows, n, end - c0, mean + c0, var + c0);
   });
 }
 
