@@ -9,6 +9,8 @@ forward (under ``torch.no_grad``, where inputs are not kept), which must give th
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -105,3 +107,58 @@ def test_input_changed_in_place_after_the_forward_raises_and_keeps_the_round():
     # the round is kept (nothing folded, nothing dropped): a later read raises again
     with pytest.raises(RuntimeError, match="modified in place"):
         precond.statistics()
+
+
+class _Marked(torch.autograd.Function):
+    # The identity on x whose graph node saves `marker` for backward: the marker tensor lives
+    # exactly as long as some reference keeps that node.
+    @staticmethod
+    def forward(ctx, x, marker):  # type: ignore[override]
+        ctx.save_for_backward(marker)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad, None
+
+
+def _marked_forward(model: nn.Module, seed: int) -> weakref.ref:
+    # A training forward whose input carries a graph node holding a fresh marker; the output is
+    # dropped. Returns a weak reference to the marker.
+    g = torch.Generator().manual_seed(seed)
+    marker = torch.randn(64, generator=g)
+    x = torch.randn(5, 4, generator=g, requires_grad=True)
+    model(_Marked.apply(x, marker))
+    return weakref.ref(marker)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+@pytest.mark.parametrize("release", ["next forward", "fold", "step", "remove"])
+def test_a_kept_input_holds_its_graph_until_the_fold_the_next_forward_or_remove(fused, release):
+    # A kept dense input is not detached at the forward (that costs about 1 % of a small
+    # step), so it keeps its graph; that graph is let go by the layer's next forward, the fold,
+    # the step or remove(), and the statistics never carry a gradient.
+    with _fused.use(fused):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        precond = BNPreconditioner(model)
+        model(torch.randn(5, 4)).sum().backward()  # a first step: statistics exist
+        precond.precondition_()
+        ref = _marked_forward(model, 1)
+        gc.collect()
+        assert ref() is not None  # kept: the forward's graph, as a held `loss` would keep it
+        if release == "next forward":
+            model(torch.randn(5, 4))
+        elif release == "fold":
+            precond.statistics()
+        elif release == "step":
+            model(torch.randn(5, 4)).sum().backward()
+            precond.precondition_()
+        else:
+            precond.remove()
+        gc.collect()
+        assert ref() is None
+        stats = precond.statistics()
+        assert not any(s.mean.requires_grad or s.var.requires_grad for s in stats.values())
+        recorded = {"next forward": 3, "fold": 2, "step": 3, "remove": 2}[release]
+        assert stats["0"].num_batches == recorded

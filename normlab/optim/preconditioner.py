@@ -55,7 +55,12 @@ class LoadResult(NamedTuple):
 class _Stash(NamedTuple):
     # A dense layer's input kept until the next fold, and its version counter when recorded. It is
     # saved for backward anyway (the stash is only used in grad mode for a weight that requires
-    # grad), and an in-place change since the forward is detected by the version.
+    # grad), and an in-place change since the forward is detected by the version. The input is
+    # kept as the forward gave it, with its autograd history (detaching it costs about 1 % of a
+    # small MLP's step; benchmarks/RESULTS.md), until the fold, the layer's next forward or
+    # remove(), whichever comes first (_Layer.keep, _Layer.release): a forward that is never
+    # differentiated holds its graph no longer than a `loss` variable kept until the next
+    # iteration would. Every use of `x` outside the kernels detaches it first.
     x: Tensor
     version: int
 
@@ -80,6 +85,21 @@ class _Layer:
     written: tuple[weakref.ref[Tensor], int] | None = None
     # Whether the weight_norm projection applies to this layer (when the option is on).
     weight_norm: bool = False
+
+    def keep(self, batch: Moments | _Stash) -> None:
+        # Record `batch` as pending; an earlier pending input of this layer lets go of its
+        # autograd history now (see _Stash).
+        if self.pending:
+            self.release()
+        self.pending.append((batch, self.new_step))
+        self.new_step = False
+
+    def release(self) -> None:
+        # The pending inputs let go of their autograd history (their data stays until the fold).
+        pending = self.pending
+        for i, (old, first) in enumerate(pending):
+            if type(old) is _Stash and old.x.requires_grad:
+                pending[i] = (_Stash(old.x.detach(), old.version), first)
 
     def already_preconditioned(self, grad_w: Tensor) -> bool:
         if self.written is None:
@@ -252,7 +272,7 @@ def _stash_moments(
         groups.setdefault((rows, x.device, dtype), []).append(i)
     out: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
     for (rows, _, dtype), members in groups.items():
-        xs = [batches[i][1].x for i in members]
+        xs = [batches[i][1].x.detach() for i in members]
         xs = [x if x.dim() == 2 else x.reshape(rows, x.shape[-1]) for x in xs]
         cat = xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)
         moments = pc.linear_input_moments(cat if cat.dtype == dtype else cat.to(dtype))
@@ -317,7 +337,10 @@ class BNPreconditioner:
     statistic, count or ``rho``. Folding is deferred until the statistics are next needed
     (:meth:`precondition_`, :meth:`statistics`, :meth:`state_dict`), with the same result; until
     then a dense layer's input is kept (in grad mode, where autograd keeps it anyway), and a fold
-    that finds it changed in place since its forward raises ``RuntimeError``.
+    that finds it changed in place since its forward raises ``RuntimeError``. The kept input
+    holds its autograd history until the fold, the layer's next forward or :meth:`remove`: a
+    training forward that is never differentiated keeps its graph as long as a ``loss``
+    variable held until the next iteration would.
 
     **Statistics used for the step.** ``use_current_batch=True``: the running estimate after the
     current batch was folded in. ``False``: the estimate as it was before the first recorded
@@ -600,7 +623,7 @@ class BNPreconditioner:
             ):
                 return None
             if dense and x.numel() > 0 and _stashable(x, module._parameters.get("weight")):
-                batch: Moments | _Stash | None = _Stash(x.detach(), x._version)
+                batch: Moments | _Stash | None = _Stash(x, x._version)  # (not detached: _Stash)
             else:
                 # No torch.no_grad() needed: everything here derives from the detached input.
                 batch = self._batch_moments(module, x.detach())
@@ -620,8 +643,7 @@ class BNPreconditioner:
             else:  # resolved from the global batch size at the first fold (_reduce)
                 self._first_batch_size = n
         # Folded into `running` by _flush, for all layers at once, before anything reads them.
-        layer.pending.append((batch, layer.new_step))
-        layer.new_step = False
+        layer.keep(batch)
         if len(layer.pending) > _MAX_PENDING:  # training-mode forwards without steps
             self._flush()
 
@@ -699,7 +721,7 @@ class BNPreconditioner:
         variances: list[Tensor | None] = []
         for (_, batch, _), size in zip(batches, flat.sizes, strict=True):
             if type(batch) is _Stash:
-                x = batch.x
+                x = batch.x.detach()
                 if x._version != batch.version or x.shape[-1] != size:
                     return False  # the reference path raises
                 xs.append(x if x.dim() == 2 else x.reshape(-1, size))
@@ -1040,8 +1062,8 @@ class BNPreconditioner:
             if grad_w is None or layer.already_preconditioned(grad_w):
                 return None
             bias = params.get("bias")
-            x = batch.x
-            xs.append(x if x.dim() == 2 else x.reshape(-1, x.shape[-1]))
+            x = batch.x  # (the kernel reads it: detached only where a view is taken)
+            xs.append(x if x.dim() == 2 else x.detach().reshape(-1, x.shape[-1]))
             grads_w.append(grad_w)
             grads_b.append(None if bias is None else bias.grad)
         counts = flat.count
@@ -1173,6 +1195,7 @@ class BNPreconditioner:
             if layer.handle is not None:
                 layer.handle.remove()
             layer.handle = None
+            layer.release()
         for handle in list(self._attached.values()):
             handle.remove()
         self._attached.clear()
