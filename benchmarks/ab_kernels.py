@@ -125,6 +125,7 @@ def main() -> None:
         cases += [
             (f"MLP b={b}", lambda ops, b=b: _bnp_kernels(ops, b), b * sum(k for k, _ in BNP_LAYERS))
             for b in BNP_BATCHES
+            if all(hasattr(ops, "bnp_step") for ops in mods.values())  # (older builds: no BNP)
         ]
         for label, make, numel in cases:
             n = max(2, int(args.work // numel))
