@@ -162,3 +162,33 @@ def test_a_kept_input_holds_its_graph_until_the_fold_the_next_forward_or_remove(
         assert not any(s.mean.requires_grad or s.var.requires_grad for s in stats.values())
         recorded = {"next forward": 3, "fold": 2, "step": 3, "remove": 2}[release]
         assert stats["0"].num_batches == recorded
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_deepcopy_between_forward_and_step_copies_the_kept_inputs_without_their_graph(fused):
+    # torch refuses to deep-copy a tensor with autograd history; the copy takes the detached
+    # inputs (same data and version), so both fold to the same statistics, and the original keeps
+    # its graph for the step it has not taken yet.
+    with _fused.use(fused):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        precond = BNPreconditioner(model)
+        model(torch.randn(5, 4)).sum().backward()
+        precond.precondition_()
+        ref = _marked_forward(model, 2)
+        twin = copy.deepcopy(precond)
+        gc.collect()
+        assert ref() is not None  # the original still holds its graph
+        a, b = precond.statistics(), twin.statistics()
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name].mean, b[name].mean) and torch.equal(a[name].var, b[name].var)
+            assert a[name].num_batches == b[name].num_batches == 2
+        # An input changed in place since its forward: the original and its copy raise alike.
+        x = torch.randn(5, 4)
+        model(x)
+        x.add_(1.0)
+        twin = copy.deepcopy(precond)
+        for p in (precond, twin):
+            with pytest.raises(RuntimeError, match="modified in place"):
+                p.statistics()

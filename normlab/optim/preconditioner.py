@@ -10,6 +10,7 @@ hooks into training and which choices are normlab's own: docs/algorithms/bnp.md.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import operator
@@ -65,6 +66,24 @@ class _Stash(NamedTuple):
     version: int
 
 
+def _released(
+    pending: list[tuple[Moments | _Stash, bool]],
+) -> list[tuple[Moments | _Stash, bool]]:
+    # `pending` with every kept input detached from its autograd history.
+    return [
+        (_Stash(b.x.detach(), b.version) if type(b) is _Stash and b.x.requires_grad else b, first)
+        for b, first in pending
+    ]
+
+
+def _copied(batch: Moments | _Stash, memo: dict[int, Any]) -> Moments | _Stash:
+    # A deep copy of a pending batch (_Layer.__deepcopy__).
+    if type(batch) is not _Stash:
+        return copy.deepcopy(batch, memo)
+    x = copy.deepcopy(batch.x.detach(), memo)
+    return _Stash(x, x._version + (batch.x._version != batch.version))
+
+
 @dataclass(eq=False)  # compared by identity
 class _Layer:
     # One hooked layer. `running` includes every recorded batch once `pending` is folded in
@@ -96,10 +115,22 @@ class _Layer:
 
     def release(self) -> None:
         # The pending inputs let go of their autograd history (their data stays until the fold).
-        pending = self.pending
-        for i, (old, first) in enumerate(pending):
-            if type(old) is _Stash and old.x.requires_grad:
-                pending[i] = (_Stash(old.x.detach(), old.version), first)
+        self.pending[:] = _released(self.pending)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Layer:
+        # torch deep-copies only tensors without autograd history, and a copy has a version
+        # counter of its own: the copy keeps each input detached, with the version it has now
+        # (or another one if the input was changed since its forward), so that both fold to the
+        # same statistics or raise alike. This layer is unchanged.
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for name, value in vars(self).items():
+            if name == "pending":
+                value = [(_copied(batch, memo), first) for batch, first in value]
+            else:
+                value = copy.deepcopy(value, memo)
+            setattr(new, name, value)
+        return new
 
     def already_preconditioned(self, grad_w: Tensor) -> bool:
         if self.written is None:
