@@ -81,7 +81,8 @@ def _copied(batch: Moments | _Stash, memo: dict[int, Any]) -> Moments | _Stash:
     if type(batch) is not _Stash:
         return copy.deepcopy(batch, memo)
     x = copy.deepcopy(batch.x.detach(), memo)
-    return _Stash(x, x._version + (batch.x._version != batch.version))
+    changed = batch.x._version != batch.version  # (an in-place change stays one in the copy)
+    return _Stash(x, x._version + 1 if changed else x._version)
 
 
 @dataclass(eq=False)  # compared by identity
@@ -752,10 +753,10 @@ class BNPreconditioner:
         variances: list[Tensor | None] = []
         for (_, batch, _), size in zip(batches, flat.sizes, strict=True):
             if type(batch) is _Stash:
-                x = batch.x.detach()
+                x = batch.x  # (the kernel reads it: detached only where a view is taken)
                 if x._version != batch.version or x.shape[-1] != size:
                     return False  # the reference path raises
-                xs.append(x if x.dim() == 2 else x.reshape(-1, size))
+                xs.append(x if x.dim() == 2 else x.detach().reshape(-1, size))
                 means.append(None)
                 variances.append(None)
             else:
